@@ -1,0 +1,86 @@
+//! ferryctl: inspect models and drive ferryd.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ferry::store::{LayerRule, Store};
+
+#[derive(Debug, Parser)]
+#[command(name = "ferryctl", version = ferry::VERSION, about = "Inspect models and drive ferryd")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Describe a model: components, layers, dtypes and sizes.
+    ///
+    /// PATH is a .safetensors file, a *.safetensors.index.json, a diffusers pipeline folder
+    /// (with model_index.json), or a folder holding one of these.
+    Inspect {
+        path: PathBuf,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Also list every tensor (name, dtype, shape, offset, bytes, layer).
+        #[arg(long)]
+        tensors: bool,
+        /// Group COMPONENT's layers by these tensor-name prefixes instead of the automatic rule
+        /// (COMPONENT=PREFIX,PREFIX,...); may be repeated.
+        #[arg(long = "layers", value_name = "COMPONENT=PREFIXES")]
+        layers: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("ferryctl: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Inspect { path, json, tensors, layers } => inspect(path, json, tensors, &layers),
+    }
+}
+
+fn inspect(path: PathBuf, json: bool, tensors: bool, layers: &[String]) -> Result<(), String> {
+    let store = Store::new();
+    let model = store.open(&path).map_err(|e| e.to_string())?;
+    let mut report = ferry::inspect::report(&model, tensors);
+    for spec in layers {
+        let (component, prefixes) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--layers {spec:?}: expected COMPONENT=PREFIX,PREFIX,..."))?;
+        let rule = LayerRule::Prefixes(prefixes.split(',').map(str::to_string).collect());
+        let custom = model.layers_with(component, &rule).map_err(|e| e.to_string())?;
+        if let Some(c) = report.components.iter_mut().find(|c| c.name == component) {
+            c.layers = custom
+                .iter()
+                .enumerate()
+                .map(|(index, l)| ferry::inspect::LayerReport {
+                    index,
+                    name: l.name.clone(),
+                    tensors: l.tensors.len(),
+                    bytes: l.bytes,
+                })
+                .collect();
+        }
+    }
+    let text = if json {
+        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n"
+    } else {
+        ferry::inspect::render(&report)
+    };
+    // A closed pipe (`ferryctl inspect x | head`) is not an error worth a message.
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    Ok(())
+}
