@@ -5,8 +5,10 @@
 //! the C ABI are built on. See ARCHITECTURE.md for the map.
 
 pub mod device;
+pub mod engine;
 pub mod inspect;
 pub mod store;
+pub mod sysmem;
 pub mod units;
 
 pub use store::{Dtype, LayerRule, Model, Store, StoreError};

@@ -74,7 +74,7 @@ impl OpenedFile {
         let header = header::parse(bytes, limits)
             .map_err(|error| StoreError::Header { path: path.clone(), error })?;
         let tensor_count = header.tensors.len();
-        Ok(WeightFile { path, identity: self.identity, map, header, tensor_count })
+        Ok(WeightFile { path, identity: self.identity, file: self.file, map, header, tensor_count })
     }
 }
 
@@ -86,6 +86,8 @@ impl OpenedFile {
 pub struct WeightFile {
     pub path: PathBuf,
     pub identity: FileIdentity,
+    /// Kept open so the file's current length can be checked against `identity` (truncation).
+    file: File,
     map: Option<Mmap>,
     pub header: Header,
     pub tensor_count: usize,
@@ -102,6 +104,12 @@ impl WeightFile {
         let start = usize::try_from(offset).ok()?;
         let end = start.checked_add(usize::try_from(len).ok()?)?;
         self.bytes().get(start..end)
+    }
+
+    /// Whether the file on disk is still as long as when it was mapped. A shorter file means
+    /// another process truncated it: reading the vanished pages would raise SIGBUS.
+    pub fn still_whole(&self) -> bool {
+        self.file.metadata().is_ok_and(|m| m.len() >= self.identity.size)
     }
 
     /// Size of the file in bytes.

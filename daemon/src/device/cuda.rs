@@ -1,0 +1,872 @@
+//! The CUDA backend: NVIDIA GPUs through the CUDA driver API (cudarc, libcuda loaded at run
+//! time).
+//!
+//! # Copy path
+//!
+//! ```text
+//! mmap'd file ──memcpy (I/O threads)──▶ pinned staging ring (cuMemHostAlloc, PORTABLE)  ─┐
+//! mmap'd file, registered read-only (cuMemHostRegister, PORTABLE|READ_ONLY) ─────────────┤
+//!                                                                                        ▼
+//!                          cuMemcpyHtoDAsync_v2 on ONE non-blocking copy stream ──▶ arena
+//!                          cuEventRecord on the copy stream ──▶ Event
+//! client stream: cuStreamWaitEvent(Event::cuda_event()) ──▶ client kernels (no host sync)
+//! client release: its CUevent ──▶ cuStreamWaitEvent(copy stream) before the memory is reused
+//! ```
+//!
+//! - All copies go to one dedicated non-blocking stream (`CU_STREAM_NON_BLOCKING`, so it never
+//!   serialises with the legacy default stream of the application). H2D copies share the PCIe
+//!   link anyway; one stream keeps "an event covers every copy enqueued before it" exactly as
+//!   on the host backend. Copies may be enqueued from any thread: the context is made current
+//!   on the calling thread first ([`bind`]: one `cuCtxGetCurrent` when it already is).
+//! - Events are created with `CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC` and recycled
+//!   through a small pool, so recording one on the hot path is a `cuEventRecord`, not a
+//!   `cuEventCreate`. BLOCKING_SYNC makes [`CudaEventHandle::wait`] sleep instead of spinning a
+//!   core that the I/O threads need for their memcpys.
+//!
+//! # Memory
+//!
+//! The arena is one `cuMemAlloc_v2` allocation (cudarc's `result::malloc_sync`), owned here and
+//! freed with `cuMemFree_v2`. It is deliberately *not* cudarc's `CudaStream::alloc`: that uses
+//! `cuMemAllocAsync` (stream-ordered pool memory) whenever the device supports memory pools,
+//! and pool memory cannot be exported with `cuIpcGetMemHandle`, which the daemon needs to share
+//! arenas with client processes ([`CudaArena::ipc_handle`]). cudarc's per-slice event tracking
+//! is disabled too: ordering is expressed with explicit events.
+//!
+//! Every object that owns a driver resource (arena, pinned buffer, registration, event) holds
+//! the device's shared state, so the primary context outlives all of them whatever the drop
+//! order, and each synchronises the copy stream before releasing memory a copy may still use.
+//!
+//! # Not done (yet)
+//!
+//! - VMM export (`cuMemCreate` + `CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR` fds over
+//!   SCM_RIGHTS) and IPC events (`CU_EVENT_INTERPROCESS`); only legacy IPC memory handles are
+//!   offered.
+//! - NUMA placement: pinned buffers land on the NUMA node of the allocating thread's memory
+//!   policy; nothing binds them (or the I/O threads) to the GPU's node.
+//! - Multiple copy streams / priorities, and hugepage-backed staging.
+
+use std::ffi::{CStr, c_char, c_void};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cudarc::driver::{CudaContext, CudaStream, DriverError, sys};
+use tracing::{debug, error, info, warn};
+
+use super::{
+    Arena, ArenaInner, Backend, BackendOps, ClientDone, DeviceConfig, DeviceError, DeviceInfo,
+    Event, EventInner, HostBuffer, HostBufferInner, Registration, RegistrationInner,
+};
+
+/// Most recycled events kept per device; more are destroyed when dropped.
+const EVENT_POOL_MAX: usize = 64;
+
+/// Flags of every event: no timestamps (cheaper record), and a host wait that sleeps.
+const EVENT_FLAGS: u32 = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
+    | sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32;
+
+/// Pinned staging flags. PORTABLE: pinned for every context, so a buffer stays usable if a
+/// client's context (or a later one of ours) copies from it. Not WRITECOMBINED: WC memory is
+/// uncached for CPU reads (tens of times slower), and a `HostBuffer` hands out `&mut [u8]` that
+/// engine code (LoRA fusing, verification) may read. The copy engine reads ordinary cached
+/// pinned memory at full PCIe rate on current platforms (WC's advantage — no snooping — dates
+/// from front-side-bus systems), so the safe choice costs nothing measurable for H2D.
+const STAGING_FLAGS: u32 = sys::CU_MEMHOSTALLOC_PORTABLE;
+
+/// Registration flags for read-only file mappings: PORTABLE (all contexts) and READ_ONLY (the
+/// device only reads; required to register `PROT_READ` mappings). Not DEVICEMAP: no zero-copy
+/// kernel access is needed, only DMA by the copy engine.
+const REGISTER_FLAGS: u32 = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_READ_ONLY;
+
+/// A `CUevent` kept in the pool.
+#[derive(Debug)]
+struct RawEvent(sys::CUevent);
+
+// SAFETY: a CUevent is an opaque handle to a driver object; the CUDA driver API is thread-safe
+// and accepts handles from any thread. The pool only moves the handle value between threads.
+unsafe impl Send for RawEvent {}
+
+/// State shared by the device and every resource allocated from it.
+#[derive(Debug)]
+struct Shared {
+    /// The device's primary context (retained by cudarc, released when the last `Arc` goes).
+    ctx: Arc<CudaContext>,
+    /// The copy stream (non-blocking).
+    stream: Arc<CudaStream>,
+    /// Recycled events, all created in `ctx` with [`EVENT_FLAGS`].
+    events: Mutex<Vec<RawEvent>>,
+    /// Live arenas as (base, len), for `read_back`'s range check.
+    arenas: Mutex<Vec<(u64, u64)>>,
+}
+
+impl Shared {
+    /// Blocks until every operation enqueued on the copy stream has completed.
+    fn sync_stream(&self) -> Result<(), DeviceError> {
+        let _bound = bind(&self.ctx)?;
+        // SAFETY: the stream handle is valid while `self.stream` (an owned cudarc stream) lives.
+        unsafe { sys::cuStreamSynchronize(self.stream.cu_stream()) }
+            .result()
+            .map_err(cuda_err("cuStreamSynchronize"))
+    }
+
+    /// Best-effort synchronisation before releasing memory a copy may still touch.
+    fn sync_before_free(&self, what: &str) {
+        if let Err(e) = self.sync_stream() {
+            error!(error = %e, "syncing the copy stream before freeing {what} failed");
+        }
+    }
+
+    fn arena_contains(&self, addr: u64, len: u64) -> bool {
+        ranges_contain(&self.arenas.lock().unwrap_or_else(PoisonError::into_inner), addr, len)
+    }
+}
+
+/// Whether `addr..addr+len` lies inside one of `ranges` (base, len).
+fn ranges_contain(ranges: &[(u64, u64)], addr: u64, len: u64) -> bool {
+    let Some(end) = addr.checked_add(len) else { return false };
+    ranges.iter().any(|&(base, alen)| addr >= base && end <= base.saturating_add(alen))
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let events = std::mem::take(self.events.get_mut().unwrap_or_else(PoisonError::into_inner));
+        if events.is_empty() {
+            return;
+        }
+        let Ok(_bound) =
+            bind(&self.ctx).inspect_err(|e| warn!(error = %e, "destroying pooled events"))
+        else {
+            return;
+        };
+        for ev in events {
+            // SAFETY: pooled events were created in `ctx` (still alive: fields drop after this),
+            // are owned only by the pool, and are destroyed exactly once here.
+            if let Err(e) = unsafe { sys::cuEventDestroy_v2(ev.0) }.result() {
+                warn!(error = %describe(e), "cuEventDestroy failed");
+            }
+        }
+    }
+}
+
+/// Maps a driver error to `DeviceError::Cuda` for `call`.
+fn cuda_err(call: &'static str) -> impl Fn(DriverError) -> DeviceError {
+    move |e| DeviceError::Cuda { call, message: describe(e) }
+}
+
+/// `CUDA_ERROR_X (driver's description)`.
+fn describe(e: DriverError) -> String {
+    match e.error_string() {
+        Ok(s) => format!("{:?} ({})", e.0, s.to_string_lossy()),
+        Err(_) => format!("{:?}", e.0),
+    }
+}
+
+/// The context made current on this thread for the guard's life (see [`bind`]).
+struct Bound {
+    /// Another context that was current before and is made current again on drop.
+    restore: Option<sys::CUcontext>,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if let Some(prev) = self.restore {
+            // SAFETY: `prev` was the current context of this thread when the guard was made;
+            // making it current again only restores the thread's previous state.
+            if let Err(e) = unsafe { sys::cuCtxSetCurrent(prev) }.result() {
+                warn!(error = %describe(e), "restoring the caller's CUDA context failed");
+            }
+        }
+    }
+}
+
+/// Makes `ctx` current on the calling thread (copies are issued from I/O threads, record and
+/// release from client threads). Cheap when it already is current: one `cuCtxGetCurrent`, a
+/// thread-local read in the driver. When the thread had *another* context current (an
+/// in-process client with its own context), that one is restored when the guard drops; when it
+/// had none, ours stays current so the next call is the cheap case.
+///
+/// cudarc's `CudaContext::bind_to_thread` is not used: it also returns (and clears) errors that
+/// cudarc recorded in unrelated `Drop`s, which would surface as spurious failures here.
+fn bind(ctx: &CudaContext) -> Result<Bound, DeviceError> {
+    let current = current_context()?;
+    let ours = ctx.cu_ctx();
+    if current == ours {
+        return Ok(Bound { restore: None });
+    }
+    // SAFETY: `ours` is the primary context retained by `ctx`, alive while `ctx` is.
+    unsafe { sys::cuCtxSetCurrent(ours) }.result().map_err(cuda_err("cuCtxSetCurrent"))?;
+    Ok(Bound { restore: (!current.is_null()).then_some(current) })
+}
+
+/// The context current on the calling thread (null: none).
+fn current_context() -> Result<sys::CUcontext, DeviceError> {
+    let mut current: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: `current` is a valid out-pointer for one CUcontext.
+    unsafe { sys::cuCtxGetCurrent(&mut current) }.result().map_err(cuda_err("cuCtxGetCurrent"))?;
+    Ok(current)
+}
+
+/// The CUDA device (module docs).
+#[derive(Debug)]
+pub struct CudaDevice {
+    info: DeviceInfo,
+    shared: Arc<Shared>,
+    page_size: usize,
+}
+
+impl CudaDevice {
+    pub fn new(config: &DeviceConfig) -> Result<CudaDevice, DeviceError> {
+        // cudarc panics on its first call without libcuda: ask before anything else.
+        if !super::cuda_driver_present() {
+            return Err(DeviceError::NoCudaDriver);
+        }
+        let ordinal = config.ordinal;
+        let count = match CudaContext::device_count() {
+            Ok(n) => usize::try_from(n).unwrap_or(0),
+            // cuInit reports a driver without usable GPUs this way (e.g. a container without
+            // /dev/nvidia*).
+            Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
+            // The toolkit's link-time stub (stubs/libcuda.so, found on build machines) loads
+            // but is no driver.
+            Err(DriverError(sys::CUresult::CUDA_ERROR_STUB_LIBRARY)) => {
+                return Err(DeviceError::NoCudaDriver);
+            }
+            Err(e) => return Err(cuda_err("cuInit/cuDeviceGetCount")(e)),
+        };
+        if ordinal >= count {
+            return Err(DeviceError::NoSuchDevice { ordinal, count });
+        }
+        // `CudaContext::new` makes the primary context current on this thread: give a caller
+        // that had its own context current that one back when opening is over.
+        let current = current_context()?;
+        let _restore = Bound { restore: (!current.is_null()).then_some(current) };
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("cuDevicePrimaryCtxRetain"))?;
+        // SAFETY: ferry never creates a cudarc `CudaSlice` (whose cross-stream use this tracking
+        // would guard): device memory is raw cuMemAlloc, and every ordering between the copy
+        // stream and client streams is expressed with explicit events.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(cuda_err("cuStreamCreate"))?;
+        let shared = Arc::new(Shared {
+            ctx,
+            stream,
+            events: Mutex::new(Vec::new()),
+            arenas: Mutex::new(Vec::new()),
+        });
+        let ctx = &shared.ctx;
+
+        let name = device_name(ctx.cu_device()).unwrap_or_else(|e| {
+            warn!(error = %e, "cuDeviceGetName failed");
+            format!("CUDA device {ordinal}")
+        });
+        let uuid = format_uuid(&ctx.uuid().map_err(cuda_err("cuDeviceGetUuid"))?);
+        let (free, total) = ctx.mem_get_info().map_err(cuda_err("cuMemGetInfo"))?;
+        let attr = |a: sys::CUdevice_attribute| match ctx.attribute(a) {
+            Ok(v) => v,
+            Err(e) => {
+                // Older drivers do not know newer attributes: treat as unsupported.
+                warn!(attribute = ?a, error = %describe(e), "cuDeviceGetAttribute failed");
+                0
+            }
+        };
+        let register = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED);
+        let register_ro =
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED);
+        let mapped_reads = config.mapped_reads && register != 0 && register_ro != 0;
+        if config.mapped_reads && !mapped_reads {
+            info!(
+                host_register = register,
+                read_only_host_register = register_ro,
+                "read-only host registration unsupported: mapped files go through the staging ring"
+            );
+        }
+        let pcie = pcie_link(&uuid);
+
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page_size = usize::try_from(page).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096);
+
+        let info = DeviceInfo {
+            backend: Backend::Cuda,
+            ordinal,
+            name,
+            uuid,
+            total_memory: total as u64,
+            free_memory: free as u64,
+            pcie,
+            mapped_reads,
+        };
+        info!(
+            ordinal,
+            name = %info.name,
+            uuid = %info.uuid,
+            total = info.total_memory,
+            free = info.free_memory,
+            pcie = ?info.pcie,
+            mapped_reads,
+            "CUDA device opened"
+        );
+        Ok(CudaDevice { info, shared, page_size })
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        // Nothing the device enqueued may run past it unobserved (resources allocated from it
+        // keep the stream and context alive and synchronise again before freeing).
+        if let Err(e) = self.shared.sync_stream() {
+            warn!(error = %e, "syncing the copy stream while closing the device failed");
+        }
+    }
+}
+
+/// The product name, from `cuDeviceGetName`.
+fn device_name(dev: sys::CUdevice) -> Result<String, DeviceError> {
+    let mut buf = [0 as c_char; 256];
+    // SAFETY: `buf` has room for `len` bytes; the driver writes a NUL-terminated name into it.
+    unsafe { sys::cuDeviceGetName(buf.as_mut_ptr(), (buf.len() - 1) as i32, dev) }
+        .result()
+        .map_err(cuda_err("cuDeviceGetName"))?;
+    // The last byte was never written: a NUL is always present.
+    let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
+    let name = CStr::from_bytes_until_nul(&bytes)
+        .map(|s| s.to_string_lossy().trim().to_string())
+        .unwrap_or_default();
+    Ok(name)
+}
+
+/// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as nvidia-smi and NVML print it.
+fn format_uuid(uuid: &sys::CUuuid) -> String {
+    let b: Vec<u8> = uuid.bytes.iter().map(|&c| c as u8).collect();
+    let hex =
+        |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("GPU-{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16))
+}
+
+/// PCIe (generation, width) from NVML; `None` (logged) when NVML is unavailable.
+///
+/// Generation is the *maximum* the device and system support: the current generation drops
+/// to Gen1 at idle (power saving), so it says nothing about the link's capacity. Width is the
+/// *current* one (it does not change with power states, and a link trained at x8 is worth
+/// knowing), falling back to the maximum.
+fn pcie_link(uuid: &str) -> Option<(u32, u32)> {
+    let nvml = match nvml_wrapper::Nvml::init() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "NVML unavailable: PCIe link unknown");
+            return None;
+        }
+    };
+    let dev = match nvml.device_by_uuid(uuid) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(uuid, error = %e, "NVML does not know this GPU: PCIe link unknown");
+            return None;
+        }
+    };
+    let generation = dev.max_pcie_link_gen().or_else(|_| dev.current_pcie_link_gen());
+    let width = dev.current_pcie_link_width().or_else(|_| dev.max_pcie_link_width());
+    match (generation, width) {
+        (Ok(g), Ok(w)) => Some((g, w)),
+        (g, w) => {
+            warn!(generation = ?g.err(), width = ?w.err(), "NVML PCIe link query failed");
+            None
+        }
+    }
+}
+
+impl BackendOps for CudaDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn alloc_arena(&self, bytes: u64) -> Result<Arena, DeviceError> {
+        let oom = |reason: String| DeviceError::OutOfMemory { what: "device arena", bytes, reason };
+        if bytes == 0 {
+            return Err(oom("an arena cannot be empty".into()));
+        }
+        let len =
+            usize::try_from(bytes).map_err(|_| oom("larger than the address space".into()))?;
+        let _bound = bind(&self.shared.ctx)?;
+        // cuMemAlloc (not cuMemAllocAsync): exportable with cuIpcGetMemHandle (module docs).
+        // SAFETY: a plain allocation of `len` bytes in the current (our) context; the memory is
+        // uninitialised, which is fine for raw bytes that are only written by copies.
+        let ptr = match unsafe { cudarc::driver::result::malloc_sync(len) } {
+            Ok(p) => p,
+            // A size the device can never satisfy is reported as INVALID_VALUE by some drivers.
+            Err(
+                e @ DriverError(
+                    sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
+                    | sys::CUresult::CUDA_ERROR_INVALID_VALUE,
+                ),
+            ) => return Err(oom(describe(e))),
+            Err(e) => return Err(cuda_err("cuMemAlloc")(e)),
+        };
+        self.shared.arenas.lock().unwrap_or_else(PoisonError::into_inner).push((ptr, bytes));
+        debug!(base = format_args!("{ptr:#x}"), bytes, "device arena allocated");
+        Ok(Arena {
+            base: ptr,
+            len: bytes,
+            inner: ArenaInner::Cuda(CudaArena {
+                ptr,
+                len: bytes,
+                shared: Arc::clone(&self.shared),
+            }),
+        })
+    }
+
+    fn alloc_staging(&self, bytes: usize) -> Result<HostBuffer, DeviceError> {
+        if bytes == 0 {
+            // cuMemHostAlloc rejects 0 bytes; an empty buffer needs no memory at all.
+            return Ok(HostBuffer {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+                inner: HostBufferInner::Cuda(PinnedAlloc {
+                    ptr: std::ptr::null_mut(),
+                    len: 0,
+                    shared: Arc::clone(&self.shared),
+                }),
+            });
+        }
+        let _bound = bind(&self.shared.ctx)?;
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `ptr` is a valid out-pointer; the driver allocates and pins `bytes` bytes.
+        let r = unsafe { sys::cuMemHostAlloc(&mut ptr, bytes, STAGING_FLAGS) }.result();
+        if let Err(e) = r {
+            return Err(DeviceError::OutOfMemory {
+                what: "pinned staging buffer",
+                bytes: bytes as u64,
+                reason: describe(e),
+            });
+        }
+        if ptr.is_null() {
+            return Err(DeviceError::OutOfMemory {
+                what: "pinned staging buffer",
+                bytes: bytes as u64,
+                reason: "cuMemHostAlloc returned a null pointer".into(),
+            });
+        }
+        // Zero it once, as the host backend does (and so no stale bytes can ever leak out);
+        // this also faults nothing new in: cuMemHostAlloc memory is already resident.
+        // SAFETY: `ptr` points to `bytes` writable bytes just allocated and owned by nobody else.
+        unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), 0, bytes) };
+        Ok(HostBuffer {
+            ptr: ptr.cast(),
+            len: bytes,
+            inner: HostBufferInner::Cuda(PinnedAlloc {
+                ptr,
+                len: bytes,
+                shared: Arc::clone(&self.shared),
+            }),
+        })
+    }
+
+    fn register_mapping(
+        &self,
+        ptr: *const u8,
+        len: usize,
+    ) -> Result<Option<Registration>, DeviceError> {
+        if !self.info.mapped_reads || len == 0 || ptr.is_null() {
+            return Ok(None);
+        }
+        let page = self.page_size;
+        let start = (ptr as usize) & !(page - 1);
+        let Some(end) =
+            (ptr as usize).checked_add(len).and_then(|e| e.checked_next_multiple_of(page))
+        else {
+            return Ok(None);
+        };
+        let reg_len = end - start;
+        let _bound = bind(&self.shared.ctx)?;
+        let base = start as *mut c_void;
+        // SAFETY: the caller passes a live read-only mapping of `len` bytes at `ptr`; the range
+        // rounded out to whole pages is still inside it (mappings are page-granular).
+        // READ_ONLY tells the driver the device never writes it, which a PROT_READ mapping
+        // requires. Registration only pins pages; it does not change their contents.
+        match unsafe { sys::cuMemHostRegister_v2(base, reg_len, REGISTER_FLAGS) }.result() {
+            Ok(()) => {
+                debug!(addr = ?base, bytes = reg_len, "mapping registered with the device");
+                Ok(Some(Registration {
+                    inner: RegistrationInner::Cuda(CudaRegistration {
+                        ptr: base,
+                        len: reg_len,
+                        shared: Arc::clone(&self.shared),
+                    }),
+                }))
+            }
+            Err(e) => {
+                // Expected on some platforms (field reports: "operation not supported" for
+                // MAP_SHARED file pages, driver regressions); the staging ring is the fallback.
+                info!(
+                    addr = ?base,
+                    bytes = reg_len,
+                    error = %describe(e),
+                    "cuMemHostRegister of a mapping failed: using the staging ring"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    unsafe fn copy_h2d_async(
+        &self,
+        src: *const u8,
+        dst: u64,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        if len == 0 {
+            return Ok(());
+        }
+        debug_assert!(self.shared.arena_contains(dst, len as u64), "copy outside every arena");
+        let _bound = bind(&self.shared.ctx)?;
+        // SAFETY: the caller guarantees `src..src+len` is a staging buffer or a registered
+        // mapping (page-locked, so the copy is truly asynchronous) that stays valid and
+        // unchanged until an event recorded after this call completes, and that
+        // `dst..dst+len` lies in a live arena of this device. The stream is ours and alive.
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), len, self.shared.stream.cu_stream()) }
+            .result()
+            .map_err(cuda_err("cuMemcpyHtoDAsync"))
+    }
+
+    fn record(&self) -> Result<Event, DeviceError> {
+        let _bound = bind(&self.shared.ctx)?;
+        let pooled = self.shared.events.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let event = match pooled {
+            Some(RawEvent(ev)) => ev,
+            None => {
+                let mut ev: sys::CUevent = std::ptr::null_mut();
+                // SAFETY: `ev` is a valid out-pointer; the event is created in the current
+                // (our) context.
+                unsafe { sys::cuEventCreate(&mut ev, EVENT_FLAGS) }
+                    .result()
+                    .map_err(cuda_err("cuEventCreate"))?;
+                ev
+            }
+        };
+        // Owned from here: dropping the handle recycles or destroys the event.
+        let handle = CudaEventHandle { event, shared: Arc::clone(&self.shared) };
+        // SAFETY: `event` is a live event of our context, owned by `handle`; re-recording a
+        // recycled one is allowed (earlier waits on it keep the state they captured).
+        unsafe { sys::cuEventRecord(event, self.shared.stream.cu_stream()) }
+            .result()
+            .map_err(cuda_err("cuEventRecord"))?;
+        Ok(Event(EventInner::Cuda(Arc::new(handle))))
+    }
+
+    fn wait_client(&self, done: &ClientDone) -> Result<(), DeviceError> {
+        match done {
+            ClientDone::Now => Ok(()),
+            ClientDone::CudaEvent(raw) => self.stream_wait(*raw as usize as sys::CUevent),
+            ClientDone::Event(e) => match &e.0 {
+                EventInner::Cuda(h) => self.stream_wait(h.event),
+                // Done returns at once; a host event (another device's copy engine) is waited
+                // on here, since the GPU cannot wait for it.
+                EventInner::Done | EventInner::Host(_) => e.wait(),
+            },
+        }
+    }
+
+    fn read_back(&self, src: u64, dst: &mut [u8]) -> Result<(), DeviceError> {
+        let len = dst.len() as u64;
+        // Copies into the range may still be in flight on the copy stream (non-blocking, so
+        // the synchronous memcpy below would not wait for it).
+        self.shared.sync_stream()?;
+        // Held through the copy, so the arena cannot be freed between the check and the copy
+        // (`CudaArena::drop` takes this lock first). read_back is for tests and verification,
+        // never the streaming path, so blocking arena changes meanwhile costs nothing.
+        let arenas = self.shared.arenas.lock().unwrap_or_else(PoisonError::into_inner);
+        if !ranges_contain(&arenas, src, len) {
+            return Err(DeviceError::OutOfRange { addr: src, len });
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let _bound = bind(&self.shared.ctx)?;
+        // SAFETY: `src..src+len` lies in a live arena (checked above, kept alive by the lock);
+        // `dst` is a Rust slice of exactly `len` writable bytes; the copy is synchronous.
+        let r = unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src, dst.len()) };
+        drop(arenas);
+        r.result().map_err(cuda_err("cuMemcpyDtoH"))
+    }
+}
+
+impl CudaDevice {
+    /// Makes the copy stream wait (on the device, no host sync) for `event`.
+    fn stream_wait(&self, event: sys::CUevent) -> Result<(), DeviceError> {
+        if event.is_null() {
+            return Err(DeviceError::Cuda {
+                call: "cuStreamWaitEvent",
+                message: "null CUevent handle".into(),
+            });
+        }
+        let _bound = bind(&self.shared.ctx)?;
+        // SAFETY: `event` is a live CUevent: either one of ours (kept alive by the borrowed
+        // `Event`) or, for `ClientDone::CudaEvent`, the client's, which its contract requires to
+        // be a valid event recorded on the client's stream (possibly in another context of this
+        // process; cuStreamWaitEvent allows that). The wait captures the event's state now.
+        unsafe {
+            sys::cuStreamWaitEvent(
+                self.shared.stream.cu_stream(),
+                event,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT as u32,
+            )
+        }
+        .result()
+        .map_err(cuda_err("cuStreamWaitEvent"))
+    }
+}
+
+/// One `cuMemAlloc` allocation: the engine's arena. Freed (after the copy stream drains) on
+/// drop; every importer of its IPC handle must have closed it by then.
+#[derive(Debug)]
+pub struct CudaArena {
+    ptr: sys::CUdeviceptr,
+    len: u64,
+    shared: Arc<Shared>,
+}
+
+impl CudaArena {
+    /// The legacy CUDA IPC handle of the whole allocation (`cuIpcGetMemHandle`), for a client
+    /// process to `cuIpcOpenMemHandle`; offsets are sent separately. The arena must outlive
+    /// every importer's mapping.
+    pub fn ipc_handle(&self) -> Result<[u8; 64], DeviceError> {
+        let _bound = bind(&self.shared.ctx)?;
+        let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
+        // SAFETY: `handle` is a valid out-pointer; `ptr` is the base of a live cuMemAlloc
+        // allocation of our context.
+        unsafe { sys::cuIpcGetMemHandle(&mut handle, self.ptr) }
+            .result()
+            .map_err(cuda_err("cuIpcGetMemHandle"))?;
+        Ok(handle.reserved.map(|c| c as u8))
+    }
+
+    /// Bytes in the arena.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for CudaArena {
+    fn drop(&mut self) {
+        {
+            let mut arenas = self.shared.arenas.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(i) = arenas.iter().position(|&(b, _)| b == self.ptr) {
+                arenas.swap_remove(i);
+            }
+        }
+        self.shared.sync_before_free("a device arena");
+        let Ok(_bound) =
+            bind(&self.shared.ctx).inspect_err(|e| error!(error = %e, "freeing arena"))
+        else {
+            return;
+        };
+        // SAFETY: `ptr` came from cuMemAlloc in our context (alive through `shared`), is freed
+        // exactly once here, and no copy into it is pending (the stream was drained above).
+        if let Err(e) = unsafe { sys::cuMemFree_v2(self.ptr) }.result() {
+            error!(error = %describe(e), "cuMemFree of a device arena failed");
+        }
+    }
+}
+
+/// A pinned host allocation (`cuMemHostAlloc`) behind a staging [`HostBuffer`].
+#[derive(Debug)]
+pub struct PinnedAlloc {
+    /// Null for an empty buffer (nothing allocated).
+    ptr: *mut c_void,
+    len: usize,
+    shared: Arc<Shared>,
+}
+
+// SAFETY: the allocation is owned exclusively by this value (the `HostBuffer` around it hands
+// out access under Rust borrows); the pointer is only an address, and freeing it through the
+// driver is allowed from any thread.
+unsafe impl Send for PinnedAlloc {}
+// SAFETY: `&PinnedAlloc` exposes nothing (no accessor reads through the pointer).
+unsafe impl Sync for PinnedAlloc {}
+
+impl PinnedAlloc {
+    /// Bytes pinned.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for PinnedAlloc {
+    fn drop(&mut self) {
+        if self.ptr.is_null() {
+            return;
+        }
+        // A DMA still reading this memory would read freed (and soon reused) pages.
+        self.shared.sync_before_free("a pinned staging buffer");
+        let Ok(_bound) =
+            bind(&self.shared.ctx).inspect_err(|e| error!(error = %e, "freeing pinned memory"))
+        else {
+            return;
+        };
+        // SAFETY: `ptr` came from cuMemHostAlloc, is freed exactly once here, and no copy reads
+        // it any more (the stream was drained above).
+        if let Err(e) = unsafe { sys::cuMemFreeHost(self.ptr) }.result() {
+            error!(error = %describe(e), "cuMemFreeHost failed");
+        }
+    }
+}
+
+/// A file mapping registered read-only with the device; unregistered on drop, which must
+/// happen before the mapping is unmapped. Registering pins the mapping's page-cache pages
+/// (faulting them all in first) until then.
+#[derive(Debug)]
+pub struct CudaRegistration {
+    /// Page-aligned start of the registered range.
+    ptr: *mut c_void,
+    len: usize,
+    shared: Arc<Shared>,
+}
+
+// SAFETY: the registration is a driver-side record keyed by the address; the pointer is never
+// dereferenced by Rust code, and cuMemHostUnregister may be called from any thread.
+unsafe impl Send for CudaRegistration {}
+// SAFETY: `&CudaRegistration` exposes nothing.
+unsafe impl Sync for CudaRegistration {}
+
+impl CudaRegistration {
+    /// Bytes registered (the mapping range rounded out to whole pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for CudaRegistration {
+    fn drop(&mut self) {
+        // Copies may still be reading the pinned pages.
+        self.shared.sync_before_free("a registered mapping");
+        let Ok(_bound) =
+            bind(&self.shared.ctx).inspect_err(|e| error!(error = %e, "unregistering a mapping"))
+        else {
+            return;
+        };
+        // SAFETY: `ptr` is the base address passed to a successful cuMemHostRegister, and it is
+        // unregistered exactly once here; no copy reads it any more (stream drained above).
+        if let Err(e) = unsafe { sys::cuMemHostUnregister(self.ptr) }.result() {
+            error!(error = %describe(e), "cuMemHostUnregister failed");
+        }
+    }
+}
+
+/// A `CUevent` recorded on the copy stream. Recycled through the device's pool when the last
+/// [`Event`] clone drops.
+#[derive(Debug)]
+pub struct CudaEventHandle {
+    event: sys::CUevent,
+    shared: Arc<Shared>,
+}
+
+// SAFETY: a CUevent is an opaque handle to a thread-safe driver object: querying,
+// synchronising and waiting on it from several threads at once is allowed; it is recorded only
+// once, in `record`, before the handle is shared.
+unsafe impl Send for CudaEventHandle {}
+// SAFETY: as above; `&self` methods only query or wait.
+unsafe impl Sync for CudaEventHandle {}
+
+impl CudaEventHandle {
+    /// Whether every copy enqueued before the event has completed (`cuEventQuery`).
+    pub fn is_done(&self) -> Result<bool, DeviceError> {
+        let _bound = bind(&self.shared.ctx)?;
+        // SAFETY: the event is live (owned by `self`).
+        match unsafe { sys::cuEventQuery(self.event) } {
+            sys::CUresult::CUDA_SUCCESS => Ok(true),
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            e => Err(cuda_err("cuEventQuery")(DriverError(e))),
+        }
+    }
+
+    /// Blocks until the event completes (`cuEventSynchronize`; sleeps: BLOCKING_SYNC event).
+    pub fn wait(&self) -> Result<(), DeviceError> {
+        let _bound = bind(&self.shared.ctx)?;
+        // SAFETY: the event is live (owned by `self`).
+        unsafe { sys::cuEventSynchronize(self.event) }
+            .result()
+            .map_err(cuda_err("cuEventSynchronize"))
+    }
+
+    /// The raw `CUevent`, for a client stream in this process to `cuStreamWaitEvent` on. Valid
+    /// while an [`Event`] holding this handle lives; the event is recycled afterwards, so a
+    /// stale wait on it waits for a later point on the copy stream (never for an earlier one).
+    pub fn raw(&self) -> u64 {
+        self.event as usize as u64
+    }
+}
+
+impl Drop for CudaEventHandle {
+    fn drop(&mut self) {
+        {
+            let mut pool = self.shared.events.lock().unwrap_or_else(PoisonError::into_inner);
+            if pool.len() < EVENT_POOL_MAX {
+                pool.push(RawEvent(self.event));
+                return;
+            }
+        }
+        let Ok(_bound) = bind(&self.shared.ctx).inspect_err(|e| warn!(error = %e, "event drop"))
+        else {
+            return;
+        };
+        // SAFETY: the event is owned by this handle and destroyed exactly once; destroying an
+        // event that has not completed yet is allowed (released when it completes).
+        if let Err(e) = unsafe { sys::cuEventDestroy_v2(self.event) }.result() {
+            warn!(error = %describe(e), "cuEventDestroy failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_is_formatted_like_nvidia_smi() {
+        let mut u = sys::CUuuid { bytes: [0; 16] };
+        for (i, b) in u.bytes.iter_mut().enumerate() {
+            *b = (i as u8 * 17) as c_char;
+        }
+        assert_eq!(format_uuid(&u), "GPU-00112233-4455-6677-8899-aabbccddeeff");
+    }
+
+    /// Needs a GPU; passes trivially without one.
+    #[test]
+    fn arenas_export_an_ipc_handle() {
+        if !super::super::cuda_driver_present() {
+            return;
+        }
+        let device = match CudaDevice::new(&DeviceConfig::default()) {
+            Ok(d) => d,
+            Err(DeviceError::NoSuchDevice { count: 0, .. }) => return,
+            Err(e) => panic!("opening the CUDA device: {e}"),
+        };
+        let arena = device.alloc_arena(4 << 20).unwrap();
+        let ArenaInner::Cuda(cuda) = &arena.inner else {
+            panic!("a CUDA device made a host arena")
+        };
+        assert_eq!(cuda.len(), 4 << 20);
+        let handle = cuda.ipc_handle().unwrap();
+        assert!(handle.iter().any(|&b| b != 0), "an IPC handle is not all zeros");
+    }
+
+    #[test]
+    fn opening_without_a_driver_fails_clearly() {
+        if super::super::cuda_driver_present() {
+            return;
+        }
+        assert_eq!(
+            CudaDevice::new(&DeviceConfig::default()).map(|_| ()),
+            Err(DeviceError::NoCudaDriver)
+        );
+    }
+}

@@ -1,0 +1,418 @@
+//! Devices: where layers are copied to.
+//!
+//! The public surface is the [`Device`] enum (static dispatch over backends); each backend
+//! implements the small internal [`Backend`] trait:
+//!
+//! - **cuda** (`cuda.rs`): NVIDIA GPUs through the CUDA driver API (cudarc, loaded at run time).
+//!   Without libcuda it is replaced by a clear [`DeviceError::NoCudaDriver`].
+//! - **host** (`host.rs`): system memory stands in for device memory: a memfd-backed arena,
+//!   copy threads as copy engines, completion counters as events. It is asynchronous in the
+//!   same way as CUDA (copies run on other threads while the caller works), so the engine and
+//!   every test run unchanged on machines without a GPU.
+//!
+//! The engine allocates one **arena** per device (its whole budget) and sub-allocates layers
+//! in it; device addresses are `u64` (a `CUdeviceptr` on CUDA, a pointer on host).
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub mod cuda;
+pub mod host;
+
+/// What the operator asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA if a driver can be loaded, else host.
+    #[default]
+    Auto,
+    /// NVIDIA GPUs through the CUDA driver API.
+    Cuda,
+    /// System memory standing in for device memory.
+    Host,
+}
+
+/// The backend actually in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Cuda,
+    Host,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Cuda => "cuda",
+            Backend::Host => "host",
+        })
+    }
+}
+
+/// Everything that can go wrong with a device.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeviceError {
+    #[error("the cuda backend was requested but no CUDA driver (libcuda.so) could be loaded")]
+    NoCudaDriver,
+    #[error("CUDA device {ordinal} does not exist ({count} visible)")]
+    NoSuchDevice { ordinal: usize, count: usize },
+    #[error("CUDA call {call} failed: {message}")]
+    Cuda { call: &'static str, message: String },
+    #[error("cannot allocate {bytes} bytes of {what}: {reason}")]
+    OutOfMemory { what: &'static str, bytes: u64, reason: String },
+    #[error("{what} failed: {reason}")]
+    Os { what: &'static str, reason: String },
+    #[error("device address range {addr:#x}+{len} is outside every arena")]
+    OutOfRange { addr: u64, len: u64 },
+    #[error("the device's copy engine stopped: {0}")]
+    Stopped(String),
+}
+
+impl DeviceError {
+    pub(crate) fn os(what: &'static str, err: std::io::Error) -> Self {
+        DeviceError::Os { what, reason: err.to_string() }
+    }
+}
+
+/// What is known about a device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeviceInfo {
+    pub backend: Backend,
+    /// Index among the backend's devices (CUDA ordinal; 0 on host).
+    pub ordinal: usize,
+    /// Product name (`NVIDIA H100 80GB HBM3`, or `host memory`).
+    pub name: String,
+    /// Stable identity (`GPU-…` UUID on CUDA; a per-process id on host).
+    pub uuid: String,
+    /// Bytes of device memory.
+    pub total_memory: u64,
+    /// Bytes free when the device was opened.
+    pub free_memory: u64,
+    /// PCIe link generation and width, when known (NVML).
+    pub pcie: Option<(u32, u32)>,
+    /// Whether mapped files can be read in place by the copy engine (CUDA: read-only host
+    /// registration supported; host: direct copies enabled).
+    pub mapped_reads: bool,
+}
+
+/// Options for opening a device.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// CUDA ordinal.
+    pub ordinal: usize,
+    /// Bytes of "device memory" the host backend reports (its budget is carved from RAM).
+    pub host_memory: u64,
+    /// Copy threads of the host backend (its copy engines).
+    pub host_copy_threads: usize,
+    /// Let the copy engine read mapped files in place (CUDA read-only registration; host direct
+    /// copies) instead of going through the staging ring.
+    pub mapped_reads: bool,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig { ordinal: 0, host_memory: 4 << 30, host_copy_threads: 2, mapped_reads: true }
+    }
+}
+
+/// A region of device memory the engine sub-allocates.
+#[derive(Debug)]
+pub struct Arena {
+    /// Device address of the first byte.
+    pub base: u64,
+    pub len: u64,
+    #[allow(dead_code)]
+    pub(crate) inner: ArenaInner,
+}
+
+/// The backend's allocation behind an arena, held for its `Drop` (which frees it).
+#[derive(Debug)]
+#[allow(dead_code)]
+pub(crate) enum ArenaInner {
+    Host(host::HostArena),
+    Cuda(cuda::CudaArena),
+}
+
+/// Host memory the copy engine can read fast (pinned on CUDA).
+#[derive(Debug)]
+pub struct HostBuffer {
+    ptr: *mut u8,
+    len: usize,
+    #[allow(dead_code)]
+    pub(crate) inner: HostBufferInner,
+}
+
+// SAFETY: a HostBuffer owns its allocation exclusively; the raw pointer is only a handle to it,
+// and all access goes through &self / &mut self.
+unsafe impl Send for HostBuffer {}
+// SAFETY: shared references only hand out the pointer value and `&[u8]` reads; writes need
+// `&mut self`.
+unsafe impl Sync for HostBuffer {}
+
+/// The allocation behind a host buffer, held for its `Drop`.
+#[derive(Debug)]
+#[allow(dead_code)]
+pub(crate) enum HostBufferInner {
+    Host(Vec<u8>),
+    Cuda(cuda::PinnedAlloc),
+}
+
+impl HostBuffer {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `len` bytes owned by this buffer for its whole life, and
+        // `&mut self` makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// A point on a device's copy stream: done when every copy enqueued before it has completed.
+#[derive(Clone, Debug)]
+pub struct Event(pub(crate) EventInner);
+
+#[derive(Clone, Debug)]
+pub(crate) enum EventInner {
+    /// Already complete (nothing was enqueued).
+    Done,
+    Host(host::HostEvent),
+    Cuda(Arc<cuda::CudaEventHandle>),
+}
+
+impl Event {
+    /// An event that is already complete.
+    pub fn done() -> Event {
+        Event(EventInner::Done)
+    }
+
+    /// Whether the work before the event has completed (never blocks).
+    pub fn is_done(&self) -> Result<bool, DeviceError> {
+        match &self.0 {
+            EventInner::Done => Ok(true),
+            EventInner::Host(e) => e.is_done(),
+            EventInner::Cuda(e) => e.is_done(),
+        }
+    }
+
+    /// Blocks the calling thread until the event completes.
+    pub fn wait(&self) -> Result<(), DeviceError> {
+        match &self.0 {
+            EventInner::Done => Ok(()),
+            EventInner::Host(e) => e.wait(),
+            EventInner::Cuda(e) => e.wait(),
+        }
+    }
+
+    /// The raw `CUevent` behind a CUDA event (for a client stream to wait on), if it is one.
+    pub fn cuda_event(&self) -> Option<u64> {
+        match &self.0 {
+            EventInner::Cuda(e) => Some(e.raw()),
+            _ => None,
+        }
+    }
+}
+
+/// What a client hands back with a lease: when its own use of the memory is over.
+#[derive(Clone, Debug, Default)]
+pub enum ClientDone {
+    /// The client is done already (host clients, or a client that synchronised).
+    #[default]
+    Now,
+    /// A `CUevent` recorded on the client's stream after its last kernel reading the layer.
+    /// The copy stream waits on it on the device before the memory is reused (no host sync).
+    CudaEvent(u64),
+    /// An event of this device.
+    Event(Event),
+}
+
+/// The operations every backend provides (module docs).
+pub(crate) trait BackendOps: Send + Sync + fmt::Debug {
+    fn info(&self) -> &DeviceInfo;
+
+    /// Allocates `bytes` of device memory as one arena.
+    fn alloc_arena(&self, bytes: u64) -> Result<Arena, DeviceError>;
+
+    /// Allocates host memory the copy engine reads fast (pinned on CUDA), for the staging ring.
+    fn alloc_staging(&self, bytes: usize) -> Result<HostBuffer, DeviceError>;
+
+    /// Makes `len` bytes at `ptr` (a read-only file mapping) readable in place by the copy
+    /// engine. `Ok(None)` when the device cannot, so the caller uses the staging ring.
+    fn register_mapping(
+        &self,
+        ptr: *const u8,
+        len: usize,
+    ) -> Result<Option<Registration>, DeviceError>;
+
+    /// Enqueues an asynchronous copy of `len` bytes from host `src` to device address `dst`.
+    ///
+    /// # Safety
+    ///
+    /// `src..src+len` must stay valid and unchanged until an event recorded after this call
+    /// has completed; it must be a staging buffer of this device or a registered mapping.
+    /// `dst..dst+len` must lie in an arena of this device that outlives the copy.
+    unsafe fn copy_h2d_async(
+        &self,
+        src: *const u8,
+        dst: u64,
+        len: usize,
+    ) -> Result<(), DeviceError>;
+
+    /// Records an event after everything enqueued so far.
+    fn record(&self) -> Result<Event, DeviceError>;
+
+    /// Makes the copy stream wait for a client's done signal before any later copy.
+    fn wait_client(&self, done: &ClientDone) -> Result<(), DeviceError>;
+
+    /// Copies device bytes back to the host, synchronously (tests, verification, export).
+    fn read_back(&self, src: u64, dst: &mut [u8]) -> Result<(), DeviceError>;
+}
+
+/// A mapping registered with the device; unregistered on drop.
+#[derive(Debug)]
+pub struct Registration {
+    #[allow(dead_code)]
+    pub(crate) inner: RegistrationInner,
+}
+
+/// The registration behind a [`Registration`], held for its `Drop` (which unregisters).
+#[derive(Debug)]
+#[allow(dead_code)]
+pub(crate) enum RegistrationInner {
+    Host,
+    Cuda(cuda::CudaRegistration),
+}
+
+/// A device (module docs).
+#[derive(Debug)]
+pub enum Device {
+    Host(host::HostDevice),
+    Cuda(cuda::CudaDevice),
+}
+
+impl Device {
+    /// Opens the device `choice` resolves to on this machine.
+    /// With `auto`, a machine whose libcuda loads but that has no usable GPU (no device, a
+    /// stub driver) falls back to host, with a warning.
+    pub fn open(choice: DeviceChoice, config: &DeviceConfig) -> Result<Device, DeviceError> {
+        match select(choice)?.0 {
+            Backend::Host => Ok(Device::Host(host::HostDevice::new(config)?)),
+            Backend::Cuda => match cuda::CudaDevice::new(config) {
+                Ok(d) => Ok(Device::Cuda(d)),
+                Err(e @ (DeviceError::NoSuchDevice { .. } | DeviceError::NoCudaDriver))
+                    if choice == DeviceChoice::Auto =>
+                {
+                    tracing::warn!("auto: CUDA unusable ({e}); using host memory");
+                    Ok(Device::Host(host::HostDevice::new(config)?))
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    pub(crate) fn ops(&self) -> &dyn BackendOps {
+        match self {
+            Device::Host(d) => d,
+            Device::Cuda(d) => d,
+        }
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        self.ops().info()
+    }
+
+    pub fn alloc_arena(&self, bytes: u64) -> Result<Arena, DeviceError> {
+        self.ops().alloc_arena(bytes)
+    }
+
+    pub fn alloc_staging(&self, bytes: usize) -> Result<HostBuffer, DeviceError> {
+        self.ops().alloc_staging(bytes)
+    }
+
+    pub fn register_mapping(
+        &self,
+        ptr: *const u8,
+        len: usize,
+    ) -> Result<Option<Registration>, DeviceError> {
+        self.ops().register_mapping(ptr, len)
+    }
+
+    /// See [`BackendOps::copy_h2d_async`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`BackendOps::copy_h2d_async`].
+    pub unsafe fn copy_h2d_async(
+        &self,
+        src: *const u8,
+        dst: u64,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        // SAFETY: the caller upholds the contract, which is the same.
+        unsafe { self.ops().copy_h2d_async(src, dst, len) }
+    }
+
+    pub fn record(&self) -> Result<Event, DeviceError> {
+        self.ops().record()
+    }
+
+    pub fn wait_client(&self, done: &ClientDone) -> Result<(), DeviceError> {
+        self.ops().wait_client(done)
+    }
+
+    pub fn read_back(&self, src: u64, dst: &mut [u8]) -> Result<(), DeviceError> {
+        self.ops().read_back(src, dst)
+    }
+}
+
+/// Whether libcuda can be loaded. cudarc panics on first use without it, so this is asked first.
+pub fn cuda_driver_present() -> bool {
+    // SAFETY: this only attempts to dlopen libcuda by its usual names and closes it again; it
+    // runs no CUDA call. Loading a library runs its initialisers, which for the NVIDIA driver
+    // are safe to run at any point in the process.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Resolves the operator's choice against what this machine has.
+pub fn select(choice: DeviceChoice) -> Result<(Backend, &'static str), DeviceError> {
+    select_with(choice, cuda_driver_present())
+}
+
+fn select_with(choice: DeviceChoice, cuda: bool) -> Result<(Backend, &'static str), DeviceError> {
+    match (choice, cuda) {
+        (DeviceChoice::Host, _) => Ok((Backend::Host, "host requested")),
+        (DeviceChoice::Cuda, true) => Ok((Backend::Cuda, "cuda requested")),
+        (DeviceChoice::Cuda, false) => Err(DeviceError::NoCudaDriver),
+        (DeviceChoice::Auto, true) => Ok((Backend::Cuda, "auto: CUDA driver found")),
+        (DeviceChoice::Auto, false) => {
+            Ok((Backend::Host, "auto: no CUDA driver, using host memory"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_falls_back_to_host_and_cuda_fails_clearly() {
+        assert_eq!(select_with(DeviceChoice::Auto, false).map(|s| s.0), Ok(Backend::Host));
+        assert_eq!(select_with(DeviceChoice::Auto, true).map(|s| s.0), Ok(Backend::Cuda));
+        assert_eq!(select_with(DeviceChoice::Cuda, false), Err(DeviceError::NoCudaDriver));
+        assert_eq!(select_with(DeviceChoice::Host, true).map(|s| s.0), Ok(Backend::Host));
+    }
+
+    #[test]
+    fn probing_for_the_driver_does_not_panic() {
+        let _ = cuda_driver_present();
+    }
+}

@@ -1,0 +1,296 @@
+//! The copy pipeline: mapped file pages → (pinned staging) → device, ordered by events.
+//!
+//! I/O threads take copy jobs (one layer each) from a queue. For each piece of a tensor:
+//!
+//! - if the device can read the file mapping in place (CUDA read-only registration, host direct
+//!   reads), the piece is enqueued on the copy stream straight from the mapping;
+//! - otherwise it is copied into a staging slot (pinned memory, allocated once at start) and
+//!   enqueued from there. Small tensors share a slot; a tensor larger than a slot streams in
+//!   slot-sized chunks. A slot is reused only once the event recorded after its last copy has
+//!   completed.
+//!
+//! After the last piece the thread records an event on the copy stream and publishes it in the
+//! job's [`ReadySignal`]; nothing on this path waits for the device to finish. Readers of the
+//! mapping are protected from truncated files: the file length is checked before copying and
+//! every mapping is registered with the SIGBUS guard, whose fault flag is checked after.
+
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use crossbeam::channel::{Receiver, Sender, bounded, unbounded};
+
+use super::error::EngineError;
+use super::runtime::ModelRuntime;
+use crate::device::{Device, DeviceError, Event, HostBuffer};
+
+/// One contiguous piece of a tensor: bytes of file `file` at `src` go to device address `dst`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Piece {
+    pub file: usize,
+    /// Offset in the file.
+    pub offset: u64,
+    pub len: u64,
+    pub dst: u64,
+}
+
+/// Copying one layer.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub runtime: Arc<ModelRuntime>,
+    pub pieces: Vec<Piece>,
+    pub ready: Arc<ReadySignal>,
+}
+
+#[derive(Debug)]
+enum ReadyState {
+    Pending,
+    Recorded(Event),
+    Failed(EngineError),
+}
+
+/// Published by the I/O thread once a layer's copies are enqueued: the event to wait on, or why
+/// the layer could not be copied.
+#[derive(Debug)]
+pub(crate) struct ReadySignal {
+    state: Mutex<ReadyState>,
+    changed: Condvar,
+}
+
+impl ReadySignal {
+    pub fn new() -> Arc<ReadySignal> {
+        Arc::new(ReadySignal { state: Mutex::new(ReadyState::Pending), changed: Condvar::new() })
+    }
+
+    fn set(&self, state: ReadyState) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
+        self.changed.notify_all();
+    }
+
+    /// Blocks until the copies are enqueued; returns the event that completes with them.
+    pub fn recorded(&self) -> Result<Event, EngineError> {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            match &*s {
+                ReadyState::Pending => {
+                    s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+                }
+                ReadyState::Recorded(e) => return Ok(e.clone()),
+                ReadyState::Failed(e) => return Err(e.duplicate()),
+            }
+        }
+    }
+
+    /// Whether the layer is fully on the device (never blocks). Errors if copying failed.
+    pub fn is_complete(&self) -> Result<bool, EngineError> {
+        let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*s {
+            ReadyState::Pending => Ok(false),
+            ReadyState::Recorded(e) => Ok(e.is_done()?),
+            ReadyState::Failed(e) => Err(e.duplicate()),
+        }
+    }
+
+    /// Whether the job has finished, one way or the other (its memory may then be reused once
+    /// the event completes).
+    pub fn settled_event(&self) -> Option<Option<Event>> {
+        let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*s {
+            ReadyState::Pending => None,
+            ReadyState::Recorded(e) => Some(Some(e.clone())),
+            ReadyState::Failed(_) => Some(None),
+        }
+    }
+}
+
+/// A staging slot and the event after its last copy.
+#[derive(Debug)]
+struct Slot {
+    buf: HostBuffer,
+    last: Option<Event>,
+}
+
+/// The pipeline's threads and staging ring.
+#[derive(Debug)]
+pub(crate) struct Pipeline {
+    jobs: Option<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    device: Arc<Device>,
+    slots: Vec<Mutex<Slot>>,
+    free_tx: Sender<usize>,
+    free_rx: Receiver<usize>,
+    slot_bytes: usize,
+}
+
+impl Pipeline {
+    /// Allocates the staging ring (`slots` × `slot_bytes`, once, here) and starts `io_threads`.
+    pub fn start(
+        device: Arc<Device>,
+        io_threads: usize,
+        slots: usize,
+        slot_bytes: usize,
+    ) -> Result<Pipeline, EngineError> {
+        let slots = slots.max(1);
+        let slot_bytes = slot_bytes.max(4096);
+        let mut ring = Vec::with_capacity(slots);
+        for _ in 0..slots {
+            ring.push(Mutex::new(Slot { buf: device.alloc_staging(slot_bytes)?, last: None }));
+        }
+        let (free_tx, free_rx) = bounded(slots);
+        for i in 0..slots {
+            // Cannot fail: the channel has room for every slot.
+            let _ = free_tx.send(i);
+        }
+        let shared = Arc::new(Shared { device, slots: ring, free_tx, free_rx, slot_bytes });
+        let (tx, rx) = unbounded::<Job>();
+        let mut threads = Vec::new();
+        for i in 0..io_threads.max(1) {
+            let rx = rx.clone();
+            let shared = Arc::clone(&shared);
+            let t = std::thread::Builder::new()
+                .name(format!("ferry-io-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        let result = run(&shared, &job);
+                        job.ready.set(match result {
+                            Ok(e) => ReadyState::Recorded(e),
+                            Err(e) => ReadyState::Failed(e),
+                        });
+                    }
+                })
+                .map_err(|e| EngineError::Device(DeviceError::os("starting an I/O thread", e)))?;
+            threads.push(t);
+        }
+        Ok(Pipeline { jobs: Some(tx), threads })
+    }
+
+    /// Queues a job; its signal reports the outcome.
+    pub fn submit(&self, job: Job) {
+        let ready = Arc::clone(&job.ready);
+        match &self.jobs {
+            Some(tx) => {
+                if tx.send(job).is_err() {
+                    ready.set(ReadyState::Failed(EngineError::ShuttingDown));
+                }
+            }
+            None => ready.set(ReadyState::Failed(EngineError::ShuttingDown)),
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The slot being filled and how much of it is used.
+struct Filling<'a> {
+    index: usize,
+    slot: std::sync::MutexGuard<'a, Slot>,
+    used: usize,
+}
+
+fn run(shared: &Shared, job: &Job) -> Result<Event, EngineError> {
+    let rt = &job.runtime;
+    rt.check()?;
+    let mut filling: Option<Filling<'_>> = None;
+    let result = copy_pieces(shared, job, &mut filling);
+    // Whatever happened, the slot in use goes back to the ring with its last event.
+    if let Some(f) = filling.take() {
+        finish_slot(shared, f)?;
+    }
+    result?;
+    let event = shared.device.record()?;
+    // A truncation seen by the SIGBUS guard while copying poisons the model.
+    rt.check()?;
+    Ok(event)
+}
+
+fn copy_pieces<'a>(
+    shared: &'a Shared,
+    job: &Job,
+    filling: &mut Option<Filling<'a>>,
+) -> Result<(), EngineError> {
+    let rt = &job.runtime;
+    let model = rt.model();
+    for piece in &job.pieces {
+        let file = model.files().get(piece.file).ok_or(EngineError::ShuttingDown)?;
+        if !file.still_whole() {
+            return Err(rt.fail_truncated(piece.file));
+        }
+        let src =
+            file.range(piece.offset, piece.len).ok_or_else(|| rt.fail_truncated(piece.file))?;
+        if rt.mapped_reads(piece.file) {
+            // SAFETY: `src` lies in a mapping registered with the device, kept alive (with its
+            // registration) by `job.runtime` until the job's event completes; `dst` lies in the
+            // engine's arena, reserved for this layer until then.
+            unsafe { shared.device.copy_h2d_async(src.as_ptr(), piece.dst, src.len())? };
+            continue;
+        }
+        let mut done = 0usize;
+        while done < src.len() {
+            if filling.as_ref().is_none_or(|f| f.used == shared.slot_bytes) {
+                if let Some(full) = filling.take() {
+                    finish_slot(shared, full)?;
+                }
+                *filling = Some(take_slot(shared)?);
+            }
+            let Some(f) = filling.as_mut() else {
+                // Never happens: a slot was just taken. An error all the same, not a panic.
+                return Err(DeviceError::Stopped("staging slot missing".into()).into());
+            };
+            let n = (src.len() - done).min(shared.slot_bytes - f.used);
+            let at = f.used;
+            f.slot.buf.as_mut_slice()[at..at + n].copy_from_slice(&src[done..done + n]);
+            // SAFETY: the staging bytes just written stay untouched until the slot's event,
+            // recorded in `finish_slot` after this copy, completes (the next user waits for it);
+            // `dst + done` lies in this layer's reserved arena range.
+            unsafe {
+                shared.device.copy_h2d_async(
+                    f.slot.buf.as_ptr().add(at),
+                    piece.dst + done as u64,
+                    n,
+                )?;
+            }
+            f.used += n;
+            done += n;
+        }
+    }
+    Ok(())
+}
+
+fn take_slot(shared: &Shared) -> Result<Filling<'_>, EngineError> {
+    let index = shared
+        .free_rx
+        .recv()
+        .map_err(|_| EngineError::Device(DeviceError::Stopped("staging ring closed".into())))?;
+    let slot = shared.slots[index].lock().unwrap_or_else(PoisonError::into_inner);
+    // The previous copies out of this slot must be done before it is overwritten. This waits
+    // on the I/O thread, never on a client's path.
+    if let Some(last) = &slot.last {
+        last.wait()?;
+    }
+    Ok(Filling { index, slot, used: 0 })
+}
+
+fn finish_slot(shared: &Shared, mut f: Filling<'_>) -> Result<(), EngineError> {
+    let event = if f.used > 0 { Some(shared.device.record()) } else { None };
+    let index = f.index;
+    let result = match event {
+        Some(Ok(e)) => {
+            f.slot.last = Some(e);
+            Ok(())
+        }
+        Some(Err(e)) => Err(EngineError::Device(e)),
+        None => Ok(()),
+    };
+    drop(f);
+    let _ = shared.free_tx.send(index);
+    result
+}
