@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use ferry::device::{
     Backend, ClientDone, Device, DeviceChoice, DeviceConfig, DeviceError, Event, HostBuffer,
+    RawCudaEvent,
 };
 use ferry_tests::pattern;
 
@@ -39,7 +40,7 @@ fn with_gpu(f: impl FnOnce(&Device)) {
 fn staging(device: &Device, len: usize, seed: u64) -> HostBuffer {
     let mut buf = device.alloc_staging(len).expect("pinned staging buffer");
     assert_eq!(buf.len(), len);
-    buf.as_mut_slice().copy_from_slice(&pattern(seed, len));
+    assert!(buf.write_at(0, &pattern(seed, len)));
     buf
 }
 
@@ -106,7 +107,7 @@ fn staged_copies_land_byte_exact() {
         // The buffer may be refilled once the event is done; a second round must not disturb
         // the first one's bytes.
         let mut buf = buf;
-        buf.as_mut_slice().copy_from_slice(&pattern(2, 8 * MIB));
+        assert!(buf.write_at(0, &pattern(2, 8 * MIB)));
         copy(device, &buf, 0, arena.base + 48 * MIB as u64, 8 * MIB);
         let second = device.record().expect("record");
         wait(&second);
@@ -148,10 +149,16 @@ fn events_and_client_waits() {
         // Device-side waits: our own event, the same as a raw client CUevent, and the trivial
         // forms; none of them blocks the host.
         device.wait_client(&ClientDone::Event(first.clone())).expect("wait on our event");
+        // SAFETY: `raw` is the CUevent behind `first`, alive (held by `first`) in this
+        // process's context until the call returns.
+        let raw = unsafe { RawCudaEvent::from_raw(raw) };
         device.wait_client(&ClientDone::CudaEvent(raw)).expect("wait on a raw CUevent");
         device.wait_client(&ClientDone::Now).expect("Now");
         device.wait_client(&ClientDone::Event(Event::done())).expect("done event");
-        assert!(device.wait_client(&ClientDone::CudaEvent(0)).is_err(), "a null CUevent");
+        // SAFETY: a null handle breaks the contract on purpose; the backend must refuse it
+        // rather than hand it to the driver.
+        let null = unsafe { RawCudaEvent::from_raw(0) };
+        assert!(device.wait_client(&ClientDone::CudaEvent(null)).is_err(), "a null CUevent");
 
         copy(device, &buf, 0, arena.base + 8 * MIB as u64, 4 * MIB);
         let second = device.record().expect("record");
@@ -237,7 +244,7 @@ fn registered_mapping_copies_in_place() {
             None => {
                 println!("registration unavailable: the staging ring fallback is in use");
                 let mut buf = device.alloc_staging(len).expect("staging");
-                buf.as_mut_slice().copy_from_slice(&map);
+                assert!(buf.write_at(0, &map));
                 copy(device, &buf, 0, arena.base + 17, len);
                 wait(&device.record().expect("record"));
                 assert!(read(device, arena.base + 17, len) == on_disk);

@@ -358,3 +358,48 @@ fn a_truncated_model_fails_alone() {
         blocks_model(dir.path(), "a.safetensors", 4, 30_000);
     }
 }
+
+#[test]
+fn dropping_the_engine_or_closing_a_model_with_copies_in_flight_is_safe() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = blocks_model(dir.path(), "m.safetensors", 8, 4 << 20);
+    for mapped_reads in [false, true] {
+        for close_first in [false, true] {
+            let e = engine(64 << 20, mapped_reads);
+            let id = e.open_model(&path).expect("open");
+            // `none` queues every layer at once; nothing waits for the copies.
+            e.set_residency(id, None, PolicySpec::None).expect("none");
+            if close_first {
+                e.close_model(id).expect("close");
+            }
+            drop(e);
+        }
+    }
+}
+
+#[test]
+fn leases_belong_to_their_owner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = blocks_model(dir.path(), "m.safetensors", 3, 1_000);
+    let e = engine(1 << 20, false);
+    let id = e.open_model(&path).expect("open");
+    let a = e.acquire_as(7, id, "model", 0).expect("acquire");
+    let b = e.acquire_as(7, id, "model", 1).expect("acquire");
+    let c = e.acquire_as(8, id, "model", 2).expect("acquire");
+    // Another owner cannot release them.
+    assert!(matches!(
+        e.release_as(8, id, a.id(), ClientDone::Now),
+        Err(EngineError::UnknownLease { .. })
+    ));
+    // A client that goes away releases all it holds, and only that.
+    std::mem::forget(a);
+    std::mem::forget(b);
+    assert_eq!(e.release_owner(7), 2);
+    assert_eq!(e.release_owner(7), 0);
+    assert!(matches!(
+        e.set_residency(id, None, PolicySpec::None),
+        Err(EngineError::Busy { leases: 1, .. })
+    ));
+    e.release(c, ClientDone::Now).expect("release");
+    e.set_residency(id, None, PolicySpec::None).expect("no leases left");
+}

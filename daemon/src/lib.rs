@@ -4,6 +4,7 @@
 //! use. This crate is the engine the daemon (`ferryd`), the command-line tool (`ferryctl`) and
 //! the C ABI are built on. See ARCHITECTURE.md for the map.
 
+pub mod bench;
 pub mod device;
 pub mod engine;
 pub mod inspect;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use ferry::device::DeviceChoice;
 use ferry::store::{LayerRule, Store};
 
 #[derive(Debug, Parser)]
@@ -33,6 +34,28 @@ enum Command {
         #[arg(long = "layers", value_name = "COMPONENT=PREFIXES")]
         layers: Vec<String>,
     },
+    /// Measure streaming on a synthetic model, each figure against a baseline from the same run:
+    /// throughput vs memcpy, copy/compute overlap, balanced vs the minimum (and LRU).
+    Bench {
+        /// Layers of the synthetic model.
+        #[arg(long, default_value_t = 32)]
+        layers: usize,
+        /// MiB per layer.
+        #[arg(long, default_value_t = 16)]
+        layer_mib: usize,
+        /// Timed passes per measurement (the best is kept).
+        #[arg(long, default_value_t = 5)]
+        passes: usize,
+        /// Device backend.
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+        /// Where to write the synthetic model (default: the system's temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +72,29 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Inspect { path, json, tensors, layers } => inspect(path, json, tensors, &layers),
+        Command::Bench { layers, layer_mib, passes, device, dir, json } => {
+            if layers == 0 || layer_mib == 0 {
+                return Err("--layers and --layer-mib must be at least 1".into());
+            }
+            let layer_bytes = layer_mib
+                .checked_mul(1 << 20)
+                .ok_or_else(|| format!("--layer-mib {layer_mib} is too large"))?;
+            let cfg = ferry::bench::BenchConfig {
+                layers,
+                layer_bytes,
+                dir: dir.unwrap_or_else(std::env::temp_dir),
+                device,
+                passes,
+            };
+            let report = ferry::bench::run(&cfg).map_err(|e| e.to_string())?;
+            let text = if json {
+                serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n"
+            } else {
+                ferry::bench::render(&report)
+            };
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            Ok(())
+        }
     }
 }
 

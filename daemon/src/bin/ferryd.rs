@@ -1,15 +1,15 @@
 //! ferryd: the ferry daemon.
 //!
-//! This first version selects the device backend, opens (and so validates) the models it is
-//! told to preload, and serves until SIGTERM or SIGINT. The client protocol arrives in a later
-//! version (see the README's status section).
+//! This version starts the streaming engine on the selected device (arena, staging ring, copy
+//! threads), opens (and so validates) the models it is told to preload, and runs until SIGTERM
+//! or SIGINT. The client protocol arrives in a later version (see the README's status section).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferry::device::{self, DeviceChoice};
-use ferry::store::Store;
+use ferry::device::{self, DeviceChoice, DeviceConfig};
+use ferry::engine::{Engine, EngineConfig};
 use tracing::{error, info};
 
 #[derive(Debug, Parser)]
@@ -18,6 +18,13 @@ struct Args {
     /// Device backend: auto picks CUDA when a driver is present, else host memory.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
+    /// Device memory the engine may use, in bytes (default: 75% of the device, at most what is
+    /// free).
+    #[arg(long)]
+    budget: Option<u64>,
+    /// Bytes of "device memory" the host backend offers.
+    #[arg(long, default_value_t = 4 << 30)]
+    host_memory: u64,
     /// Models to open at start (validated, then kept mapped); may be repeated.
     #[arg(long, value_name = "PATH")]
     preload: Vec<PathBuf>,
@@ -56,21 +63,40 @@ fn main() -> ExitCode {
         }
     };
     info!(version = ferry::VERSION, %backend, reason, "ferryd starting");
+    let engine = match Engine::new(EngineConfig {
+        device: args.device,
+        device_config: DeviceConfig { host_memory: args.host_memory, ..DeviceConfig::default() },
+        budget: args.budget,
+        ..EngineConfig::default()
+    }) {
+        Ok(e) => e,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let dev = engine.device_info();
+    info!(
+        device = %dev.name,
+        uuid = %dev.uuid,
+        total = dev.total_memory,
+        budget = engine.stats().budget,
+        mapped_reads = dev.mapped_reads,
+        "device ready"
+    );
 
-    let store = Store::new();
-    let mut models = Vec::new();
     for path in &args.preload {
-        match store.open(path) {
-            Ok(model) => {
+        let opened = engine.open_model(path).and_then(|id| Ok((id, engine.model(id)?)));
+        match opened {
+            Ok((id, model)) => {
                 info!(
+                    id,
                     path = %model.root().display(),
-                    id = %model.key().short_id(),
                     components = model.components().len(),
                     tensors = model.tensors().len(),
                     bytes = model.total_bytes(),
                     "model opened"
                 );
-                models.push(model);
             }
             Err(e) => {
                 error!("{e}");
@@ -90,7 +116,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    drop(models);
+    drop(engine);
     ExitCode::SUCCESS
 }
 

@@ -553,7 +553,7 @@ impl BackendOps for CudaDevice {
     fn wait_client(&self, done: &ClientDone) -> Result<(), DeviceError> {
         match done {
             ClientDone::Now => Ok(()),
-            ClientDone::CudaEvent(raw) => self.stream_wait(*raw as usize as sys::CUevent),
+            ClientDone::CudaEvent(raw) => self.stream_wait(raw.raw() as usize as sys::CUevent),
             ClientDone::Event(e) => match &e.0 {
                 EventInner::Cuda(h) => self.stream_wait(h.event),
                 // Done returns at once; a host event (another device's copy engine) is waited

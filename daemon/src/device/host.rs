@@ -95,12 +95,16 @@ impl HostEvent {
     }
 }
 
+/// Live arenas of a device as (base, len), shared with the arenas so each removes itself.
+type ArenaList = Arc<Mutex<Vec<(u64, u64)>>>;
+
 /// The memfd behind an arena, and its mapping.
 #[derive(Debug)]
 pub struct HostArena {
     fd: OwnedFd,
     ptr: *mut u8,
     len: usize,
+    live: ArenaList,
 }
 
 // SAFETY: the arena owns its mapping; the pointer is an address, and concurrent access to the
@@ -118,6 +122,8 @@ impl HostArena {
 
 impl Drop for HostArena {
     fn drop(&mut self) {
+        let base = self.ptr as u64;
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).retain(|&(b, _)| b != base);
         // SAFETY: `ptr`/`len` are exactly the mapping created in `alloc_arena`, not used after
         // this (the engine drops arenas only after every copy into them has completed).
         unsafe {
@@ -134,7 +140,7 @@ pub struct HostDevice {
     completion: Arc<Completion>,
     threads: Vec<JoinHandle<()>>,
     /// Live arenas as (base, len), so `read_back` can check its range.
-    arenas: Mutex<Vec<(u64, u64)>>,
+    arenas: ArenaList,
 }
 
 impl HostDevice {
@@ -161,7 +167,7 @@ impl HostDevice {
             pcie: None,
             mapped_reads: config.mapped_reads,
         };
-        Ok(HostDevice { info, queue: Some(tx), completion, threads, arenas: Mutex::default() })
+        Ok(HostDevice { info, queue: Some(tx), completion, threads, arenas: ArenaList::default() })
     }
 }
 
@@ -232,7 +238,12 @@ impl BackendOps for HostDevice {
         Ok(Arena {
             base,
             len: bytes,
-            inner: ArenaInner::Host(HostArena { fd, ptr: ptr.cast(), len }),
+            inner: ArenaInner::Host(HostArena {
+                fd,
+                ptr: ptr.cast(),
+                len,
+                live: Arc::clone(&self.arenas),
+            }),
         })
     }
 
@@ -289,18 +300,19 @@ impl BackendOps for HostDevice {
     }
 
     fn read_back(&self, src: u64, dst: &mut [u8]) -> Result<(), DeviceError> {
+        // Like a synchronous CUDA copy: everything queued before it lands first.
+        self.record()?.wait()?;
         let len = dst.len() as u64;
-        let inside = self
-            .arenas
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .any(|&(base, alen)| src >= base && src.saturating_add(len) <= base + alen);
+        // Held during the copy, so the arena cannot be unmapped under it.
+        let live = self.arenas.lock().unwrap_or_else(PoisonError::into_inner);
+        let inside =
+            live.iter().any(|&(base, alen)| src >= base && src.saturating_add(len) <= base + alen);
         if !inside {
             return Err(DeviceError::OutOfRange { addr: src, len });
         }
-        // SAFETY: the range lies inside a live arena mapping (checked above) and does not
-        // overlap `dst`, a Rust slice of ordinary memory.
+        // SAFETY: the range lies inside a live arena mapping (checked above, and the arena
+        // cannot be dropped while `live` is locked) and does not overlap `dst`, a Rust slice of
+        // ordinary memory.
         unsafe {
             std::ptr::copy_nonoverlapping(src as usize as *const u8, dst.as_mut_ptr(), dst.len());
         }

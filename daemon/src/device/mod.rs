@@ -170,10 +170,17 @@ impl HostBuffer {
     pub fn as_ptr(&self) -> *const u8 {
         self.ptr
     }
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` points to `len` bytes owned by this buffer for its whole life, and
-        // `&mut self` makes this the only access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    /// Copies `src` into the buffer at `at`, touching no other byte: earlier bytes of the
+    /// buffer may still be read by copies in flight, so no `&mut [u8]` over the whole buffer is
+    /// ever formed. Returns `false` (copying nothing) if the range does not fit.
+    pub fn write_at(&mut self, at: usize, src: &[u8]) -> bool {
+        if at.checked_add(src.len()).is_none_or(|end| end > self.len) {
+            return false;
+        }
+        // SAFETY: `at..at + src.len()` lies inside the `len` bytes this buffer owns (checked
+        // above); `src` is ordinary memory that cannot overlap a buffer we own exclusively.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) };
+        true
     }
 }
 
@@ -230,9 +237,29 @@ pub enum ClientDone {
     Now,
     /// A `CUevent` recorded on the client's stream after its last kernel reading the layer.
     /// The copy stream waits on it on the device before the memory is reused (no host sync).
-    CudaEvent(u64),
+    CudaEvent(RawCudaEvent),
     /// An event of this device.
     Event(Event),
+}
+
+/// A raw `CUevent` handle from a client in this process. Only [`RawCudaEvent::from_raw`]
+/// makes one, and it is unsafe: the engine hands the value to the driver as is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawCudaEvent(u64);
+
+impl RawCudaEvent {
+    /// # Safety
+    ///
+    /// `raw` must be a live `CUevent` created in this process's CUDA context for the device
+    /// the engine runs on, and must stay alive until the release that carries it returns.
+    /// Never build one from a number that crossed a process boundary.
+    pub unsafe fn from_raw(raw: u64) -> RawCudaEvent {
+        RawCudaEvent(raw)
+    }
+
+    pub fn raw(self) -> u64 {
+        self.0
+    }
 }
 
 /// The operations every backend provides (module docs).

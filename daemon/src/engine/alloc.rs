@@ -15,7 +15,7 @@ pub fn align_up(n: u64) -> Option<u64> {
 }
 
 /// A first-fit allocator over `len` bytes.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Allocator {
     len: u64,
     /// Free ranges: offset → length, never adjacent (they are merged).

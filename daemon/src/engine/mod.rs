@@ -40,7 +40,7 @@ use serde::Serialize;
 use self::alloc::{Allocator, align_up};
 pub use self::error::EngineError;
 use self::pipeline::{Job, Piece, Pipeline, ReadySignal};
-use self::policy::{Action, Policy, PolicySpec, Residency, ScopeLayer, Threshold, View};
+use self::policy::{Action, LayerIdx, Policy, PolicySpec, Residency, ScopeLayer, Threshold, View};
 use self::runtime::ModelRuntime;
 use crate::device::{Arena, ClientDone, Device, DeviceChoice, DeviceConfig, DeviceInfo, Event};
 use crate::store::{Dtype, Model, Store};
@@ -129,23 +129,102 @@ struct Counters {
     evictions: AtomicU64,
     bytes_streamed: AtomicU64,
     stall_ns: AtomicU64,
+    /// Bytes of layers on the device (placed or pending), and the most ever.
+    device_in_use: AtomicU64,
+    device_peak: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
+impl Counters {
+    fn take_device(&self, bytes: u64) {
+        let now = self.device_in_use.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.device_peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn give_device(&self, bytes: u64) {
+        self.device_in_use.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
 /// A layer on the device (loading or loaded).
 #[derive(Debug)]
 struct Placed {
+    /// Offset within the scope's region.
     offset: u64,
     bytes: u64,
     /// Offset of each tensor (in layer order) from `offset`.
     tensor_offsets: Vec<u64>,
     ready: Arc<ReadySignal>,
+    /// Keeps the source mapping (and its registration) alive while the copy may run.
+    runtime: Arc<ModelRuntime>,
 }
 
-/// The layers one policy governs.
+/// Memory whose copy may still be running: an evicted layer (offset within its scope's
+/// region), or a whole region of a torn-down scope (offset within the arena, with the layers
+/// that were in it). Reusable once every copy into it has completed.
+#[derive(Debug)]
+struct Pending {
+    offset: u64,
+    bytes: u64,
+    ready: Vec<Arc<ReadySignal>>,
+    /// Layer bytes to take off the in-use figure when this is reclaimed.
+    counted: u64,
+    /// Keeps the source mappings alive until then.
+    _runtime: Arc<ModelRuntime>,
+}
+
+impl Pending {
+    fn of(p: Placed) -> Pending {
+        let counted = align_up(p.bytes).unwrap_or(p.bytes);
+        Pending {
+            offset: p.offset,
+            bytes: p.bytes,
+            ready: vec![p.ready],
+            counted,
+            _runtime: p.runtime,
+        }
+    }
+
+    /// Whether every copy into the memory has completed (never blocks).
+    fn is_settled(&self) -> bool {
+        self.ready.iter().all(|r| match r.settled_event() {
+            None => false,
+            Some(None) => true,
+            Some(Some(e)) => e.is_done().unwrap_or(true),
+        })
+    }
+
+    /// Blocks until every copy into the memory has completed.
+    fn wait(&self) {
+        for r in &self.ready {
+            r.wait_settled();
+        }
+    }
+}
+
+/// Frees the settled entries of `pending` into `alloc`; with `wait`, first waits for the oldest
+/// one.
+fn reclaim(alloc: &mut Allocator, pending: &mut Vec<Pending>, wait: bool, counters: &Counters) {
+    if wait && let Some(p) = pending.first() {
+        p.wait();
+    }
+    let mut i = 0;
+    while i < pending.len() {
+        if pending[i].is_settled() {
+            let p = pending.swap_remove(i);
+            alloc.free(p.offset, p.bytes);
+            counters.give_device(p.counted);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// The layers one policy governs, in a region of the arena of its own (its quota): loads of
+/// one scope can never fragment another's memory.
 #[derive(Debug)]
 struct Scope {
     /// `model 3` or `model 3 component "vae"`, for messages.
@@ -158,6 +237,10 @@ struct Scope {
     leases: Vec<u32>,
     placed: Vec<Option<Placed>>,
     quota: u64,
+    /// Offset of the scope's region in the arena; the region is `quota` bytes.
+    region: u64,
+    alloc: Allocator,
+    pending: Vec<Pending>,
 }
 
 impl Scope {
@@ -171,16 +254,109 @@ impl Scope {
         self.leases.iter().sum()
     }
 
-    /// Marks loading layers whose copies have completed as resident.
+    /// Marks loading layers whose copies have completed as resident. A layer whose copy failed
+    /// is taken off the device, so the next acquire loads it again (or reports the model's
+    /// failure).
     fn sweep(&mut self) {
-        for (r, p) in self.residency.iter_mut().zip(&self.placed) {
-            if *r == Residency::Loading
-                && let Some(p) = p
-                && matches!(p.ready.is_complete(), Ok(true))
-            {
-                *r = Residency::Resident;
+        for i in 0..self.placed.len() {
+            if self.residency[i] != Residency::Loading {
+                continue;
+            }
+            let Some(p) = &self.placed[i] else { continue };
+            match p.ready.is_complete() {
+                Ok(true) => self.residency[i] = Residency::Resident,
+                Ok(false) => {}
+                Err(_) if self.leases[i] == 0 => {
+                    if let Some(p) = self.placed[i].take() {
+                        self.pending.push(Pending::of(p));
+                    }
+                    self.residency[i] = Residency::Absent;
+                }
+                Err(_) => {}
             }
         }
+    }
+
+    /// Takes layer `i` off the device (its memory pending until its copy is done).
+    fn evict(&mut self, i: LayerIdx, counters: &Counters) -> bool {
+        if self.leases.get(i).is_none_or(|&n| n > 0) {
+            return false;
+        }
+        match self.placed.get_mut(i).and_then(Option::take) {
+            Some(p) => {
+                self.pending.push(Pending::of(p));
+                self.residency[i] = Residency::Absent;
+                bump(&counters.evictions, 1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Finds room for `bytes` in the region: reclaiming settled memory, waiting for copies into
+    /// evicted memory, and, if the free bytes are there but not in one piece, evicting unleased
+    /// layers that sit where a hole could be (layers the policy keeps for good last). `None`
+    /// when leased layers stand in the way: the caller waits for a release.
+    fn place(&mut self, bytes: u64, counters: &Counters) -> Option<u64> {
+        loop {
+            reclaim(&mut self.alloc, &mut self.pending, false, counters);
+            if let Some(off) = self.alloc.alloc(bytes) {
+                counters.take_device(align_up(bytes).unwrap_or(bytes));
+                return Some(off);
+            }
+            if !self.pending.is_empty() {
+                reclaim(&mut self.alloc, &mut self.pending, true, counters);
+                continue;
+            }
+            let victims = self.hole_victims(bytes)?;
+            for v in victims {
+                self.evict(v, counters);
+            }
+        }
+    }
+
+    /// The unleased layers to evict so that a hole of `bytes` opens, cheapest first by bytes
+    /// moved (layers the policy keeps for good count double); `None` if no window is free of
+    /// leased layers.
+    fn hole_victims(&self, bytes: u64) -> Option<Vec<LayerIdx>> {
+        let size = align_up(bytes)?;
+        let kept: std::collections::HashSet<LayerIdx> =
+            self.policy.pinned_set().into_iter().collect();
+        let mut placed: Vec<(u64, u64, LayerIdx)> = self
+            .placed
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                p.as_ref().map(|p| (p.offset, align_up(p.bytes).unwrap_or(p.bytes), i))
+            })
+            .collect();
+        placed.sort_unstable();
+        // Candidate windows start at 0 or right after a placed layer.
+        let starts = std::iter::once(0).chain(placed.iter().map(|&(o, l, _)| o + l));
+        let mut best: Option<(u64, Vec<LayerIdx>)> = None;
+        for start in starts.chain(placed.iter().map(|&(o, _, _)| o)) {
+            let end = start.checked_add(size)?;
+            if end > self.alloc.capacity() {
+                continue;
+            }
+            let mut cost = 0u64;
+            let mut victims = Vec::new();
+            let mut blocked = false;
+            for &(o, l, i) in &placed {
+                if o < end && start < o + l {
+                    if self.leases[i] > 0 {
+                        blocked = true;
+                        break;
+                    }
+                    cost += if kept.contains(&i) { 2 * l } else { l };
+                    victims.push(i);
+                }
+            }
+            if !blocked && !victims.is_empty() && best.as_ref().is_none_or(|(c, _)| cost < *c) {
+                best = Some((cost, victims));
+            }
+        }
+        best.map(|(_, v)| v)
     }
 }
 
@@ -196,30 +372,26 @@ struct ModelState {
     locate: Vec<Vec<Option<(usize, usize)>>>,
 }
 
-/// Memory of an evicted layer, reusable once its copy has finished.
-#[derive(Debug)]
-struct Pending {
-    offset: u64,
-    bytes: u64,
-    ready: Arc<ReadySignal>,
-}
-
 #[derive(Debug)]
 struct LeaseRecord {
     model: ModelId,
     scope: usize,
     index: usize,
+    owner: Owner,
 }
+
+/// Who holds a lease: `0` for in-process callers, a connection id for the daemon's clients.
+pub type Owner = u64;
 
 #[derive(Debug)]
 struct State {
+    /// Allocates scope regions in the arena.
     alloc: Allocator,
-    /// Sum of the quotas of every scope.
-    reserved: u64,
+    /// Regions of torn-down scopes whose copies may still run.
+    pending: Vec<Pending>,
     models: BTreeMap<ModelId, ModelState>,
     leases: HashMap<LeaseId, LeaseRecord>,
     pins: HashMap<(ModelId, usize, usize), Vec<LeaseId>>,
-    pending: Vec<Pending>,
     next_id: u64,
 }
 
@@ -262,6 +434,7 @@ pub struct Engine {
 #[derive(Debug)]
 pub struct Lease {
     id: LeaseId,
+    owner: Owner,
     model: ModelId,
     component: String,
     layer: String,
@@ -330,7 +503,7 @@ impl Drop for Lease {
         if !self.released
             && let Some(inner) = self.engine.upgrade()
         {
-            let _ = Engine { inner }.release_id(self.model, self.id, ClientDone::Now);
+            let _ = Engine { inner }.release_as(self.owner, self.model, self.id, ClientDone::Now);
         }
     }
 }
@@ -343,10 +516,7 @@ impl Engine {
         let info = device.info().clone();
         let budget = match config.budget {
             Some(b) => b,
-            None => {
-                let three_quarters = Threshold::default().bytes(info.total_memory);
-                three_quarters.min(info.free_memory)
-            }
+            None => Threshold::default().bytes(info.total_memory).min(info.free_memory),
         };
         let budget = budget & !(alloc::ALIGN - 1);
         if budget == 0 {
@@ -374,20 +544,13 @@ impl Engine {
             config.staging_slots,
             config.staging_slot_bytes,
         )?;
-        tracing::info!(
-            backend = %info.backend,
-            device = %info.name,
-            budget,
-            staging,
-            "engine started"
-        );
+        tracing::info!(backend = %info.backend, device = %info.name, budget, staging, "engine started");
         let state = State {
             alloc: Allocator::new(budget),
-            reserved: 0,
+            pending: Vec::new(),
             models: BTreeMap::new(),
             leases: HashMap::new(),
             pins: HashMap::new(),
-            pending: Vec::new(),
             next_id: 1,
         };
         Ok(Engine {
@@ -427,22 +590,23 @@ impl Engine {
     /// its id. Nothing is copied and nothing reserved until a policy is set or a layer acquired.
     pub fn open_model(&self, path: impl AsRef<Path>) -> Result<ModelId, EngineError> {
         let model = self.inner.store.open(path)?;
-        let mut st = self.lock();
-        let id = st.next_id;
-        st.next_id += 1;
-        let runtime = Arc::new(ModelRuntime::new(id, Arc::clone(&model), &self.inner.device));
-        let locate =
-            model.components().iter().map(|c| vec![None; c.layers.len()]).collect::<Vec<_>>();
-        st.models.insert(
-            id,
-            ModelState {
-                runtime,
-                model_spec: None,
-                overrides: BTreeMap::new(),
-                scopes: Vec::new(),
-                locate,
-            },
-        );
+        let locate = model.components().iter().map(|c| vec![None; c.layers.len()]).collect();
+        // Registration can pin whole files (seconds on CUDA): done before taking the lock.
+        let id = {
+            let mut st = self.lock();
+            let id = st.next_id;
+            st.next_id += 1;
+            id
+        };
+        let runtime = Arc::new(ModelRuntime::new(id, model, &self.inner.device));
+        let state = ModelState {
+            runtime,
+            model_spec: None,
+            overrides: BTreeMap::new(),
+            scopes: Vec::new(),
+            locate,
+        };
+        self.lock().models.insert(id, state);
         Ok(id)
     }
 
@@ -452,7 +616,8 @@ impl Engine {
         Ok(Arc::clone(st.models.get(&id).ok_or(EngineError::UnknownModel(id))?.runtime.model()))
     }
 
-    /// Closes a model: its layers leave the device and its reservation is returned.
+    /// Closes a model: its layers leave the device and its memory is returned. Fails while any
+    /// of its layers is leased or pinned.
     pub fn close_model(&self, id: ModelId) -> Result<(), EngineError> {
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -464,7 +629,7 @@ impl Engine {
         if let Some(mut ms) = st.models.remove(&id) {
             teardown(st, &mut ms, &self.inner.counters);
         }
-        st.pins.retain(|k, _| k.0 != id);
+        st.pins.retain(|k, v| k.0 != id && !v.is_empty());
         drop(guard);
         self.inner.changed.notify_all();
         Ok(())
@@ -472,30 +637,33 @@ impl Engine {
 
     /// Sets the residency policy of a whole model (`component` = `None`) or of one component.
     /// The scopes of the model are rebuilt: its layers leave the device and the new policies
-    /// reserve their quotas and load what they keep resident. Fails, changing nothing, if the
-    /// budget cannot serve the new policies or if a layer of the model is leased.
+    /// reserve their regions and load what they keep resident. Fails, changing nothing, if the
+    /// budget cannot serve the new policies or if a layer of the model is leased or pinned.
     pub fn set_residency(
         &self,
         model: ModelId,
         component: Option<&str>,
         spec: PolicySpec,
     ) -> Result<(), EngineError> {
-        let mut st = self.lock();
-        let st = &mut *st;
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let ms = st.models.get(&model).ok_or(EngineError::UnknownModel(model))?;
         let mut model_spec = ms.model_spec;
         let mut overrides = ms.overrides.clone();
         match component {
             None => model_spec = Some(spec),
             Some(name) => {
-                let ci = component_index(ms, model, name)?;
-                overrides.insert(ci, spec);
+                overrides.insert(component_index(ms, model, name)?, spec);
             }
         }
-        self.rebuild(st, model, model_spec, overrides)
+        self.rebuild(st, model, model_spec, overrides)?;
+        drop(guard);
+        self.inner.changed.notify_all();
+        Ok(())
     }
 
-    /// Replaces the scopes of `model` by those `model_spec` and `overrides` describe.
+    /// Replaces the scopes of `model` by those `model_spec` and `overrides` describe. Every
+    /// check (leases, policy plans, room for the regions) happens before anything changes.
     fn rebuild(
         &self,
         st: &mut State,
@@ -514,10 +682,15 @@ impl Engine {
             });
         }
         let m = Arc::clone(ms.runtime.model());
-        // Plan every new scope before touching anything, against the room this model's old
-        // scopes leave when they go.
-        let own: u64 = ms.scopes.iter().map(|s| s.quota).sum();
-        let mut available = st.alloc.capacity().saturating_sub(st.reserved - own);
+        // Room once this model's own regions are back: the largest hole then, since a region
+        // must be contiguous. Checked on a copy of the allocator.
+        let mut trial = st.alloc.clone();
+        for s in &ms.scopes {
+            trial.free(s.region, s.quota);
+        }
+        for p in &st.pending {
+            trial.free(p.offset, p.bytes);
+        }
         let mut groups: Vec<(Option<usize>, PolicySpec, Vec<usize>)> = Vec::new();
         let rest: Vec<usize> =
             (0..m.components().len()).filter(|c| !overrides.contains_key(c)).collect();
@@ -531,12 +704,9 @@ impl Engine {
         let mut locate: Vec<Vec<Option<(usize, usize)>>> =
             m.components().iter().map(|c| vec![None; c.layers.len()]).collect();
         for (si, (only, spec, comps)) in groups.into_iter().enumerate() {
-            let name = match only {
+            let name = match only.and_then(|c| m.components().get(c)) {
                 None => format!("model {model}"),
-                Some(c) => format!(
-                    "model {model} component {:?}",
-                    m.components().get(c).map(|c| c.name.as_str()).unwrap_or("?")
-                ),
+                Some(c) => format!("model {model} component {:?}", c.name),
             };
             let mut members = Vec::new();
             let mut meta = Vec::new();
@@ -550,9 +720,13 @@ impl Engine {
             }
             let mut policy = spec.build(device_total);
             let quota = policy
-                .plan(&meta, available)
+                .plan(&meta, trial.largest_free())
                 .map_err(|source| EngineError::Policy { scope: name.clone(), source })?;
-            available = available.saturating_sub(quota);
+            let region = trial.alloc(quota).ok_or_else(|| EngineError::OutOfDeviceMemory {
+                bytes: quota,
+                free: trial.capacity() - trial.used(),
+                largest: trial.largest_free(),
+            })?;
             let n = members.len();
             scopes.push(Scope {
                 name,
@@ -563,31 +737,31 @@ impl Engine {
                 leases: vec![0; n],
                 placed: (0..n).map(|_| None).collect(),
                 quota,
+                region,
+                alloc: Allocator::new(quota),
+                pending: Vec::new(),
             });
         }
-        // Commit: the old scopes go, the new ones reserve and load what they keep.
+        // Commit: the old scopes go; the new regions are carved out where the trial put them
+        // (waiting, if need be, for copies still running into the old ones).
         let counters = &self.inner.counters;
         let Some(mut ms) = st.models.remove(&model) else {
             return Err(EngineError::UnknownModel(model));
         };
         teardown(st, &mut ms, counters);
+        for s in &mut scopes {
+            s.region = claim_region(st, s.quota, counters)?;
+        }
         ms.model_spec = model_spec;
         ms.overrides = overrides;
         ms.locate = locate;
         ms.scopes = scopes;
-        st.reserved += ms.scopes.iter().map(|s| s.quota).sum::<u64>();
-        let mut result = Ok(());
         for si in 0..ms.scopes.len() {
             let actions = ms.scopes[si].ask(|p, v| p.initial(v));
-            if let Err(e) = self.apply(st, &mut ms, si, &actions) {
-                result = Err(e);
-                break;
-            }
+            self.apply(&mut ms, si, &actions);
         }
         st.models.insert(model, ms);
-        // Callers hold the state lock; waiters wake once they release it.
-        self.inner.changed.notify_all();
-        result
+        Ok(())
     }
 
     /// Makes sure `model` has scopes (the default policy on first use) and finds a layer.
@@ -602,8 +776,7 @@ impl Engine {
         ms.runtime.check()?;
         let ci = component_index(ms, model, component)?;
         if ms.scopes.is_empty() {
-            let overrides = ms.overrides.clone();
-            let spec = ms.model_spec;
+            let (spec, overrides) = (ms.model_spec, ms.overrides.clone());
             self.rebuild(st, model, spec, overrides)?;
         }
         let ms = st.models.get(&model).ok_or(EngineError::UnknownModel(model))?;
@@ -645,30 +818,38 @@ impl Engine {
         component: &str,
         layer: usize,
     ) -> Result<Lease, EngineError> {
+        self.acquire_as(0, model, component, layer)
+    }
+
+    /// [`Engine::acquire`] on behalf of `owner` (a daemon connection): only the same owner can
+    /// release the lease, and [`Engine::release_owner`] releases all of an owner's leases.
+    pub fn acquire_as(
+        &self,
+        owner: Owner,
+        model: ModelId,
+        component: &str,
+        layer: usize,
+    ) -> Result<Lease, EngineError> {
         let start = Instant::now();
         let timeout = self.inner.config.acquire_timeout;
         let counters = &self.inner.counters;
-        let mut st = self.lock();
+        let mut guard = self.lock();
         let mut first = true;
         let mut hit = false;
         let (si, idx) = loop {
-            let (si, idx) = self.locate(&mut st, model, component, layer)?;
-            let stref = &mut *st;
-            let Some(mut ms) = stref.models.remove(&model) else {
+            let st = &mut *guard;
+            let (si, idx) = self.locate(st, model, component, layer)?;
+            let Some(ms) = st.models.get_mut(&model) else {
                 return Err(EngineError::UnknownModel(model));
             };
-            let outcome = (|| {
-                let s = &mut ms.scopes[si];
-                s.sweep();
-                if first {
-                    hit = s.residency[idx] != Residency::Absent;
-                }
-                let actions = s.ask(|p, v| p.on_acquire(idx, v));
-                self.apply(stref, &mut ms, si, &actions)?;
-                Ok::<bool, EngineError>(ms.scopes[si].residency[idx] != Residency::Absent)
-            })();
-            stref.models.insert(model, ms);
-            if outcome? {
+            let s = &mut ms.scopes[si];
+            s.sweep();
+            if first {
+                hit = s.residency[idx] != Residency::Absent;
+            }
+            let actions = s.ask(|p, v| p.on_acquire(idx, v));
+            self.apply(ms, si, &actions);
+            if ms.scopes[si].residency[idx] != Residency::Absent {
                 break (si, idx);
             }
             first = false;
@@ -676,10 +857,10 @@ impl Engine {
             if waited >= timeout {
                 return Err(EngineError::Timeout { layer: format!("{component}/{layer}"), waited });
             }
-            st = self
+            guard = self
                 .inner
                 .changed
-                .wait_timeout(st, timeout - waited)
+                .wait_timeout(guard, timeout - waited)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         };
@@ -688,36 +869,36 @@ impl Engine {
         if !first {
             bump(&counters.stall_ns, start.elapsed().as_nanos() as u64);
         }
+        let st = &mut *guard;
         let id = st.next_id;
         st.next_id += 1;
-        st.leases.insert(id, LeaseRecord { model, scope: si, index: idx });
         let ms = st.models.get_mut(&model).ok_or(EngineError::UnknownModel(model))?;
         let scope = &mut ms.scopes[si];
-        scope.leases[idx] += 1;
-        let (ci, li) = scope.members[idx];
         let placed = scope.placed[idx].as_ref().ok_or(EngineError::UnknownLease { lease: id })?;
+        let (ci, li) = scope.members[idx];
         let m = ms.runtime.model();
         let comp = &m.components()[ci];
         let layer_ref = &comp.layers[li];
+        let base = self.inner.arena_base + scope.region + placed.offset;
         let tensors = layer_ref
             .tensors
             .iter()
             .zip(&placed.tensor_offsets)
             .filter_map(|(&t, &toff)| {
                 let info = m.tensor(t)?;
-                let arena_offset = placed.offset + toff;
                 Some(TensorView {
                     name: m.local_name(t).unwrap_or(&info.name).to_string(),
                     dtype: info.dtype,
                     shape: info.shape.clone(),
-                    addr: self.inner.arena_base + arena_offset,
-                    arena_offset,
+                    addr: base + toff,
+                    arena_offset: base + toff - self.inner.arena_base,
                     len: info.len,
                 })
             })
             .collect();
-        Ok(Lease {
+        let lease = Lease {
             id,
+            owner,
             model,
             component: comp.name.clone(),
             layer: layer_ref.name.clone(),
@@ -726,55 +907,89 @@ impl Engine {
             runtime: Arc::clone(&ms.runtime),
             engine: Arc::downgrade(&self.inner),
             released: false,
-        })
+        };
+        scope.leases[idx] += 1;
+        st.leases.insert(id, LeaseRecord { model, scope: si, index: idx, owner });
+        Ok(lease)
     }
 
     /// Releases a lease; `done` says when the client's own use of the memory ends.
     pub fn release(&self, mut lease: Lease, done: ClientDone) -> Result<(), EngineError> {
+        if !Weak::ptr_eq(&lease.engine, &Arc::downgrade(&self.inner)) {
+            return Err(EngineError::UnknownLease { lease: lease.id });
+        }
         lease.released = true;
-        self.release_id(lease.model, lease.id, done)
+        self.release_as(lease.owner, lease.model, lease.id, done)
     }
 
-    /// Releases a lease by id (for the C ABI and the daemon, where leases cross a boundary).
-    /// Fails if `lease` is not held, or is held on another model.
+    /// Releases an in-process lease by id (for the C ABI, where leases cross a boundary).
     pub fn release_id(
         &self,
         model: ModelId,
         lease: LeaseId,
         done: ClientDone,
     ) -> Result<(), EngineError> {
-        let mut st = self.lock();
+        self.release_as(0, model, lease, done)
+    }
+
+    /// Releases `owner`'s lease `lease` on `model`. Fails, keeping the lease, if it is not
+    /// held, belongs to another model or owner, or if the device refuses to wait for `done`
+    /// (then the memory cannot be known to be free: release again once the client has
+    /// synchronised, with [`ClientDone::Now`]).
+    pub fn release_as(
+        &self,
+        owner: Owner,
+        model: ModelId,
+        lease: LeaseId,
+        done: ClientDone,
+    ) -> Result<(), EngineError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let rec = st.leases.get(&lease).ok_or(EngineError::UnknownLease { lease })?;
         if rec.model != model {
             return Err(EngineError::LeaseOfOtherModel { lease, owner: rec.model, model });
         }
-        let Some(rec) = st.leases.remove(&lease) else {
+        if rec.owner != owner {
             return Err(EngineError::UnknownLease { lease });
-        };
+        }
         // Later copies may overwrite this memory: on CUDA the copy stream now waits, on the
         // device, for the client's kernels.
-        let waited = self.inner.device.wait_client(&done);
-        self.after_release(&mut st, &rec)?;
-        drop(st);
+        self.inner.device.wait_client(&done)?;
+        if let Some(rec) = st.leases.remove(&lease) {
+            self.after_release(st, &rec);
+        }
+        drop(guard);
         self.inner.changed.notify_all();
-        waited.map_err(EngineError::from)
+        Ok(())
     }
 
-    fn after_release(&self, st: &mut State, rec: &LeaseRecord) -> Result<(), EngineError> {
-        let Some(mut ms) = st.models.remove(&rec.model) else { return Ok(()) };
-        let result = (|| {
-            let Some(s) = ms.scopes.get_mut(rec.scope) else { return Ok(()) };
-            let Some(n) = s.leases.get_mut(rec.index) else { return Ok(()) };
-            *n = n.saturating_sub(1);
-            if *n > 0 {
-                return Ok(());
+    /// Releases every lease `owner` holds (a client that went away); returns how many.
+    pub fn release_owner(&self, owner: Owner) -> usize {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let ids: Vec<LeaseId> =
+            st.leases.iter().filter(|(_, r)| r.owner == owner).map(|(&id, _)| id).collect();
+        for id in &ids {
+            if let Some(rec) = st.leases.remove(id) {
+                self.after_release(st, &rec);
             }
-            s.sweep();
-            let actions = s.ask(|p, v| p.on_release(rec.index, v));
-            self.apply(st, &mut ms, rec.scope, &actions)
-        })();
-        st.models.insert(rec.model, ms);
-        result
+        }
+        drop(guard);
+        self.inner.changed.notify_all();
+        ids.len()
+    }
+
+    fn after_release(&self, st: &mut State, rec: &LeaseRecord) {
+        let Some(ms) = st.models.get_mut(&rec.model) else { return };
+        let Some(s) = ms.scopes.get_mut(rec.scope) else { return };
+        let Some(n) = s.leases.get_mut(rec.index) else { return };
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return;
+        }
+        s.sweep();
+        let actions = s.ask(|p, v| p.on_release(rec.index, v));
+        self.apply(ms, rec.scope, &actions);
     }
 
     /// Hints that a layer will be acquired soon; the policy may start loading it.
@@ -784,43 +999,46 @@ impl Engine {
         component: &str,
         layer: usize,
     ) -> Result<(), EngineError> {
-        let mut st = self.lock();
-        let (si, idx) = self.locate(&mut st, model, component, layer)?;
-        let st = &mut *st;
-        let Some(mut ms) = st.models.remove(&model) else {
-            return Err(EngineError::UnknownModel(model));
-        };
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let (si, idx) = self.locate(st, model, component, layer)?;
+        let ms = st.models.get_mut(&model).ok_or(EngineError::UnknownModel(model))?;
         let s = &mut ms.scopes[si];
         s.sweep();
         let actions = s.ask(|p, v| p.on_prefetch(idx, v));
-        let result = self.apply(st, &mut ms, si, &actions);
-        st.models.insert(model, ms);
-        result
+        self.apply(ms, si, &actions);
+        Ok(())
     }
 
-    /// Keeps a layer on the device until [`Engine::unpin`] (a lease without a client).
+    /// Keeps a layer on the device until [`Engine::unpin`] (a lease the engine holds).
     pub fn pin(&self, model: ModelId, component: &str, layer: usize) -> Result<(), EngineError> {
+        let ci = self.component_of(model, component)?;
         let mut lease = self.acquire(model, component, layer)?;
         lease.released = true; // the engine holds it now
-        let ci = self.model(model)?.components().iter().position(|c| c.name == component);
-        let mut st = self.lock();
-        st.pins.entry((model, ci.unwrap_or(usize::MAX), layer)).or_default().push(lease.id);
+        self.lock().pins.entry((model, ci, layer)).or_default().push(lease.id);
         Ok(())
     }
 
     /// Undoes one [`Engine::pin`] of a layer.
     pub fn unpin(&self, model: ModelId, component: &str, layer: usize) -> Result<(), EngineError> {
-        let ci = self.model(model)?.components().iter().position(|c| c.name == component);
-        let key = (model, ci.unwrap_or(usize::MAX), layer);
+        let ci = self.component_of(model, component)?;
         let id = {
             let mut st = self.lock();
-            st.pins.get_mut(&key).and_then(Vec::pop).ok_or_else(|| EngineError::UnknownLayer {
+            let id = st.pins.get_mut(&(model, ci, layer)).and_then(Vec::pop);
+            st.pins.retain(|_, v| !v.is_empty());
+            id.ok_or_else(|| EngineError::UnknownLayer {
                 model,
                 component: component.to_string(),
                 layer: format!("{layer} (not pinned)"),
             })?
         };
         self.release_id(model, id, ClientDone::Now)
+    }
+
+    fn component_of(&self, model: ModelId, component: &str) -> Result<usize, EngineError> {
+        let st = self.lock();
+        let ms = st.models.get(&model).ok_or(EngineError::UnknownModel(model))?;
+        component_index(ms, model, component)
     }
 
     /// Counters and memory figures.
@@ -835,30 +1053,39 @@ impl Engine {
             evictions: c.evictions.load(Ordering::Relaxed),
             bytes_streamed: c.bytes_streamed.load(Ordering::Relaxed),
             stall_ns: c.stall_ns.load(Ordering::Relaxed),
-            device_bytes: st.alloc.used(),
-            peak_device_bytes: st.alloc.peak(),
+            device_bytes: c.device_in_use.load(Ordering::Relaxed),
+            peak_device_bytes: c.device_peak.load(Ordering::Relaxed),
             budget: st.alloc.capacity(),
         }
     }
 
-    /// The layers of a scope that its policy keeps resident for good (tests, stats).
+    /// The layers on the device now (loading or loaded), as (component, layer).
     pub fn resident_layers(&self, model: ModelId) -> Result<Vec<(String, String)>, EngineError> {
         let st = self.lock();
         let ms = st.models.get(&model).ok_or(EngineError::UnknownModel(model))?;
-        let m = ms.runtime.model();
-        let mut out = Vec::new();
-        for s in &ms.scopes {
-            for (i, r) in s.residency.iter().enumerate() {
-                if *r != Residency::Absent {
-                    let (c, l) = s.members[i];
-                    out.push((
-                        m.components()[c].name.clone(),
-                        m.components()[c].layers[l].name.clone(),
-                    ));
-                }
-            }
-        }
-        Ok(out)
+        Ok(names(
+            ms,
+            ms.scopes.iter().flat_map(|s| {
+                s.residency
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| **r != Residency::Absent)
+                    .map(|(i, _)| s.members[i])
+            }),
+        ))
+    }
+
+    /// The layers the policies keep resident for good (balanced's resident set, everything under
+    /// `none`), as (component, layer).
+    pub fn kept_layers(&self, model: ModelId) -> Result<Vec<(String, String)>, EngineError> {
+        let st = self.lock();
+        let ms = st.models.get(&model).ok_or(EngineError::UnknownModel(model))?;
+        Ok(names(
+            ms,
+            ms.scopes.iter().flat_map(|s| {
+                s.policy.pinned_set().into_iter().filter_map(|i| s.members.get(i).copied())
+            }),
+        ))
     }
 
     /// Copies a leased tensor's device bytes back (tests and verification). Waits for the
@@ -874,32 +1101,22 @@ impl Engine {
         Ok(out)
     }
 
-    /// Carries out a policy's actions on scope `si` of `ms` (which is out of `st.models`).
-    fn apply(
-        &self,
-        st: &mut State,
-        ms: &mut ModelState,
-        si: usize,
-        actions: &[Action],
-    ) -> Result<(), EngineError> {
+    /// Carries out a policy's actions on scope `si`. Loads that cannot get memory (leased
+    /// layers in the way) are skipped: for the acquired layer the caller waits for a release;
+    /// for a prefetch, nothing is lost. An eviction the contract forbids (a leased layer) stops
+    /// the list, since the loads after it counted on the room.
+    fn apply(&self, ms: &mut ModelState, si: usize, actions: &[Action]) {
         let counters = &self.inner.counters;
+        let runtime = &ms.runtime;
+        let Some(scope) = ms.scopes.get_mut(si) else { return };
         for &action in actions {
-            let scope = &mut ms.scopes[si];
             match action {
                 Action::Evict(i) => {
                     if scope.leases.get(i).is_some_and(|&n| n > 0) {
-                        tracing::error!(scope = %scope.name, layer = i, "policy tried to evict a leased layer; ignored");
-                        continue;
+                        tracing::error!(scope = %scope.name, layer = i, "policy tried to evict a leased layer; its actions are dropped");
+                        return;
                     }
-                    if let Some(p) = scope.placed.get_mut(i).and_then(Option::take) {
-                        st.pending.push(Pending {
-                            offset: p.offset,
-                            bytes: p.bytes,
-                            ready: p.ready,
-                        });
-                        scope.residency[i] = Residency::Absent;
-                        bump(&counters.evictions, 1);
-                    }
+                    scope.evict(i, counters);
                 }
                 Action::Load(i) => {
                     if scope.placed.get(i).is_none_or(Option::is_some) {
@@ -907,9 +1124,10 @@ impl Engine {
                     }
                     let (ci, li) = scope.members[i];
                     let bytes = scope.meta[i].bytes;
-                    let offset = allocate(st, bytes)?;
-                    let model = ms.runtime.model();
+                    let Some(offset) = scope.place(bytes, counters) else { continue };
+                    let model = runtime.model();
                     let layer = &model.components()[ci].layers[li];
+                    let dst = self.inner.arena_base + scope.region + offset;
                     let mut pieces = Vec::with_capacity(layer.tensors.len());
                     let mut tensor_offsets = Vec::with_capacity(layer.tensors.len());
                     let mut cursor = 0u64;
@@ -921,7 +1139,7 @@ impl Engine {
                                 file: info.file,
                                 offset: info.offset,
                                 len: info.len,
-                                dst: self.inner.arena_base + offset + cursor,
+                                dst: dst + cursor,
                             });
                             advise_willneed(model, info.file, info.offset, info.len);
                         }
@@ -930,20 +1148,36 @@ impl Engine {
                     let ready = ReadySignal::new();
                     if let Some(p) = &self.inner.pipeline {
                         p.submit(Job {
-                            runtime: Arc::clone(&ms.runtime),
+                            runtime: Arc::clone(runtime),
                             pieces,
                             ready: Arc::clone(&ready),
                         });
                     }
-                    scope.placed[i] = Some(Placed { offset, bytes, tensor_offsets, ready });
+                    scope.placed[i] = Some(Placed {
+                        offset,
+                        bytes,
+                        tensor_offsets,
+                        ready,
+                        runtime: Arc::clone(runtime),
+                    });
                     scope.residency[i] = Residency::Loading;
                     bump(&counters.loads, 1);
                     bump(&counters.bytes_streamed, layer.bytes);
                 }
             }
         }
-        Ok(())
     }
+}
+
+/// (component, layer) names of scope members.
+fn names(ms: &ModelState, members: impl Iterator<Item = (usize, usize)>) -> Vec<(String, String)> {
+    let m = ms.runtime.model();
+    members
+        .filter_map(|(c, l)| {
+            let comp = m.components().get(c)?;
+            Some((comp.name.clone(), comp.layers.get(l)?.name.clone()))
+        })
+        .collect()
 }
 
 /// Bytes a layer takes on the device: its tensors, each aligned.
@@ -964,60 +1198,50 @@ fn component_index(ms: &ModelState, model: ModelId, name: &str) -> Result<usize,
         .ok_or_else(|| EngineError::UnknownComponent { model, component: name.to_string() })
 }
 
-/// Removes every layer of a model's scopes from the device and returns their quotas.
+/// Takes every scope of a model off the device: each region becomes pending, with every copy
+/// that may still write into it, until those copies are done.
 fn teardown(st: &mut State, ms: &mut ModelState, counters: &Counters) {
-    for s in ms.scopes.drain(..) {
-        st.reserved = st.reserved.saturating_sub(s.quota);
-        for p in s.placed.into_iter().flatten() {
-            st.pending.push(Pending { offset: p.offset, bytes: p.bytes, ready: p.ready });
+    for mut s in ms.scopes.drain(..) {
+        let mut ready = Vec::new();
+        let mut counted = 0u64;
+        for p in s.placed.drain(..).flatten() {
+            counted += align_up(p.bytes).unwrap_or(p.bytes);
+            ready.push(p.ready);
             bump(&counters.evictions, 1);
         }
+        for p in s.pending.drain(..) {
+            counted += p.counted;
+            ready.extend(p.ready);
+        }
+        st.pending.push(Pending {
+            offset: s.region,
+            bytes: s.quota,
+            ready,
+            counted,
+            _runtime: Arc::clone(&ms.runtime),
+        });
     }
     for l in &mut ms.locate {
         l.iter_mut().for_each(|x| *x = None);
     }
 }
 
-/// Returns to the allocator the memory of evicted layers whose copies have finished.
-fn reclaim(st: &mut State) {
-    let mut i = 0;
-    while i < st.pending.len() {
-        let reusable = match st.pending[i].ready.settled_event() {
-            None => false,
-            Some(None) => true,
-            Some(Some(e)) => e.is_done().unwrap_or(true),
-        };
-        if reusable {
-            let p = st.pending.swap_remove(i);
-            st.alloc.free(p.offset, p.bytes);
-        } else {
-            i += 1;
-        }
-    }
-}
-
-/// Allocates `bytes` in the arena, waiting for the copies into evicted memory to finish if
-/// that is what stands in the way.
-fn allocate(st: &mut State, bytes: u64) -> Result<u64, EngineError> {
+/// Carves a region of `bytes` out of the arena, waiting for copies into torn-down regions to
+/// finish when that is what stands in the way.
+fn claim_region(st: &mut State, bytes: u64, counters: &Counters) -> Result<u64, EngineError> {
     loop {
-        reclaim(st);
+        reclaim(&mut st.alloc, &mut st.pending, false, counters);
         if let Some(off) = st.alloc.alloc(bytes) {
             return Ok(off);
         }
-        let Some(p) = st.pending.first() else {
+        if st.pending.is_empty() {
             return Err(EngineError::OutOfDeviceMemory {
                 bytes,
                 free: st.alloc.capacity() - st.alloc.used(),
                 largest: st.alloc.largest_free(),
             });
-        };
-        // The copy into this evicted memory is still running: wait for it (on the device, not
-        // for any client), then try again.
-        if let Ok(e) = p.ready.recorded() {
-            let _ = e.wait();
         }
-        let p = st.pending.swap_remove(0);
-        st.alloc.free(p.offset, p.bytes);
+        reclaim(&mut st.alloc, &mut st.pending, true, counters);
     }
 }
 
@@ -1025,7 +1249,7 @@ fn allocate(st: &mut State, bytes: u64) -> Result<u64, EngineError> {
 fn advise_willneed(model: &Model, file: usize, offset: u64, len: u64) {
     let Some(f) = model.files().get(file) else { return };
     let Some(bytes) = f.range(offset, len) else { return };
-    // SAFETY: page size is a positive constant of the running system.
+    // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
     let start = bytes.as_ptr() as usize;
     let aligned = start & !(page - 1);

@@ -45,7 +45,8 @@ pub(crate) struct Job {
 enum ReadyState {
     Pending,
     Recorded(Event),
-    Failed(EngineError),
+    /// The job failed; copies it queued before failing complete with the event, if any.
+    Failed(EngineError, Option<Event>),
 }
 
 /// Published by the I/O thread once a layer's copies are enqueued: the event to wait on, or why
@@ -75,7 +76,7 @@ impl ReadySignal {
                     s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
                 }
                 ReadyState::Recorded(e) => return Ok(e.clone()),
-                ReadyState::Failed(e) => return Err(e.duplicate()),
+                ReadyState::Failed(e, _) => return Err(e.duplicate()),
             }
         }
     }
@@ -86,18 +87,34 @@ impl ReadySignal {
         match &*s {
             ReadyState::Pending => Ok(false),
             ReadyState::Recorded(e) => Ok(e.is_done()?),
-            ReadyState::Failed(e) => Err(e.duplicate()),
+            ReadyState::Failed(e, _) => Err(e.duplicate()),
         }
     }
 
-    /// Whether the job has finished, one way or the other (its memory may then be reused once
-    /// the event completes).
+    /// Once the job has finished, one way or the other: the event after the last copy it
+    /// queued (`None` if it queued none). Its memory may be reused once that event completes.
     pub fn settled_event(&self) -> Option<Option<Event>> {
         let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         match &*s {
             ReadyState::Pending => None,
             ReadyState::Recorded(e) => Some(Some(e.clone())),
-            ReadyState::Failed(_) => Some(None),
+            ReadyState::Failed(_, e) => Some(e.clone()),
+        }
+    }
+
+    /// Blocks until every copy the job queued has completed (whether or not it failed).
+    pub fn wait_settled(&self) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while matches!(*s, ReadyState::Pending) {
+            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+        let event = match &*s {
+            ReadyState::Recorded(e) | ReadyState::Failed(_, Some(e)) => Some(e.clone()),
+            _ => None,
+        };
+        drop(s);
+        if let Some(e) = event {
+            let _ = e.wait();
         }
     }
 }
@@ -114,8 +131,10 @@ struct Slot {
 pub(crate) struct Pipeline {
     jobs: Option<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
+#[derive(Debug)]
 struct Shared {
     device: Arc<Device>,
     slots: Vec<Mutex<Slot>>,
@@ -153,17 +172,19 @@ impl Pipeline {
                 .name(format!("ferry-io-{i}"))
                 .spawn(move || {
                     while let Ok(job) = rx.recv() {
-                        let result = run(&shared, &job);
-                        job.ready.set(match result {
+                        let state = match run(&shared, &job) {
                             Ok(e) => ReadyState::Recorded(e),
-                            Err(e) => ReadyState::Failed(e),
-                        });
+                            // Copies queued before the failure still land: their memory is
+                            // reusable only after this event.
+                            Err(e) => ReadyState::Failed(e, shared.device.record().ok()),
+                        };
+                        job.ready.set(state);
                     }
                 })
                 .map_err(|e| EngineError::Device(DeviceError::os("starting an I/O thread", e)))?;
             threads.push(t);
         }
-        Ok(Pipeline { jobs: Some(tx), threads })
+        Ok(Pipeline { jobs: Some(tx), threads, shared })
     }
 
     /// Queues a job; its signal reports the outcome.
@@ -172,10 +193,10 @@ impl Pipeline {
         match &self.jobs {
             Some(tx) => {
                 if tx.send(job).is_err() {
-                    ready.set(ReadyState::Failed(EngineError::ShuttingDown));
+                    ready.set(ReadyState::Failed(EngineError::ShuttingDown, None));
                 }
             }
-            None => ready.set(ReadyState::Failed(EngineError::ShuttingDown)),
+            None => ready.set(ReadyState::Failed(EngineError::ShuttingDown, None)),
         }
     }
 }
@@ -185,6 +206,11 @@ impl Drop for Pipeline {
         self.jobs = None;
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        // Every copy is queued now; the staging ring may be freed (with `shared`) only once the
+        // device has finished reading it.
+        if let Ok(e) = self.shared.device.record() {
+            let _ = e.wait();
         }
     }
 }
@@ -247,7 +273,9 @@ fn copy_pieces<'a>(
             };
             let n = (src.len() - done).min(shared.slot_bytes - f.used);
             let at = f.used;
-            f.slot.buf.as_mut_slice()[at..at + n].copy_from_slice(&src[done..done + n]);
+            if !f.slot.buf.write_at(at, &src[done..done + n]) {
+                return Err(DeviceError::Stopped("staging slot overflow".into()).into());
+            }
             // SAFETY: the staging bytes just written stay untouched until the slot's event,
             // recorded in `finish_slot` after this copy, completes (the next user waits for it);
             // `dst + done` lies in this layer's reserved arena range.
@@ -273,24 +301,27 @@ fn take_slot(shared: &Shared) -> Result<Filling<'_>, EngineError> {
     let slot = shared.slots[index].lock().unwrap_or_else(PoisonError::into_inner);
     // The previous copies out of this slot must be done before it is overwritten. This waits
     // on the I/O thread, never on a client's path.
-    if let Some(last) = &slot.last {
-        last.wait()?;
+    if let Some(last) = &slot.last
+        && let Err(e) = last.wait()
+    {
+        drop(slot);
+        let _ = shared.free_tx.send(index);
+        return Err(e.into());
     }
     Ok(Filling { index, slot, used: 0 })
 }
 
 fn finish_slot(shared: &Shared, mut f: Filling<'_>) -> Result<(), EngineError> {
-    let event = if f.used > 0 { Some(shared.device.record()) } else { None };
     let index = f.index;
-    let result = match event {
-        Some(Ok(e)) => {
-            f.slot.last = Some(e);
-            Ok(())
+    if f.used > 0 {
+        match shared.device.record() {
+            Ok(e) => f.slot.last = Some(e),
+            // Without an event nobody could tell when the slot's copies are done: it stays
+            // out of the ring (the device is failing anyway).
+            Err(e) => return Err(EngineError::Device(e)),
         }
-        Some(Err(e)) => Err(EngineError::Device(e)),
-        None => Ok(()),
-    };
+    }
     drop(f);
     let _ = shared.free_tx.send(index);
-    result
+    Ok(())
 }

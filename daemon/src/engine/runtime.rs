@@ -1,6 +1,7 @@
 //! What the engine keeps per open model besides residency: the model itself, its device
-//! registrations and SIGBUS guards, and whether it has failed. Copy jobs hold it by `Arc`, so
-//! mappings and registrations outlive every copy that reads them.
+//! registrations and SIGBUS guards, and whether it has failed. Every placed layer and every
+//! pending (evicted, copy maybe in flight) layer holds it by `Arc` until its copy is known to be
+//! complete, so mappings and registrations outlive every copy that reads them.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -9,15 +10,17 @@ use super::sigbus;
 use crate::device::{Device, Registration};
 use crate::store::Model;
 
+/// Fields drop in order: registrations (CUDA syncs, then unregisters) and guards go before the
+/// model, whose drop unmaps the files.
 #[derive(Debug)]
 pub(crate) struct ModelRuntime {
     id: u64,
-    model: Arc<Model>,
     /// Per file: the device's registration of its mapping, when the device reads it in place.
     registrations: Vec<Option<Registration>>,
     /// Per file: the SIGBUS guard over its mapping.
     guards: Vec<Option<sigbus::Guard>>,
     failed: Mutex<Option<String>>,
+    model: Arc<Model>,
 }
 
 impl ModelRuntime {
@@ -51,7 +54,7 @@ impl ModelRuntime {
             };
             guards.push(guard);
         }
-        ModelRuntime { id, model, registrations, guards, failed: Mutex::new(None) }
+        ModelRuntime { id, registrations, guards, failed: Mutex::new(None), model }
     }
 
     pub fn model(&self) -> &Arc<Model> {
