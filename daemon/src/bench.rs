@@ -70,6 +70,9 @@ pub fn write_model(dir: &Path, layers: usize, layer_bytes: usize) -> Result<Path
         return Ok(path);
     }
     let io = |e: std::io::Error| EngineError::Config(format!("writing the bench model: {e}"));
+    let total = layers
+        .checked_mul(layer_bytes)
+        .ok_or_else(|| EngineError::Config("the bench model's size overflows".into()))?;
     let mut header = String::from("{");
     for l in 0..layers {
         let (b, e) = (l * layer_bytes, (l + 1) * layer_bytes);
@@ -92,7 +95,7 @@ pub fn write_model(dir: &Path, layers: usize, layer_bytes: usize) -> Result<Path
         f.write_all(header.as_bytes()).map_err(io)?;
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut chunk = vec![0u8; 1 << 20];
-        let mut left = layers * layer_bytes;
+        let mut left = total;
         while left > 0 {
             for b in chunk.chunks_exact_mut(8) {
                 x ^= x << 13;
@@ -201,8 +204,10 @@ fn ratio(
 
 /// Runs the three benchmarks.
 pub fn run(cfg: &BenchConfig) -> Result<Report, EngineError> {
+    let model_bytes = (cfg.layers as u64)
+        .checked_mul(cfg.layer_bytes as u64)
+        .ok_or_else(|| EngineError::Config("the bench model's size overflows".into()))?;
     let path = write_model(&cfg.dir, cfg.layers, cfg.layer_bytes)?;
-    let model_bytes = (cfg.layers * cfg.layer_bytes) as u64;
     let layer_dev = crate::engine::alloc::align_up(cfg.layer_bytes as u64).unwrap_or(u64::MAX);
 
     // (a) throughput: sequential, lookahead 2, no compute; through the staging ring too.

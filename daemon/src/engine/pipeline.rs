@@ -172,13 +172,7 @@ impl Pipeline {
                 .name(format!("ferry-io-{i}"))
                 .spawn(move || {
                     while let Ok(job) = rx.recv() {
-                        let state = match run(&shared, &job) {
-                            Ok(e) => ReadyState::Recorded(e),
-                            // Copies queued before the failure still land: their memory is
-                            // reusable only after this event.
-                            Err(e) => ReadyState::Failed(e, shared.device.record().ok()),
-                        };
-                        job.ready.set(state);
+                        job.ready.set(outcome(&shared, &job));
                     }
                 })
                 .map_err(|e| EngineError::Device(DeviceError::os("starting an I/O thread", e)))?;
@@ -187,8 +181,14 @@ impl Pipeline {
         Ok(Pipeline { jobs: Some(tx), threads, shared })
     }
 
-    /// Queues a job; its signal reports the outcome.
+    /// Queues a job; its signal reports the outcome. A job whose every piece the device reads
+    /// in place has nothing to stage: its copies are queued on the device from the calling
+    /// thread, sparing the wake-up of an I/O thread (it only checks file lengths and enqueues).
     pub fn submit(&self, job: Job) {
+        if job.pieces.iter().all(|p| job.runtime.mapped_reads(p.file)) {
+            job.ready.set(outcome(&self.shared, &job));
+            return;
+        }
         let ready = Arc::clone(&job.ready);
         match &self.jobs {
             Some(tx) => {
@@ -212,6 +212,16 @@ impl Drop for Pipeline {
         if let Ok(e) = self.shared.device.record() {
             let _ = e.wait();
         }
+    }
+}
+
+/// Runs a job and says how it ended.
+fn outcome(shared: &Shared, job: &Job) -> ReadyState {
+    match run(shared, job) {
+        Ok(e) => ReadyState::Recorded(e),
+        // Copies queued before the failure still land: their memory is reusable only after
+        // this event.
+        Err(e) => ReadyState::Failed(e, shared.device.record().ok()),
     }
 }
 
