@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::Dtype;
-use ferry::device::{ClientDone, DeviceChoice, DeviceConfig};
+use ferry::device::{ClientDone, DeviceChoice};
 use ferry::engine::policy::{PolicyError, PolicySpec, Threshold};
 use ferry::engine::{Engine, EngineConfig, EngineError, ModelId};
 use ferry_tests::{Tensor, write_file};
@@ -14,21 +14,7 @@ const KIB: u64 = 1024;
 
 /// An engine on the host backend with a `budget`-byte arena and a small staging ring.
 fn engine(budget: u64, mapped_reads: bool) -> Engine {
-    Engine::new(EngineConfig {
-        device: DeviceChoice::Host,
-        device_config: DeviceConfig {
-            host_memory: budget * 2,
-            mapped_reads,
-            ..DeviceConfig::default()
-        },
-        budget: Some(budget),
-        staging_slots: 3,
-        staging_slot_bytes: 8 * KIB as usize,
-        io_threads: 2,
-        acquire_timeout: Duration::from_secs(5),
-        ..EngineConfig::default()
-    })
-    .expect("host engine")
+    ferry_tests::host_engine(budget, mapped_reads, Duration::from_secs(5), 8 * KIB as usize)
 }
 
 /// A model of `layers` blocks, each one tensor of `layer_bytes` (plus a small bias), in one file.

@@ -24,24 +24,10 @@ fn status_kib(field: &str) -> u64 {
 
 /// A 4 GiB safetensors file whose data is a hole: written in microseconds, read as zeros.
 fn sparse_model(path: &std::path::Path) {
-    let mut header = String::from("{");
-    for l in 0..LAYERS {
-        let (b, e) = (l * LAYER_BYTES, (l + 1) * LAYER_BYTES);
-        if l > 0 {
-            header.push(',');
-        }
-        header.push_str(&format!(
-            r#""layers.{l}.weight":{{"dtype":"U8","shape":[{LAYER_BYTES}],"data_offsets":[{b},{e}]}}"#
-        ));
-    }
-    header.push('}');
-    while (8 + header.len()) % 8 != 0 {
-        header.push(' ');
-    }
+    let header = ferry::bench::uniform_header(LAYERS as usize, LAYER_BYTES as usize);
     let mut f = std::fs::File::create(path).expect("create");
-    f.write_all(&(header.len() as u64).to_le_bytes()).expect("write");
-    f.write_all(header.as_bytes()).expect("write");
-    f.set_len(8 + header.len() as u64 + LAYERS * LAYER_BYTES).expect("extend");
+    f.write_all(&header).expect("write");
+    f.set_len(header.len() as u64 + LAYERS * LAYER_BYTES).expect("extend");
 }
 
 #[test]

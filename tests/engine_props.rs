@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ferry::device::{ClientDone, DeviceChoice, DeviceConfig};
+use ferry::device::ClientDone;
 use ferry::engine::alloc::{ALIGN, align_up};
 use ferry::engine::policy::{PolicyError, PolicySpec, Threshold};
-use ferry::engine::{Engine, EngineConfig, EngineError, Lease, ModelId};
+use ferry::engine::{Engine, EngineError, Lease, ModelId};
 use ferry::{Dtype, Model};
 use ferry_tests::{Tensor, write_file};
 use proptest::prelude::*;
@@ -34,21 +34,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 /// An engine on the host backend with a `budget`-byte arena and a small staging ring (smaller
 /// than the larger tensors, so copies go through several slots).
 fn engine(budget: u64, acquire_timeout: Duration, mapped_reads: bool) -> Engine {
-    Engine::new(EngineConfig {
-        device: DeviceChoice::Host,
-        device_config: DeviceConfig {
-            host_memory: budget * 2,
-            mapped_reads,
-            ..DeviceConfig::default()
-        },
-        budget: Some(budget),
-        staging_slots: 3,
-        staging_slot_bytes: 4096,
-        io_threads: 2,
-        acquire_timeout,
-        ..EngineConfig::default()
-    })
-    .expect("host engine")
+    ferry_tests::host_engine(budget, mapped_reads, acquire_timeout, 4096)
 }
 
 /// Reads every tensor of a leased layer back and compares it with the file's bytes.

@@ -63,6 +63,29 @@ pub struct Report {
     pub balanced_resident_bytes: u64,
 }
 
+/// The header of a model of `layers` U8 tensors `blocks.N.weight` of `layer_bytes` each, laid
+/// end to end: the 8-byte length and the JSON, padded so that the data starts 8-aligned. The
+/// data (`layers × layer_bytes` bytes) follows.
+pub fn uniform_header(layers: usize, layer_bytes: usize) -> Vec<u8> {
+    let mut json = String::from("{");
+    for l in 0..layers {
+        let (b, e) = (l * layer_bytes, (l + 1) * layer_bytes);
+        if l > 0 {
+            json.push(',');
+        }
+        json.push_str(&format!(
+            r#""blocks.{l}.weight":{{"dtype":"U8","shape":[{layer_bytes}],"data_offsets":[{b},{e}]}}"#
+        ));
+    }
+    json.push('}');
+    while json.len() % 8 != 0 {
+        json.push(' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(json.as_bytes());
+    out
+}
+
 /// Writes the synthetic model (`layers` layers of one U8 tensor each, pseudo-random bytes).
 pub fn write_model(dir: &Path, layers: usize, layer_bytes: usize) -> Result<PathBuf, EngineError> {
     let path = dir.join(format!("ferry-bench-{layers}x{layer_bytes}.safetensors"));
@@ -73,26 +96,11 @@ pub fn write_model(dir: &Path, layers: usize, layer_bytes: usize) -> Result<Path
     let total = layers
         .checked_mul(layer_bytes)
         .ok_or_else(|| EngineError::Config("the bench model's size overflows".into()))?;
-    let mut header = String::from("{");
-    for l in 0..layers {
-        let (b, e) = (l * layer_bytes, (l + 1) * layer_bytes);
-        if l > 0 {
-            header.push(',');
-        }
-        header.push_str(&format!(
-            r#""blocks.{l}.weight":{{"dtype":"U8","shape":[{layer_bytes}],"data_offsets":[{b},{e}]}}"#
-        ));
-    }
-    header.push('}');
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
     let tmp = path.with_extension("tmp");
     {
         use std::io::Write;
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-        f.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-        f.write_all(header.as_bytes()).map_err(io)?;
+        f.write_all(&uniform_header(layers, layer_bytes)).map_err(io)?;
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut chunk = vec![0u8; 1 << 20];
         let mut left = total;

@@ -204,3 +204,29 @@ pub fn cargo_bin(name: &str) -> PathBuf {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// An engine on the host backend with a `budget`-byte arena, a 3-slot staging ring of
+/// `slot_bytes` slots (small, so copies go through several slots) and two I/O threads.
+pub fn host_engine(
+    budget: u64,
+    mapped_reads: bool,
+    acquire_timeout: std::time::Duration,
+    slot_bytes: usize,
+) -> ferry::engine::Engine {
+    use ferry::device::{DeviceChoice, DeviceConfig};
+    ferry::engine::Engine::new(ferry::engine::EngineConfig {
+        device: DeviceChoice::Host,
+        device_config: DeviceConfig {
+            host_memory: budget * 2,
+            mapped_reads,
+            ..DeviceConfig::default()
+        },
+        budget: Some(budget),
+        staging_slots: 3,
+        staging_slot_bytes: slot_bytes,
+        io_threads: 2,
+        acquire_timeout,
+        ..ferry::engine::EngineConfig::default()
+    })
+    .expect("host engine")
+}
