@@ -8,6 +8,7 @@ pub mod bench;
 pub mod device;
 pub mod engine;
 pub mod inspect;
+pub mod lora;
 pub mod store;
 pub mod sysmem;
 pub mod units;
