@@ -92,7 +92,9 @@ pub enum LoraError {
     BadAlpha { path: PathBuf, adapter: String, reason: String },
     #[error("adapter {adapter:?}: up {up:?} and down {down:?} do not share a rank")]
     RankMismatch { adapter: String, up: Vec<u64>, down: Vec<u64> },
-    #[error("adapter {adapter:?} makes a delta of shape {delta:?} but its target {target:?} is {weight:?}")]
+    #[error(
+        "adapter {adapter:?} makes a delta of shape {delta:?} but its target {target:?} is {weight:?}"
+    )]
     ShapeMismatch { adapter: String, target: String, delta: Vec<u64>, weight: Vec<u64> },
     #[error("tensor {tensor:?}: LoRA cannot be applied to {dtype} weights")]
     UnsupportedDtype { tensor: String, dtype: String },
