@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use crate::store::{Model, StoreError, TensorId};
 
+pub mod export;
 pub mod format;
 pub mod keys;
 pub mod math;
