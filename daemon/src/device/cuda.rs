@@ -585,6 +585,25 @@ impl BackendOps for CudaDevice {
         drop(arenas);
         r.result().map_err(cuda_err("cuMemcpyDtoH"))
     }
+
+    fn write_sync(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError> {
+        let len = src.len() as u64;
+        // Everything queued before (the layer's own copy in particular) lands first.
+        self.shared.sync_stream()?;
+        let arenas = self.shared.arenas.lock().unwrap_or_else(PoisonError::into_inner);
+        if !ranges_contain(&arenas, dst, len) {
+            return Err(DeviceError::OutOfRange { addr: dst, len });
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        let _bound = bind(&self.shared.ctx)?;
+        // SAFETY: `dst..dst+len` lies in a live arena (checked above, kept alive by the lock);
+        // `src` is a Rust slice of exactly `len` readable bytes; the copy is synchronous.
+        let r = unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) };
+        drop(arenas);
+        r.result().map_err(cuda_err("cuMemcpyHtoD"))
+    }
 }
 
 impl CudaDevice {

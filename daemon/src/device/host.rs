@@ -299,6 +299,24 @@ impl BackendOps for HostDevice {
         }
     }
 
+    fn write_sync(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError> {
+        // Like a synchronous CUDA copy: everything queued before it lands first.
+        self.record()?.wait()?;
+        let len = src.len() as u64;
+        let live = self.arenas.lock().unwrap_or_else(PoisonError::into_inner);
+        let inside =
+            live.iter().any(|&(base, alen)| dst >= base && dst.saturating_add(len) <= base + alen);
+        if !inside {
+            return Err(DeviceError::OutOfRange { addr: dst, len });
+        }
+        // SAFETY: the range lies inside a live arena mapping (checked above; the arena cannot
+        // be dropped while `live` is locked) and does not overlap `src`, ordinary memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst as usize as *mut u8, src.len());
+        }
+        Ok(())
+    }
+
     fn read_back(&self, src: u64, dst: &mut [u8]) -> Result<(), DeviceError> {
         // Like a synchronous CUDA copy: everything queued before it lands first.
         self.record()?.wait()?;

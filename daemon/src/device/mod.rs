@@ -302,6 +302,10 @@ pub(crate) trait BackendOps: Send + Sync + fmt::Debug {
 
     /// Copies device bytes back to the host, synchronously (tests, verification, export).
     fn read_back(&self, src: u64, dst: &mut [u8]) -> Result<(), DeviceError>;
+
+    /// Writes host bytes to device memory, synchronously, after everything queued so far
+    /// (LoRA backup mode overwrites a layer's adapted tensors once its copy has landed).
+    fn write_sync(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError>;
 }
 
 /// A mapping registered with the device; unregistered on drop.
@@ -398,6 +402,10 @@ impl Device {
 
     pub fn read_back(&self, src: u64, dst: &mut [u8]) -> Result<(), DeviceError> {
         self.ops().read_back(src, dst)
+    }
+
+    pub fn write_sync(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError> {
+        self.ops().write_sync(dst, src)
     }
 }
 

@@ -15,6 +15,8 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Lora(#[from] crate::lora::LoraError),
     #[error("{scope}: {source}")]
     Policy {
         scope: String,

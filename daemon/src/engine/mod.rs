@@ -24,6 +24,7 @@
 
 pub mod alloc;
 pub mod error;
+pub mod lora_view;
 mod pipeline;
 pub mod policy;
 mod runtime;
@@ -39,6 +40,7 @@ use serde::Serialize;
 
 use self::alloc::{Allocator, align_up};
 pub use self::error::EngineError;
+use self::lora_view::{LoraMode, LoraState};
 use self::pipeline::{Job, Piece, Pipeline, ReadySignal};
 use self::policy::{Action, LayerIdx, Policy, PolicySpec, Residency, ScopeLayer, Threshold, View};
 use self::runtime::ModelRuntime;
@@ -67,6 +69,9 @@ pub struct EngineConfig {
     pub acquire_timeout: Duration,
     /// The policy of a model whose client never set one.
     pub default_policy: PolicySpec,
+    /// Host memory for fused LoRA layers (fuse mode). Default: a quarter of the RAM this
+    /// process may use (cgroup limits included).
+    pub fuse_cache_bytes: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +85,7 @@ impl Default for EngineConfig {
             io_threads: 2,
             acquire_timeout: Duration::from_secs(30),
             default_policy: PolicySpec::Balanced { threshold: Threshold::default() },
+            fuse_cache_bytes: None,
         }
     }
 }
@@ -118,6 +124,8 @@ pub struct Stats {
     pub peak_device_bytes: u64,
     /// The arena size: the hard cap.
     pub budget: u64,
+    /// Host memory held by fused LoRA layers (fuse mode).
+    pub lora_cache_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -370,6 +378,8 @@ struct ModelState {
     scopes: Vec<Scope>,
     /// [component][layer] → (scope, index in scope).
     locate: Vec<Vec<Option<(usize, usize)>>>,
+    /// The LoRA stack applied to the model, if any.
+    lora: Option<Arc<LoraState>>,
 }
 
 #[derive(Debug)]
@@ -605,6 +615,7 @@ impl Engine {
             overrides: BTreeMap::new(),
             scopes: Vec::new(),
             locate,
+            lora: None,
         };
         self.lock().models.insert(id, state);
         Ok(id)
@@ -992,6 +1003,73 @@ impl Engine {
         self.apply(ms, rec.scope, &actions);
     }
 
+    /// Applies a LoRA stack (`(file, strength)`, in order) to a model, replacing any stack it
+    /// had; an empty stack removes it. Only layers the old or new stack touches leave the
+    /// device (to come back with the new bytes on their next load); the rest stay. Fails,
+    /// changing nothing, while a touched layer is leased. Returns what matching found
+    /// (unmatched adapters are reported, never dropped silently).
+    pub fn set_loras(
+        &self,
+        model: ModelId,
+        stack: &[(std::path::PathBuf, f32)],
+        mode: LoraMode,
+    ) -> Result<crate::lora::export::ExportReport, EngineError> {
+        let m = self.model(model)?;
+        // Parsing and matching read files: done before taking the lock.
+        let mut loras = Vec::with_capacity(stack.len());
+        for (path, strength) in stack {
+            if !strength.is_finite() {
+                return Err(EngineError::Config(format!(
+                    "LoRA {}: the strength must be finite, not {strength}",
+                    path.display()
+                )));
+            }
+            loras.push((crate::lora::format::load(path)?, *strength));
+        }
+        let limit = self
+            .inner
+            .config
+            .fuse_cache_bytes
+            .unwrap_or_else(|| crate::sysmem::detect().effective / 4);
+        let new = if loras.is_empty() {
+            None
+        } else {
+            Some(Arc::new(LoraState::new(Arc::clone(&m), loras, mode, limit)?))
+        };
+        let report = new.as_ref().map(|l| l.report.clone()).unwrap_or_default();
+
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let ms = st.models.get_mut(&model).ok_or(EngineError::UnknownModel(model))?;
+        let mut touched: Vec<(usize, usize)> = ms
+            .lora
+            .iter()
+            .chain(new.iter())
+            .flat_map(|l| l.tensors())
+            .filter_map(|t| m.tensor(t).map(|i| (i.component, i.layer)))
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let places: Vec<(usize, usize)> = touched
+            .iter()
+            .filter_map(|&(c, l)| ms.locate.get(c).and_then(|v| v.get(l)).copied().flatten())
+            .collect();
+        let leases: u32 = places.iter().map(|&(s, i)| ms.scopes[s].leases[i]).sum();
+        if leases > 0 {
+            return Err(EngineError::Busy {
+                what: format!("changing the LoRA stack of model {model}"),
+                leases,
+            });
+        }
+        for &(s, i) in &places {
+            ms.scopes[s].evict(i, &self.inner.counters);
+        }
+        ms.lora = new;
+        drop(guard);
+        self.inner.changed.notify_all();
+        Ok(report)
+    }
+
     /// Hints that a layer will be acquired soon; the policy may start loading it.
     pub fn prefetch(
         &self,
@@ -1056,6 +1134,12 @@ impl Engine {
             device_bytes: c.device_in_use.load(Ordering::Relaxed),
             peak_device_bytes: c.device_peak.load(Ordering::Relaxed),
             budget: st.alloc.capacity(),
+            lora_cache_bytes: st
+                .models
+                .values()
+                .filter_map(|m| m.lora.as_ref())
+                .map(|l| l.cached_bytes())
+                .sum(),
         }
     }
 
@@ -1108,6 +1192,7 @@ impl Engine {
     fn apply(&self, ms: &mut ModelState, si: usize, actions: &[Action]) {
         let counters = &self.inner.counters;
         let runtime = &ms.runtime;
+        let lora = &ms.lora;
         let Some(scope) = ms.scopes.get_mut(si) else { return };
         for &action in actions {
             match action {
@@ -1136,6 +1221,7 @@ impl Engine {
                         tensor_offsets.push(cursor);
                         if info.len > 0 {
                             pieces.push(Piece {
+                                tensor: t,
                                 file: info.file,
                                 offset: info.offset,
                                 len: info.len,
@@ -1151,6 +1237,7 @@ impl Engine {
                             runtime: Arc::clone(runtime),
                             pieces,
                             ready: Arc::clone(&ready),
+                            lora: lora.clone(),
                         });
                     }
                     scope.placed[i] = Some(Placed {

@@ -20,12 +20,15 @@ use std::thread::JoinHandle;
 use crossbeam::channel::{Receiver, Sender, bounded, unbounded};
 
 use super::error::EngineError;
+use super::lora_view::{LoraMode, LoraState};
 use super::runtime::ModelRuntime;
 use crate::device::{Device, DeviceError, Event, HostBuffer};
 
-/// One contiguous piece of a tensor: bytes of file `file` at `src` go to device address `dst`.
+/// One tensor to copy: `len` bytes of file `file` at `offset` go to device address `dst`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Piece {
+    /// The tensor (a LoRA stack may change its bytes).
+    pub tensor: usize,
     pub file: usize,
     /// Offset in the file.
     pub offset: u64,
@@ -39,6 +42,15 @@ pub(crate) struct Job {
     pub runtime: Arc<ModelRuntime>,
     pub pieces: Vec<Piece>,
     pub ready: Arc<ReadySignal>,
+    /// The model's LoRA stack, if one is applied.
+    pub lora: Option<Arc<LoraState>>,
+}
+
+impl Job {
+    /// The stack, if it changes this piece's tensor.
+    fn lora_for(&self, piece: &Piece) -> Option<&LoraState> {
+        self.lora.as_deref().filter(|l| l.touches(piece.tensor))
+    }
 }
 
 #[derive(Debug)]
@@ -185,7 +197,8 @@ impl Pipeline {
     /// in place has nothing to stage: its copies are queued on the device from the calling
     /// thread, sparing the wake-up of an I/O thread (it only checks file lengths and enqueues).
     pub fn submit(&self, job: Job) {
-        if job.pieces.iter().all(|p| job.runtime.mapped_reads(p.file)) {
+        if job.pieces.iter().all(|p| job.runtime.mapped_reads(p.file) && job.lora_for(p).is_none())
+        {
             job.ready.set(outcome(&self.shared, &job));
             return;
         }
@@ -242,6 +255,16 @@ fn run(shared: &Shared, job: &Job) -> Result<Event, EngineError> {
         finish_slot(shared, f)?;
     }
     result?;
+    // LoRA backup mode: the originals have been queued; once they land, the adapted tensors
+    // are overwritten on the device (write_sync waits for everything queued before it).
+    for piece in &job.pieces {
+        if let Some(lora) = job.lora_for(piece)
+            && lora.mode == LoraMode::Backup
+        {
+            let merged = lora.merged(piece.tensor)?;
+            shared.device.write_sync(piece.dst, &merged)?;
+        }
+    }
     let event = shared.device.record()?;
     // A truncation seen by the SIGBUS guard while copying poisons the model.
     rt.check()?;
@@ -262,43 +285,59 @@ fn copy_pieces<'a>(
         }
         let src =
             file.range(piece.offset, piece.len).ok_or_else(|| rt.fail_truncated(piece.file))?;
+        if let Some(lora) = job.lora_for(piece)
+            && lora.mode == LoraMode::Fuse
+        {
+            // The fused bytes are plain host memory: through the staging ring.
+            let fused = lora.merged(piece.tensor)?;
+            stage(shared, &fused, piece.dst, filling)?;
+            continue;
+        }
         if rt.mapped_reads(piece.file) {
             // SAFETY: `src` lies in a mapping registered with the device, kept alive (with its
-            // registration) by `job.runtime` until the job's event completes; `dst` lies in the
-            // engine's arena, reserved for this layer until then.
+            // registration) by the layer's placement until the job's event completes; `dst`
+            // lies in the engine's arena, reserved for this layer until then.
             unsafe { shared.device.copy_h2d_async(src.as_ptr(), piece.dst, src.len())? };
             continue;
         }
-        let mut done = 0usize;
-        while done < src.len() {
-            if filling.as_ref().is_none_or(|f| f.used == shared.slot_bytes) {
-                if let Some(full) = filling.take() {
-                    finish_slot(shared, full)?;
-                }
-                *filling = Some(take_slot(shared)?);
+        stage(shared, src, piece.dst, filling)?;
+    }
+    Ok(())
+}
+
+/// Copies `src` to device address `dst` through staging slots: filling the current slot, and
+/// taking the next one when it is full.
+fn stage<'a>(
+    shared: &'a Shared,
+    src: &[u8],
+    dst: u64,
+    filling: &mut Option<Filling<'a>>,
+) -> Result<(), EngineError> {
+    let mut done = 0usize;
+    while done < src.len() {
+        if filling.as_ref().is_none_or(|f| f.used == shared.slot_bytes) {
+            if let Some(full) = filling.take() {
+                finish_slot(shared, full)?;
             }
-            let Some(f) = filling.as_mut() else {
-                // Never happens: a slot was just taken. An error all the same, not a panic.
-                return Err(DeviceError::Stopped("staging slot missing".into()).into());
-            };
-            let n = (src.len() - done).min(shared.slot_bytes - f.used);
-            let at = f.used;
-            if !f.slot.buf.write_at(at, &src[done..done + n]) {
-                return Err(DeviceError::Stopped("staging slot overflow".into()).into());
-            }
-            // SAFETY: the staging bytes just written stay untouched until the slot's event,
-            // recorded in `finish_slot` after this copy, completes (the next user waits for it);
-            // `dst + done` lies in this layer's reserved arena range.
-            unsafe {
-                shared.device.copy_h2d_async(
-                    f.slot.buf.as_ptr().add(at),
-                    piece.dst + done as u64,
-                    n,
-                )?;
-            }
-            f.used += n;
-            done += n;
+            *filling = Some(take_slot(shared)?);
         }
+        let Some(f) = filling.as_mut() else {
+            // Never happens: a slot was just taken. An error all the same, not a panic.
+            return Err(DeviceError::Stopped("staging slot missing".into()).into());
+        };
+        let n = (src.len() - done).min(shared.slot_bytes - f.used);
+        let at = f.used;
+        if !f.slot.buf.write_at(at, &src[done..done + n]) {
+            return Err(DeviceError::Stopped("staging slot overflow".into()).into());
+        }
+        // SAFETY: the staging bytes just written stay untouched until the slot's event,
+        // recorded in `finish_slot` after this copy, completes (the next user waits for it);
+        // `dst + done` lies in this layer's reserved arena range.
+        unsafe {
+            shared.device.copy_h2d_async(f.slot.buf.as_ptr().add(at), dst + done as u64, n)?;
+        }
+        f.used += n;
+        done += n;
     }
     Ok(())
 }

@@ -34,6 +34,10 @@ pub struct ExportReport {
     pub unrecognised: Vec<(PathBuf, Vec<String>)>,
 }
 
+/// For each adapted base tensor, the `(lora, adapter, strength)` deltas it receives, in stack
+/// order.
+pub(crate) type StackDeltas = HashMap<TensorId, Vec<(usize, usize, f32)>>;
+
 /// Largest side file copied along (configs, tokenizers).
 const MAX_SIDE_FILE: u64 = 64 << 20;
 
@@ -44,17 +48,7 @@ pub fn export_fused(
     out: &Path,
 ) -> Result<ExportReport, LoraError> {
     let mut report = ExportReport::default();
-    // Base tensor → the (lora, adapter, strength) deltas it receives, in stack order.
-    let mut deltas: HashMap<TensorId, Vec<(usize, usize, f32)>> = HashMap::new();
-    for (li, (lora, strength)) in loras.iter().enumerate() {
-        let matched = super::keys::match_to(lora, base)?;
-        for m in &matched.matches {
-            deltas.entry(m.tensor).or_default().push((li, m.adapter, *strength));
-        }
-        let path = lora.model.root().to_path_buf();
-        report.unmatched.push((path.clone(), matched.unmatched));
-        report.unrecognised.push((path, lora.unrecognised.clone()));
-    }
+    let deltas = stack_deltas(base, loras, &mut report)?;
     report.merged = deltas.len();
 
     let single = base.kind() == SourceKind::SingleFile;
@@ -68,6 +62,26 @@ pub fn export_fused(
         copy_side_files(base, out, &mut report)?;
     }
     Ok(report)
+}
+
+/// Which deltas reach which base tensor: base tensor → `(lora, adapter, strength)` in stack
+/// order. Unmatched adapters and unrecognised tensors go into `report`.
+pub(crate) fn stack_deltas(
+    base: &Model,
+    loras: &[(LoraFile, f32)],
+    report: &mut ExportReport,
+) -> Result<StackDeltas, LoraError> {
+    let mut deltas = StackDeltas::new();
+    for (li, (lora, strength)) in loras.iter().enumerate() {
+        let matched = super::keys::match_to(lora, base)?;
+        for m in &matched.matches {
+            deltas.entry(m.tensor).or_default().push((li, m.adapter, *strength));
+        }
+        let path = lora.model.root().to_path_buf();
+        report.unmatched.push((path.clone(), matched.unmatched));
+        report.unrecognised.push((path, lora.unrecognised.clone()));
+    }
+    Ok(deltas)
 }
 
 fn relative(root: &Path, path: &Path) -> PathBuf {
@@ -85,7 +99,7 @@ fn write_file(
     base: &Model,
     fi: usize,
     loras: &[(LoraFile, f32)],
-    deltas: &HashMap<TensorId, Vec<(usize, usize, f32)>>,
+    deltas: &StackDeltas,
     dest: &Path,
 ) -> Result<(), LoraError> {
     let file = &base.files()[fi];
@@ -160,8 +174,9 @@ fn write_file(
     }
 }
 
-/// The merged bytes of base tensor `t`.
-fn merge_one(
+/// The merged bytes of base tensor `t` (whose current bytes are `bytes`), given the
+/// `(lora, adapter, strength)` deltas that reach it.
+pub(crate) fn merge_one(
     base: &Model,
     t: TensorId,
     bytes: &[u8],
