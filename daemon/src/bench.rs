@@ -342,3 +342,168 @@ pub fn render(r: &Report) -> String {
     ));
     out
 }
+
+// ─── LoRA overhead (the SD.Next table) ────────────────────────────────────────────────────────
+
+/// One row: a policy × LoRA mode, seconds per pass, and the overhead over the same policy
+/// without LoRA.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoraRow {
+    pub policy: String,
+    pub mode: String,
+    pub first_pass_s: f64,
+    pub later_pass_s: f64,
+    pub first_overhead_s: f64,
+    pub later_overhead_s: f64,
+}
+
+struct RawTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &RawTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn values(seed: u64, n: usize, amplitude: f32) -> impl Iterator<Item = f32> {
+    let mut x = seed | 1;
+    (0..n).map(move |_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * amplitude
+    })
+}
+
+fn write_raw(path: &Path, tensors: Vec<(String, RawTensor)>) -> Result<(), EngineError> {
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, path)
+        .map_err(|e| EngineError::Config(format!("writing {}: {e}", path.display())))
+}
+
+/// An SDXL-shaped synthetic model (`layers` blocks of one `dim`×`dim` f16 weight) and two
+/// rank-16 LoRAs over every block; returns the paths.
+pub fn write_lora_model(
+    dir: &Path,
+    layers: usize,
+    dim: usize,
+) -> Result<(PathBuf, [PathBuf; 2]), EngineError> {
+    let base = dir.join(format!("ferry-lora-bench-{layers}x{dim}.safetensors"));
+    let weights = (0..layers)
+        .map(|l| {
+            let data = values(l as u64 + 1, dim * dim, 0.05)
+                .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                .collect();
+            let t = RawTensor { dtype: safetensors::Dtype::F16, shape: vec![dim, dim], data };
+            (format!("blocks.{l}.proj.weight"), t)
+        })
+        .collect();
+    write_raw(&base, weights)?;
+    let rank = 16;
+    let mut loras = Vec::new();
+    for k in 0..2u64 {
+        let path = dir.join(format!("ferry-lora-bench-{k}.safetensors"));
+        let mut tensors = Vec::new();
+        for l in 0..layers {
+            for (factor, shape) in [("lora_A", [rank, dim]), ("lora_B", [dim, rank])] {
+                let data = values(1000 * (k + 1) + l as u64, shape[0] * shape[1], 0.02)
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect();
+                let t = RawTensor { dtype: safetensors::Dtype::F32, shape: shape.to_vec(), data };
+                tensors.push((format!("blocks.{l}.proj.{factor}.weight"), t));
+            }
+        }
+        write_raw(&path, tensors)?;
+        loras.push(path);
+    }
+    let [a, b]: [PathBuf; 2] =
+        loras.try_into().map_err(|_| EngineError::Config("two LoRAs expected".into()))?;
+    Ok((base, [a, b]))
+}
+
+/// For each policy × {no LoRA, backup, fuse}: the first pass and the mean of later passes over
+/// a synthetic model with two LoRAs, and the overhead over the same policy without LoRA.
+pub fn lora_table(cfg: &BenchConfig, dim: usize) -> Result<Vec<LoraRow>, EngineError> {
+    use crate::engine::lora_view::LoraMode;
+    let (base, [l1, l2]) = write_lora_model(&cfg.dir, cfg.layers, dim)?;
+    let layer = (dim * dim * 2) as u64;
+    let model = layer * cfg.layers as u64;
+    let policies = [
+        ("none", PolicySpec::None),
+        ("sequential", PolicySpec::Sequential { lookahead: 1 }),
+        ("balanced", PolicySpec::Balanced { threshold: Threshold::Bytes(model / 2 + 2 * layer) }),
+    ];
+    let mut rows = Vec::new();
+    for (pname, spec) in policies {
+        let mut baseline = (0.0, 0.0);
+        for mode in [None, Some(LoraMode::Backup), Some(LoraMode::Fuse)] {
+            let e = engine(cfg, model + 4 * layer, true)?;
+            let id = e.open_model(&base)?;
+            if let Some(m) = mode {
+                e.set_loras(id, &[(l1.clone(), 0.8), (l2.clone(), 0.5)], m)?;
+            }
+            let start = Instant::now();
+            e.set_residency(id, None, spec)?;
+            pass(&e, id, cfg.layers, Duration::ZERO)?;
+            let first = start.elapsed().as_secs_f64();
+            let later_passes = cfg.passes.max(1);
+            let start = Instant::now();
+            for _ in 0..later_passes {
+                pass(&e, id, cfg.layers, Duration::ZERO)?;
+            }
+            let later = start.elapsed().as_secs_f64() / later_passes as f64;
+            if mode.is_none() {
+                baseline = (first, later);
+            }
+            rows.push(LoraRow {
+                policy: pname.to_string(),
+                mode: mode
+                    .map_or("no LoRA", |m| match m {
+                        LoraMode::Backup => "backup",
+                        LoraMode::Fuse => "fuse",
+                    })
+                    .to_string(),
+                first_pass_s: first,
+                later_pass_s: later,
+                first_overhead_s: first - baseline.0,
+                later_overhead_s: later - baseline.1,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The LoRA table as `ferryctl bench --lora` prints it.
+pub fn render_lora(rows: &[LoraRow], layers: usize, dim: usize) -> String {
+    let mut out = format!(
+        "LoRA overhead: {layers} layers of {dim}x{dim} f16, two rank-16 LoRAs (strengths 0.8, 0.5)\n\n"
+    );
+    out.push_str(&format!(
+        "{:<11} {:<8} {:>12} {:>12} {:>15} {:>15}\n",
+        "policy", "lora", "first pass", "later pass", "overhead first", "overhead later"
+    ));
+    for r in rows {
+        out.push_str(&format!(
+            "{:<11} {:<8} {:>10.3} s {:>10.3} s {:>13.3} s {:>13.3} s\n",
+            r.policy,
+            r.mode,
+            r.first_pass_s,
+            r.later_pass_s,
+            r.first_overhead_s,
+            r.later_overhead_s
+        ));
+    }
+    out
+}

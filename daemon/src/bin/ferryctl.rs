@@ -70,6 +70,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Measure LoRA overhead instead (policy × backup/fuse, first and later passes), on
+        /// layers of DIM×DIM f16 weights.
+        #[arg(long, value_name = "DIM")]
+        lora: Option<usize>,
     },
 }
 
@@ -88,7 +92,7 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Inspect { path, json, tensors, layers } => inspect(path, json, tensors, &layers),
         Command::Export { model, loras, output, json } => export(&model, &loras, &output, json),
-        Command::Bench { layers, layer_mib, passes, device, dir, json } => {
+        Command::Bench { layers, layer_mib, passes, device, dir, json, lora } => {
             if layers == 0 || layer_mib == 0 {
                 return Err("--layers and --layer-mib must be at least 1".into());
             }
@@ -102,6 +106,19 @@ fn run(cli: Cli) -> Result<(), String> {
                 device,
                 passes,
             };
+            if let Some(dim) = lora {
+                if dim == 0 || dim > 16384 {
+                    return Err(format!("--lora {dim}: the layer size must be 1..=16384"));
+                }
+                let rows = ferry::bench::lora_table(&cfg, dim).map_err(|e| e.to_string())?;
+                let text = if json {
+                    serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())? + "\n"
+                } else {
+                    ferry::bench::render_lora(&rows, layers, dim)
+                };
+                let _ = std::io::stdout().lock().write_all(text.as_bytes());
+                return Ok(());
+            }
             let report = ferry::bench::run(&cfg).map_err(|e| e.to_string())?;
             let text = if json {
                 serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n"
