@@ -153,3 +153,52 @@ fn a_leased_layer_blocks_a_stack_change_and_bad_loras_are_typed_errors() {
         expected_merge(&base, &dir.path().join("lora.safetensors"), 1.0)
     );
 }
+
+#[test]
+fn views_of_one_base_coexist_and_share_untouched_layers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, lora) = fixtures(dir.path());
+    let original = ferry::Model::open(&base).expect("base");
+    let file_layer1 = original
+        .tensor_bytes(original.find("model", "blocks.1.proj.weight").expect("t"))
+        .expect("bytes")
+        .to_vec();
+    let e = host_engine(1 << 20, true, Duration::from_secs(5), 8192);
+    let id = e.open_model(&base).expect("open");
+    e.set_residency(id, None, PolicySpec::None).expect("none");
+    let (strong, report) =
+        e.create_view(id, &[(lora.clone(), 0.7)], LoraMode::Backup).expect("view");
+    assert_eq!(report.merged, 1);
+    let (weak, _) = e.create_view(id, &[(lora.clone(), 0.3)], LoraMode::Fuse).expect("view");
+
+    // The touched layer: three different byte sets, all on the device at once.
+    let held: Vec<_> =
+        [id, strong, weak].iter().map(|&m| e.acquire(m, "model", 1).expect("acquire")).collect();
+    let bytes: Vec<Vec<u8>> =
+        held.iter().map(|l| e.read_tensor(l, &l.tensors()[0]).expect("read")).collect();
+    assert_eq!(bytes[0], file_layer1);
+    assert_eq!(bytes[1], expected_merge(&base, &lora, 0.7));
+    assert_eq!(bytes[2], expected_merge(&base, &lora, 0.3));
+    for l in held {
+        e.release(l, ClientDone::Now).expect("release");
+    }
+    // An untouched layer through a view is the base's own copy: the same device address.
+    let addr = |m: ModelId| {
+        let l = e.acquire(m, "model", 0).expect("acquire");
+        let a = l.tensors()[0].addr;
+        // Released through the view's id: allowed, the view serves it from its base.
+        let lease_id = l.id();
+        std::mem::forget(l);
+        e.release_id(m, lease_id, ClientDone::Now).expect("release via the id it was acquired by");
+        a
+    };
+    assert_eq!(addr(strong), addr(id));
+    assert_eq!(addr(weak), addr(id));
+
+    // A view's stack is fixed; the base cannot close while views are open.
+    assert!(matches!(e.set_loras(strong, &[], LoraMode::Backup), Err(EngineError::Config(_))));
+    assert!(matches!(e.close_model(id), Err(EngineError::Busy { .. })));
+    e.close_model(strong).expect("close view");
+    e.close_model(weak).expect("close view");
+    e.close_model(id).expect("close base");
+}

@@ -380,6 +380,16 @@ struct ModelState {
     locate: Vec<Vec<Option<(usize, usize)>>>,
     /// The LoRA stack applied to the model, if any.
     lora: Option<Arc<LoraState>>,
+    /// For a view: the model it sees through its stack, and the (component, layer)s the stack
+    /// touches. Every other layer is the base's own (shared, not copied).
+    view_of: Option<(ModelId, std::collections::HashSet<(usize, usize)>)>,
+}
+
+impl ModelState {
+    /// The model to serve `(component, layer)` from: the base, for a view's untouched layer.
+    fn serves(&self, component: usize, layer: usize) -> Option<ModelId> {
+        self.view_of.as_ref().filter(|(_, t)| !t.contains(&(component, layer))).map(|(b, _)| *b)
+    }
 }
 
 #[derive(Debug)]
@@ -616,6 +626,7 @@ impl Engine {
             scopes: Vec::new(),
             locate,
             lora: None,
+            view_of: None,
         };
         self.lock().models.insert(id, state);
         Ok(id)
@@ -636,6 +647,16 @@ impl Engine {
         let leases: u32 = ms.scopes.iter().map(Scope::lease_count).sum();
         if leases > 0 {
             return Err(EngineError::Busy { what: format!("closing model {id}"), leases });
+        }
+        let views = st.models.values().filter(|m| m.view_of.as_ref().is_some_and(|v| v.0 == id));
+        let views = views.count();
+        if views > 0 {
+            return Err(EngineError::Busy {
+                what: format!(
+                    "closing model {id}: {views} view(s) of it are open; close them first"
+                ),
+                leases: 0,
+            });
         }
         if let Some(mut ms) = st.models.remove(&id) {
             teardown(st, &mut ms, &self.inner.counters);
@@ -714,7 +735,7 @@ impl Engine {
         let mut scopes = Vec::with_capacity(groups.len());
         let mut locate: Vec<Vec<Option<(usize, usize)>>> =
             m.components().iter().map(|c| vec![None; c.layers.len()]).collect();
-        for (si, (only, spec, comps)) in groups.into_iter().enumerate() {
+        for (only, spec, comps) in groups {
             let name = match only.and_then(|c| m.components().get(c)) {
                 None => format!("model {model}"),
                 Some(c) => format!("model {model} component {:?}", c.name),
@@ -723,11 +744,20 @@ impl Engine {
             let mut meta = Vec::new();
             for &c in &comps {
                 for (li, layer) in m.components()[c].layers.iter().enumerate() {
+                    if ms.serves(c, li).is_some() {
+                        continue; // a view's untouched layer: the base serves it
+                    }
                     let bytes = layer_device_bytes(&m, &layer.tensors);
-                    locate[c][li] = Some((si, members.len()));
                     members.push((c, li));
                     meta.push(ScopeLayer { bytes, group: c });
                 }
+            }
+            if members.is_empty() {
+                continue;
+            }
+            let si = scopes.len();
+            for (idx, &(c, li)) in members.iter().enumerate() {
+                locate[c][li] = Some((si, idx));
             }
             let mut policy = spec.build(device_total);
             let quota = policy
@@ -841,6 +871,9 @@ impl Engine {
         component: &str,
         layer: usize,
     ) -> Result<Lease, EngineError> {
+        if let Some(base) = self.served_by(model, component, layer)? {
+            return self.acquire_as(owner, base, component, layer);
+        }
         let start = Instant::now();
         let timeout = self.inner.config.acquire_timeout;
         let counters = &self.inner.counters;
@@ -957,7 +990,13 @@ impl Engine {
         let mut guard = self.lock();
         let st = &mut *guard;
         let rec = st.leases.get(&lease).ok_or(EngineError::UnknownLease { lease })?;
-        if rec.model != model {
+        // A view's untouched layers are leased from its base: both ids may release them.
+        let via_view = st
+            .models
+            .get(&model)
+            .and_then(|m| m.view_of.as_ref())
+            .is_some_and(|v| v.0 == rec.model);
+        if rec.model != model && !via_view {
             return Err(EngineError::LeaseOfOtherModel { lease, owner: rec.model, model });
         }
         if rec.owner != owner {
@@ -1016,31 +1055,17 @@ impl Engine {
     ) -> Result<crate::lora::export::ExportReport, EngineError> {
         let m = self.model(model)?;
         // Parsing and matching read files: done before taking the lock.
-        let mut loras = Vec::with_capacity(stack.len());
-        for (path, strength) in stack {
-            if !strength.is_finite() {
-                return Err(EngineError::Config(format!(
-                    "LoRA {}: the strength must be finite, not {strength}",
-                    path.display()
-                )));
-            }
-            loras.push((crate::lora::format::load(path)?, *strength));
-        }
-        let limit = self
-            .inner
-            .config
-            .fuse_cache_bytes
-            .unwrap_or_else(|| crate::sysmem::detect().effective / 4);
-        let new = if loras.is_empty() {
-            None
-        } else {
-            Some(Arc::new(LoraState::new(Arc::clone(&m), loras, mode, limit)?))
-        };
+        let new = self.load_stack(&m, stack, mode)?;
         let report = new.as_ref().map(|l| l.report.clone()).unwrap_or_default();
 
         let mut guard = self.lock();
         let st = &mut *guard;
         let ms = st.models.get_mut(&model).ok_or(EngineError::UnknownModel(model))?;
+        if ms.view_of.is_some() {
+            return Err(EngineError::Config(format!(
+                "model {model} is a view: its stack is fixed; create another view instead"
+            )));
+        }
         let mut touched: Vec<(usize, usize)> = ms
             .lora
             .iter()
@@ -1052,7 +1077,7 @@ impl Engine {
         touched.dedup();
         let places: Vec<(usize, usize)> = touched
             .iter()
-            .filter_map(|&(c, l)| ms.locate.get(c).and_then(|v| v.get(l)).copied().flatten())
+            .filter_map(|&(c, l)| ms.locate.get(c).and_then(|v| v.get(l)).and_then(|x| *x))
             .collect();
         let leases: u32 = places.iter().map(|&(s, i)| ms.scopes[s].leases[i]).sum();
         if leases > 0 {
@@ -1070,6 +1095,90 @@ impl Engine {
         Ok(report)
     }
 
+    /// For a view's layer its stack does not touch: the base model that serves it.
+    fn served_by(
+        &self,
+        model: ModelId,
+        component: &str,
+        layer: usize,
+    ) -> Result<Option<ModelId>, EngineError> {
+        let st = self.lock();
+        let ms = st.models.get(&model).ok_or(EngineError::UnknownModel(model))?;
+        if ms.view_of.is_none() {
+            return Ok(None);
+        }
+        Ok(ms.serves(component_index(ms, model, component)?, layer))
+    }
+
+    /// Creates a *view*: `base` seen through a LoRA stack, with its own id. Layers the stack
+    /// touches are the view's own (loaded with the merged bytes, under the view's policy,
+    /// which starts as the base's); every other layer is the base's, shared: acquiring it
+    /// through the view leases the base's copy. Several views of one base coexist. Returns the
+    /// view's id and what matching found.
+    pub fn create_view(
+        &self,
+        base: ModelId,
+        stack: &[(std::path::PathBuf, f32)],
+        mode: LoraMode,
+    ) -> Result<(ModelId, crate::lora::export::ExportReport), EngineError> {
+        let m = self.model(base)?;
+        let lora = self
+            .load_stack(&m, stack, mode)?
+            .ok_or_else(|| EngineError::Config("a view needs at least one LoRA".into()))?;
+        let touched: std::collections::HashSet<(usize, usize)> =
+            lora.tensors().filter_map(|t| m.tensor(t).map(|i| (i.component, i.layer))).collect();
+        let report = lora.report.clone();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let b = st.models.get(&base).ok_or(EngineError::UnknownModel(base))?;
+        if b.view_of.is_some() {
+            return Err(EngineError::Config(format!(
+                "model {base} is a view; make views of its base instead"
+            )));
+        }
+        let state = ModelState {
+            runtime: Arc::clone(&b.runtime),
+            model_spec: b.model_spec,
+            overrides: b.overrides.clone(),
+            scopes: Vec::new(),
+            locate: m.components().iter().map(|c| vec![None; c.layers.len()]).collect(),
+            lora: Some(lora),
+            view_of: Some((base, touched)),
+        };
+        let id = st.next_id;
+        st.next_id += 1;
+        st.models.insert(id, state);
+        Ok((id, report))
+    }
+
+    /// Parses and matches a stack (reading files: called without the lock).
+    fn load_stack(
+        &self,
+        m: &Arc<Model>,
+        stack: &[(std::path::PathBuf, f32)],
+        mode: LoraMode,
+    ) -> Result<Option<Arc<LoraState>>, EngineError> {
+        let mut loras = Vec::with_capacity(stack.len());
+        for (path, strength) in stack {
+            if !strength.is_finite() {
+                return Err(EngineError::Config(format!(
+                    "LoRA {}: the strength must be finite, not {strength}",
+                    path.display()
+                )));
+            }
+            loras.push((crate::lora::format::load(path)?, *strength));
+        }
+        if loras.is_empty() {
+            return Ok(None);
+        }
+        let limit = self
+            .inner
+            .config
+            .fuse_cache_bytes
+            .unwrap_or_else(|| crate::sysmem::detect().effective / 4);
+        Ok(Some(Arc::new(LoraState::new(Arc::clone(m), loras, mode, limit)?)))
+    }
+
     /// Hints that a layer will be acquired soon; the policy may start loading it.
     pub fn prefetch(
         &self,
@@ -1077,6 +1186,9 @@ impl Engine {
         component: &str,
         layer: usize,
     ) -> Result<(), EngineError> {
+        if let Some(base) = self.served_by(model, component, layer)? {
+            return self.prefetch(base, component, layer);
+        }
         let mut guard = self.lock();
         let st = &mut *guard;
         let (si, idx) = self.locate(st, model, component, layer)?;
