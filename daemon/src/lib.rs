@@ -9,6 +9,7 @@ pub mod device;
 pub mod engine;
 pub mod inspect;
 pub mod lora;
+pub mod protocol;
 pub mod store;
 pub mod sysmem;
 pub mod units;
