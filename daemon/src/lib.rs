@@ -10,6 +10,7 @@ pub mod engine;
 pub mod inspect;
 pub mod lora;
 pub mod protocol;
+pub mod server;
 pub mod store;
 pub mod sysmem;
 pub mod units;

@@ -1,8 +1,11 @@
 //! ferryd: the ferry daemon.
 //!
-//! This version starts the streaming engine on the selected device (arena, staging ring, copy
-//! threads), opens (and so validates) the models it is told to preload, and runs until SIGTERM
-//! or SIGINT. The client protocol arrives in a later version (see the README's status section).
+//! It starts the streaming engine on the selected device (arena, staging ring, copy threads),
+//! opens (and so validates) the models it is told to preload, then serves the client protocol
+//! (docs/protocol.md) on a Unix socket ([`ferry::server`]) until SIGTERM or SIGINT, which stop
+//! accepting, close every connection (releasing its leases) and exit 0. `--check` exits after
+//! start-up without binding the socket. Not yet: a TOML config file, SIGHUP reload, systemd
+//! notify / socket activation.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +13,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use ferry::device::{self, DeviceChoice, DeviceConfig};
 use ferry::engine::{Engine, EngineConfig};
+use ferry::server::{Server, ServerConfig};
 use tracing::{error, info};
 
 #[derive(Debug, Parser)]
@@ -31,9 +35,25 @@ struct Args {
     /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
-    /// Exit after start-up instead of serving (for checks and scripts).
+    /// Exit after start-up instead of serving (for checks and scripts); the socket is not
+    /// bound.
     #[arg(long)]
     check: bool,
+    /// The socket to listen on (default: $XDG_RUNTIME_DIR/ferry/ferryd.sock if set, else
+    /// /run/ferry/ferryd.sock for root, else /tmp/ferry-$UID/ferryd.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// A directory under which clients may open models and LoRA files by path; may be repeated.
+    /// Without one, clients cannot open models by path.
+    #[arg(long = "model-root", value_name = "DIR")]
+    model_roots: Vec<PathBuf>,
+    /// A uid allowed to connect; may be repeated. With no --allow-uid/--allow-gid, the daemon's
+    /// own uid and root are allowed.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
+    /// A (primary) gid allowed to connect; may be repeated.
+    #[arg(long = "allow-gid", value_name = "GID")]
+    allow_gids: Vec<u32>,
 }
 
 fn main() -> ExitCode {
@@ -54,6 +74,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
+
+    // Blocked before any thread starts, so every thread inherits the mask and SIGTERM/SIGINT
+    // reach only `wait_for_stop` (an unblocked thread would take the default action: die).
+    let signals = match block_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            error!("blocking signals failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
 
     let (backend, reason) = match device::select(args.device) {
         Ok(b) => b,
@@ -85,6 +115,7 @@ fn main() -> ExitCode {
         "device ready"
     );
 
+    let mut preloaded = Vec::new();
     for path in &args.preload {
         let opened = engine.open_model(path).and_then(|id| Ok((id, engine.model(id)?)));
         match opened {
@@ -97,6 +128,7 @@ fn main() -> ExitCode {
                     bytes = model.total_bytes(),
                     "model opened"
                 );
+                preloaded.push(id);
             }
             Err(e) => {
                 error!("{e}");
@@ -108,9 +140,31 @@ fn main() -> ExitCode {
         info!("start-up check passed");
         return ExitCode::SUCCESS;
     }
-    info!("ready; stop with SIGTERM or Ctrl-C");
-    match wait_for_stop() {
-        Ok(sig) => info!(signal = sig, "stopping"),
+    let config = ServerConfig {
+        model_roots: args.model_roots.clone(),
+        allow_uids: args.allow_uids.clone(),
+        allow_gids: args.allow_gids.clone(),
+        ..ServerConfig::new(args.socket.clone().unwrap_or_else(ferry::server::default_socket_path))
+    };
+    let server = match Server::start(engine.clone(), config) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for id in preloaded {
+        if let Err(e) = server.adopt_model(id) {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    info!(socket = %server.socket_path().display(), "ready; stop with SIGTERM or Ctrl-C");
+    let stopped = wait_for_stop(&signals);
+    info!("draining connections");
+    server.shutdown();
+    match stopped {
+        Ok(sig) => info!(signal = sig, "stopped"),
         Err(e) => {
             error!("waiting for signals failed: {e}");
             return ExitCode::FAILURE;
@@ -120,13 +174,13 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Blocks SIGTERM/SIGINT/SIGHUP and waits for one; returns its number. SIGHUP (reload) has
-/// nothing to reload yet and is logged and ignored.
-fn wait_for_stop() -> std::io::Result<i32> {
+/// Blocks SIGTERM/SIGINT/SIGHUP in this thread (and so in every thread started after);
+/// returns the set for [`wait_for_stop`].
+fn block_signals() -> std::io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data that sigemptyset initialises before any other use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid, writable sigset_t; these calls only modify it and this thread's
-    // signal mask (no other thread has been started, so the mask applies process-wide).
+    // signal mask (called before any other thread starts, so every thread inherits it).
     unsafe {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
@@ -136,10 +190,16 @@ fn wait_for_stop() -> std::io::Result<i32> {
             return Err(std::io::Error::last_os_error());
         }
     }
+    Ok(set)
+}
+
+/// Waits for one of the signals [`block_signals`] blocked; returns its number. SIGHUP (reload)
+/// has nothing to reload yet and is logged and ignored.
+fn wait_for_stop(set: &libc::sigset_t) -> std::io::Result<i32> {
     loop {
         let mut sig: libc::c_int = 0;
-        // SAFETY: `set` was initialised above and `sig` is a valid out-pointer.
-        let rc = unsafe { libc::sigwait(&set, &mut sig) };
+        // SAFETY: `set` was initialised by `block_signals` and `sig` is a valid out-pointer.
+        let rc = unsafe { libc::sigwait(set, &mut sig) };
         if rc != 0 {
             return Err(std::io::Error::from_raw_os_error(rc));
         }

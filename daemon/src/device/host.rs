@@ -114,9 +114,23 @@ unsafe impl Send for HostArena {}
 unsafe impl Sync for HostArena {}
 
 impl HostArena {
-    /// The memfd, for sharing the arena with client processes.
+    /// The memfd (read-write: the engine's own).
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
+    }
+
+    /// A new read-only descriptor of the arena, for client processes: they can map it to read
+    /// layers but cannot write into them (`mmap(PROT_WRITE, MAP_SHARED)` on it fails).
+    pub fn read_only_fd(&self) -> std::io::Result<OwnedFd> {
+        let path = format!("/proc/self/fd/{}\0", self.fd.as_raw_fd());
+        // SAFETY: `path` is NUL-terminated; reopening a memfd through its /proc link with
+        // O_RDONLY yields a new, read-only open file description of the same memory.
+        let raw = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 }
 

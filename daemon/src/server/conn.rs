@@ -1,0 +1,559 @@
+//! One connection: the handshake, then requests dispatched to the engine until the client
+//! leaves. Everything the client held is given back when [`Conn`] is dropped (also on unwind).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tracing::{debug, info, warn};
+
+use super::{ClientEntry, ModelEntry, Shared};
+use crate::device::ClientDone;
+use crate::engine::{EngineError, Lease, LeaseId, ModelId};
+use crate::protocol::socket::recv_frame_detailed;
+use crate::protocol::{
+    Ack, Acquire, ApplyLora, ArenaFd, ClientInfo, Clients, DeviceSummary, ErrorCode, ErrorReply,
+    Kind, Leased, LoraSource, MAX_BODY_LEN, MAX_FDS, MIN_PROTOCOL_VERSION, Message, ModelInfo,
+    ModelOpened, Models, PROTOCOL_VERSION, ProtocolError, Ready, SetResidency, StatsReply,
+    TensorDesc, ViewCreated, Welcome, features, negotiate,
+};
+
+type Reply = Result<Message, ErrorReply>;
+
+fn engine_err(e: &EngineError) -> ErrorReply {
+    ErrorReply::from(e)
+}
+
+/// A connection's state; dropping it releases everything the client held.
+struct Conn<'a> {
+    shared: &'a Shared,
+    entry: &'a ClientEntry,
+    stream: UnixStream,
+    /// The agreed version, once the handshake is done.
+    version: Option<u16>,
+    features: u64,
+    /// Models and views this connection opened (views are also in `views`).
+    open: BTreeSet<ModelId>,
+    views: BTreeSet<ModelId>,
+    /// Held leases, with the model id the client acquired them through.
+    leases: HashMap<LeaseId, (ModelId, Lease)>,
+}
+
+/// Serves one connection to its end.
+pub(super) fn serve(shared: &Arc<Shared>, entry: &Arc<ClientEntry>, stream: UnixStream) {
+    if let Err(e) = stream.set_read_timeout(Some(shared.config.handshake_timeout)) {
+        warn!(conn = entry.id, "setting the handshake timeout failed: {e}");
+        shared.clients().remove(&entry.id);
+        return;
+    }
+    let mut conn = Conn {
+        shared,
+        entry,
+        stream,
+        version: None,
+        features: 0,
+        open: BTreeSet::new(),
+        views: BTreeSet::new(),
+        leases: HashMap::new(),
+    };
+    let why = conn.run();
+    info!(conn = entry.id, reason = %why, "client disconnected");
+}
+
+impl Conn<'_> {
+    fn id(&self) -> u64 {
+        self.entry.id
+    }
+
+    fn send(&self, request_id: u64, msg: &Message) -> Result<(), ProtocolError> {
+        self.entry.send(self.version.unwrap_or(PROTOCOL_VERSION), request_id, msg, &[])
+    }
+
+    /// Sends a fatal error; returns why the connection ends.
+    fn fatal(&self, request_id: u64, reply: ErrorReply) -> String {
+        warn!(conn = self.id(), code = reply.code, "closing the connection: {}", reply.message);
+        let _ = self.send(request_id, &reply.clone().into());
+        format!("error {}: {}", reply.code, reply.message)
+    }
+
+    fn run(&mut self) -> String {
+        loop {
+            if self.shared.stopping() {
+                self.entry.say_shutting_down(self.version.unwrap_or(PROTOCOL_VERSION));
+                return "server shutting down".into();
+            }
+            let r = match recv_frame_detailed(&self.stream, self.version) {
+                Ok(r) => r,
+                Err(f) => {
+                    return match f.reply() {
+                        Some(reply) => self.fatal(f.request_id(), reply),
+                        None if matches!(f.error, ProtocolError::Closed) => "end of stream".into(),
+                        None => f.error.to_string(),
+                    };
+                }
+            };
+            let id = r.header.request_id;
+            let kind = r.header.kind;
+            if !kind.is_request() {
+                return self
+                    .fatal(id, unexpected(kind, "clients send requests; this is a reply kind"));
+            }
+            if id == 0 {
+                return self.fatal(id, unexpected(kind, "request id 0 is reserved"));
+            }
+            let reply = match (self.version, r.message) {
+                (None, Message::Hello(h)) => {
+                    match negotiate(
+                        &h,
+                        MIN_PROTOCOL_VERSION,
+                        PROTOCOL_VERSION,
+                        self.shared.features,
+                    ) {
+                        Err(e) => return self.fatal(id, e),
+                        Ok(n) => {
+                            self.version = Some(n.version);
+                            self.features = n.features;
+                            let _ = self.entry.name.set(h.client_name.clone());
+                            if let Err(e) = self.stream.set_read_timeout(None) {
+                                return e.to_string();
+                            }
+                            info!(
+                                conn = self.id(),
+                                name = %h.client_name,
+                                version = n.version,
+                                features = n.features,
+                                "handshake done"
+                            );
+                            let engine = &self.shared.engine;
+                            Ok(Message::Welcome(Welcome {
+                                version: n.version,
+                                features: n.features,
+                                client_id: self.id(),
+                                server_version: crate::VERSION.to_string(),
+                                max_body_len: MAX_BODY_LEN,
+                                max_fds: MAX_FDS as u32,
+                                device: DeviceSummary::new(
+                                    engine.device_info(),
+                                    engine.stats().budget,
+                                ),
+                            }))
+                        }
+                    }
+                }
+                (None, _) => {
+                    return self.fatal(id, unexpected(kind, "the first request must be hello"));
+                }
+                (Some(_), Message::Hello(_)) => {
+                    return self.fatal(id, unexpected(kind, "the handshake is already done"));
+                }
+                (Some(_), Message::Goodbye(_)) => {
+                    let _ = self.send(id, &Ack {}.into());
+                    return "goodbye".into();
+                }
+                (Some(_), Message::MapArena(_)) => match self.map_arena(id) {
+                    Ok(()) => continue,
+                    Err(e) => Err(e),
+                },
+                (Some(_), msg) => self.handle(msg, r.fds),
+            };
+            let (msg, fatal) = match reply {
+                Ok(m) => (m, false),
+                Err(e) => {
+                    debug!(conn = self.id(), code = e.code, kind = kind.name(), "{}", e.message);
+                    let fatal = e.error_code().is_some_and(ErrorCode::is_fatal);
+                    (Message::Error(e), fatal)
+                }
+            };
+            if let Err(e) = self.send(id, &msg) {
+                return format!("sending a reply failed: {e}");
+            }
+            if fatal {
+                return "fatal error sent".into();
+            }
+        }
+    }
+
+    fn need(&self, bit: u64, what: &str) -> Result<(), ErrorReply> {
+        if self.features & bit == bit {
+            Ok(())
+        } else {
+            Err(ErrorReply::new(
+                ErrorCode::Unsupported,
+                format!("{what} needs a feature that was not agreed in the handshake ({bit:#x})"),
+            ))
+        }
+    }
+
+    fn check_open(&self, model: ModelId) -> Result<(), ErrorReply> {
+        if self.open.contains(&model) {
+            Ok(())
+        } else {
+            Err(ErrorReply::new(
+                ErrorCode::UnknownModel,
+                format!("model {model} is not open on this connection"),
+            ))
+        }
+    }
+
+    fn update_counts(&self) {
+        self.entry.models.store(self.open.len() as u32, Ordering::Relaxed);
+        self.entry.leases.store(self.leases.len() as u32, Ordering::Relaxed);
+    }
+
+    fn handle(&mut self, msg: Message, fds: Vec<OwnedFd>) -> Reply {
+        let engine = &self.shared.engine;
+        match msg {
+            Message::OpenModel(m) => self.open_model(&m.path),
+            Message::OpenModelFd(_) => {
+                drop(fds);
+                Err(ErrorReply::new(
+                    ErrorCode::Unsupported,
+                    "open_model_fd is not supported by this server yet; open the model by a \
+                     path under a model root",
+                ))
+            }
+            Message::CloseModel(m) => self.close_model(m.model),
+            Message::SetResidency(m) => self.set_residency(m),
+            Message::Acquire(m) => self.acquire(m),
+            Message::WaitReady(m) => {
+                let (_, lease) = self.leases.get(&m.lease).ok_or_else(|| unknown_lease(m.lease))?;
+                lease.wait_ready().map_err(|e| engine_err(&e))?;
+                Ok(Ready { lease: m.lease }.into())
+            }
+            Message::Release(m) => {
+                if !self.leases.contains_key(&m.lease) {
+                    return Err(unknown_lease(m.lease));
+                }
+                engine
+                    .release_as(self.id(), m.model, m.lease, ClientDone::Now)
+                    .map_err(|e| engine_err(&e))?;
+                // Released already: dropping the handle only finds it gone.
+                self.leases.remove(&m.lease);
+                self.update_counts();
+                Ok(Ack {}.into())
+            }
+            Message::Prefetch(m) => {
+                self.check_open(m.model)?;
+                engine
+                    .prefetch(m.model, &m.component, m.layer as usize)
+                    .map_err(|e| engine_err(&e))?;
+                Ok(Ack {}.into())
+            }
+            Message::ApplyLora(m) => self.apply_lora(m, &fds),
+            Message::RemoveLora(m) => self.remove_view(m.view),
+            Message::Stats(_) => Ok(StatsReply::from(&engine.stats()).into()),
+            Message::ListModels(_) => Ok(self.list_models().into()),
+            Message::ListClients(_) => Ok(self.list_clients().into()),
+            other => Err(unexpected(other.kind(), "not a request this server handles here")),
+        }
+    }
+
+    fn open_model(&mut self, path: &str) -> Reply {
+        let canonical = self.shared.resolve_under_roots(path, "model")?;
+        self.need(features::OPEN_PATH, "open_model")?;
+        let engine = &self.shared.engine;
+        let id = {
+            let mut reg = self.shared.registry();
+            let id = match reg.by_path.get(&canonical) {
+                Some(&id) => id,
+                None => {
+                    let id = engine.open_model(&canonical).map_err(|e| engine_err(&e))?;
+                    reg.by_path.insert(canonical.clone(), id);
+                    reg.models.insert(
+                        id,
+                        ModelEntry {
+                            path: canonical.display().to_string(),
+                            canonical: Some(canonical.clone()),
+                            view_of: None,
+                            holders: HashSet::new(),
+                            policy: None,
+                        },
+                    );
+                    info!(conn = self.id(), model = id, path = %canonical.display(), "model opened");
+                    id
+                }
+            };
+            if let Some(e) = reg.models.get_mut(&id) {
+                e.holders.insert(self.id());
+            }
+            id
+        };
+        self.open.insert(id);
+        self.update_counts();
+        let model = engine.model(id).map_err(|e| engine_err(&e))?;
+        Ok(ModelOpened::describe(id, &model).into())
+    }
+
+    fn close_model(&mut self, model: ModelId) -> Reply {
+        if self.views.contains(&model) {
+            return self.remove_view(model);
+        }
+        self.check_open(model)?;
+        let held = self.leases.values().filter(|(m, l)| *m == model || l.model() == model).count();
+        if held > 0 {
+            return Err(ErrorReply::new(
+                ErrorCode::Busy,
+                format!("closing model {model}: this client holds {held} lease(s) on it"),
+            ));
+        }
+        let reg = self.shared.registry();
+        let views = self
+            .views
+            .iter()
+            .filter(|v| reg.models.get(v).is_some_and(|e| e.view_of == Some(model)))
+            .count();
+        drop(reg);
+        if views > 0 {
+            return Err(ErrorReply::new(
+                ErrorCode::Busy,
+                format!("closing model {model}: remove this client's {views} view(s) of it first"),
+            ));
+        }
+        self.leave_model(model)?;
+        Ok(Ack {}.into())
+    }
+
+    /// Stops using `model`; closes it in the engine when no connection uses it.
+    fn leave_model(&mut self, model: ModelId) -> Result<(), ErrorReply> {
+        let mut reg = self.shared.registry();
+        let Some(entry) = reg.models.get_mut(&model) else {
+            self.open.remove(&model);
+            self.update_counts();
+            return Ok(());
+        };
+        entry.holders.remove(&self.id());
+        if entry.holders.is_empty() {
+            if let Err(e) = self.shared.engine.close_model(model) {
+                if let Some(entry) = reg.models.get_mut(&model) {
+                    entry.holders.insert(self.id());
+                }
+                return Err(engine_err(&e));
+            }
+            if let Some(e) = reg.models.remove(&model)
+                && let Some(c) = e.canonical
+            {
+                reg.by_path.remove(&c);
+            }
+            info!(conn = self.id(), model, "model closed");
+        }
+        drop(reg);
+        self.open.remove(&model);
+        self.update_counts();
+        Ok(())
+    }
+
+    fn remove_view(&mut self, view: ModelId) -> Reply {
+        if !self.views.contains(&view) {
+            return Err(ErrorReply::new(
+                ErrorCode::UnknownView,
+                format!("view {view} was not created on this connection"),
+            ));
+        }
+        let held = self.leases.values().filter(|(m, _)| *m == view).count();
+        if held > 0 {
+            return Err(ErrorReply::new(
+                ErrorCode::Busy,
+                format!("removing view {view}: this client holds {held} lease(s) through it"),
+            ));
+        }
+        self.shared.engine.close_model(view).map_err(|e| engine_err(&e))?;
+        self.shared.registry().models.remove(&view);
+        self.views.remove(&view);
+        self.open.remove(&view);
+        self.update_counts();
+        Ok(Ack {}.into())
+    }
+
+    fn set_residency(&mut self, m: SetResidency) -> Reply {
+        self.check_open(m.model)?;
+        let spec = m.policy.to_spec().map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e))?;
+        self.shared
+            .engine
+            .set_residency(m.model, m.component.as_deref(), spec)
+            .map_err(|e| engine_err(&e))?;
+        if m.component.is_none()
+            && let Some(e) = self.shared.registry().models.get_mut(&m.model)
+        {
+            e.policy = Some(m.policy);
+        }
+        Ok(Ack {}.into())
+    }
+
+    fn acquire(&mut self, m: Acquire) -> Reply {
+        self.check_open(m.model)?;
+        let max = self.shared.config.max_leases_per_client;
+        if self.leases.len() >= max {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!("this client already holds {max} leases"),
+            ));
+        }
+        let lease = self
+            .shared
+            .engine
+            .acquire_as(self.id(), m.model, &m.component, m.layer as usize)
+            .map_err(|e| engine_err(&e))?;
+        // On error the lease is dropped, which releases it.
+        let ready = lease.is_ready().map_err(|e| engine_err(&e))?;
+        let reply = Leased {
+            lease: lease.id(),
+            layer: lease.layer().to_string(),
+            ready,
+            tensors: lease.tensors().iter().map(TensorDesc::from).collect(),
+        };
+        self.leases.insert(lease.id(), (m.model, lease));
+        self.update_counts();
+        Ok(reply.into())
+    }
+
+    fn apply_lora(&mut self, m: ApplyLora, fds: &[OwnedFd]) -> Reply {
+        self.need(features::LORA, "apply_lora")?;
+        self.check_open(m.model)?;
+        if !fds.is_empty() || m.stack.iter().any(|r| matches!(r.source, LoraSource::Fd(_))) {
+            return Err(ErrorReply::new(
+                ErrorCode::Unsupported,
+                "LoRA sources by descriptor are not supported by this server yet; name files \
+                 under a model root",
+            ));
+        }
+        let mut stack: Vec<(PathBuf, f32)> = Vec::with_capacity(m.stack.len());
+        for r in &m.stack {
+            if let LoraSource::Path(p) = &r.source {
+                stack.push((self.shared.resolve_under_roots(p, "LoRA")?, r.scale));
+            }
+        }
+        let (view, report) = self
+            .shared
+            .engine
+            .create_view(m.model, &stack, m.mode.into())
+            .map_err(|e| engine_err(&e))?;
+        {
+            let mut reg = self.shared.registry();
+            let base = reg.models.get(&m.model).map(|e| e.path.clone()).unwrap_or_default();
+            reg.models.insert(
+                view,
+                ModelEntry {
+                    path: format!("{base} (LoRA view of model {})", m.model),
+                    canonical: None,
+                    view_of: Some(m.model),
+                    holders: HashSet::from([self.id()]),
+                    policy: None,
+                },
+            );
+        }
+        self.views.insert(view);
+        self.open.insert(view);
+        self.update_counts();
+        info!(conn = self.id(), base = m.model, view, loras = stack.len(), "view created");
+        Ok(ViewCreated::from_report(view, &report).into())
+    }
+
+    fn map_arena(&self, id: u64) -> Result<(), ErrorReply> {
+        self.need(features::HOST_ARENA, "map_arena")?;
+        let (fd, len) = self
+            .shared
+            .arena_fd()
+            .ok_or_else(|| {
+                ErrorReply::new(ErrorCode::Unsupported, "the device's arena cannot be mapped")
+            })?
+            .map_err(|e| {
+                ErrorReply::new(ErrorCode::Internal, format!("reopening the arena read-only: {e}"))
+            })?;
+        let msg = Message::ArenaFd(ArenaFd { len, backend: "host".into() });
+        let version = self.version.unwrap_or(PROTOCOL_VERSION);
+        self.entry.send(version, id, &msg, &[fd.as_fd()]).map_err(|e| {
+            ErrorReply::new(ErrorCode::Internal, format!("sending the arena descriptor: {e}"))
+        })
+    }
+
+    fn list_models(&self) -> Models {
+        let engine = &self.shared.engine;
+        let reg = self.shared.registry();
+        let mut models: Vec<ModelInfo> = reg
+            .models
+            .iter()
+            .filter_map(|(&id, e)| {
+                let m = engine.model(id).ok()?;
+                let source = serde_json::to_value(m.kind())
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let layers: usize = m.components().iter().map(|c| c.layers.len()).sum();
+                let resident = engine.resident_layers(id).map(|v| v.len()).unwrap_or(0);
+                Some(ModelInfo {
+                    model: id,
+                    path: e.path.clone(),
+                    source,
+                    total_bytes: m.total_bytes(),
+                    layers: u32::try_from(layers).unwrap_or(u32::MAX),
+                    resident_layers: u32::try_from(resident).unwrap_or(u32::MAX),
+                    policy: e.policy,
+                    clients: e.holders.iter().filter(|&&h| h != 0).count() as u32,
+                })
+            })
+            .collect();
+        models.sort_by_key(|m| m.model);
+        Models { models }
+    }
+
+    fn list_clients(&self) -> Clients {
+        let mut clients: Vec<ClientInfo> = self
+            .shared
+            .clients()
+            .values()
+            .map(|c| ClientInfo {
+                id: c.id,
+                pid: c.cred.pid,
+                uid: c.cred.uid,
+                gid: c.cred.gid,
+                name: c.name.get().cloned().unwrap_or_default(),
+                models: c.models.load(Ordering::Relaxed),
+                leases: c.leases.load(Ordering::Relaxed),
+            })
+            .collect();
+        clients.sort_by_key(|c| c.id);
+        Clients { clients }
+    }
+}
+
+impl Drop for Conn<'_> {
+    /// Gives back everything the client held: leases, views, models.
+    fn drop(&mut self) {
+        let id = self.id();
+        let released = self.shared.engine.release_owner(id);
+        // Released already: dropping the handles only finds them gone.
+        self.leases.clear();
+        for view in std::mem::take(&mut self.views) {
+            if let Err(e) = self.shared.engine.close_model(view) {
+                warn!(conn = id, view, "closing a view failed: {e}");
+            }
+            self.shared.registry().models.remove(&view);
+            self.open.remove(&view);
+        }
+        for model in std::mem::take(&mut self.open) {
+            self.open.insert(model);
+            if let Err(e) = self.leave_model(model) {
+                warn!(conn = id, model, "closing a model failed: {}", e.message);
+            }
+        }
+        self.shared.clients().remove(&id);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if released > 0 {
+            info!(conn = id, released, "released the leases of a departed client");
+        }
+    }
+}
+
+fn unknown_lease(lease: LeaseId) -> ErrorReply {
+    ErrorReply::new(ErrorCode::UnknownLease, format!("this client holds no lease {lease}"))
+}
+
+fn unexpected(kind: Kind, reason: &str) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::UnexpectedMessage,
+        format!("unexpected {} frame: {reason}", kind.name()),
+    )
+}
