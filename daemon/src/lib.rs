@@ -5,12 +5,14 @@
 //! the C ABI are built on. See ARCHITECTURE.md for the map.
 
 pub mod bench;
+pub mod config;
 pub mod device;
 pub mod engine;
 pub mod inspect;
 pub mod lora;
 pub mod protocol;
 pub mod server;
+pub mod service;
 pub mod store;
 pub mod sysmem;
 pub mod units;

@@ -11,30 +11,36 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ferry::config::FerrydConfig;
 use ferry::device::{self, DeviceChoice, DeviceConfig};
 use ferry::engine::{Engine, EngineConfig};
 use ferry::server::{Server, ServerConfig};
+use ferry::service;
 use tracing::{error, info};
 
 #[derive(Debug, Parser)]
 #[command(name = "ferryd", version = ferry::VERSION, about = "The ferry weight streaming daemon")]
 struct Args {
+    /// The configuration file (default: /etc/ferry/ferryd.toml, if it exists). Flags given
+    /// here override its keys.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// Device backend: auto picks CUDA when a driver is present, else host memory.
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
+    #[arg(long, value_enum)]
+    device: Option<DeviceChoice>,
     /// Device memory the engine may use, in bytes (default: 75% of the device, at most what is
     /// free).
     #[arg(long)]
     budget: Option<u64>,
-    /// Bytes of "device memory" the host backend offers.
-    #[arg(long, default_value_t = 4 << 30)]
-    host_memory: u64,
+    /// Bytes of "device memory" the host backend offers (default 4 GiB).
+    #[arg(long)]
+    host_memory: Option<u64>,
     /// Models to open at start (validated, then kept mapped); may be repeated.
     #[arg(long, value_name = "PATH")]
     preload: Vec<PathBuf>,
-    /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides it.
-    #[arg(long, default_value = "info")]
-    log: String,
+    /// Log filter (tracing's EnvFilter syntax, default `info`); RUST_LOG overrides it.
+    #[arg(long)]
+    log: Option<String>,
     /// Exit after start-up instead of serving (for checks and scripts); the socket is not
     /// bound.
     #[arg(long)]
@@ -54,16 +60,54 @@ struct Args {
     /// A (primary) gid allowed to connect; may be repeated.
     #[arg(long = "allow-gid", value_name = "GID")]
     allow_gids: Vec<u32>,
+    /// Most clients connected at once (default 256).
+    #[arg(long)]
+    max_clients: Option<usize>,
+}
+
+/// The flags, with every value the command line left out taken from the configuration file.
+fn merge(mut args: Args, file: FerrydConfig) -> Args {
+    args.device = args.device.or(file.device);
+    args.budget = args.budget.or(file.budget);
+    args.host_memory = args.host_memory.or(file.host_memory);
+    args.socket = args.socket.or(file.socket);
+    args.log = args.log.or(file.log);
+    args.max_clients = args.max_clients.or(file.max_clients);
+    for (flag, from_file) in
+        [(&mut args.model_roots, file.model_roots), (&mut args.preload, file.preload)]
+    {
+        if flag.is_empty() {
+            *flag = from_file;
+        }
+    }
+    if args.allow_uids.is_empty() && args.allow_gids.is_empty() {
+        args.allow_uids = file.allow_uids;
+        args.allow_gids = file.allow_gids;
+    }
+    args
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let file = match &args.config {
+        Some(path) => FerrydConfig::load(path, true),
+        None => FerrydConfig::load(std::path::Path::new(ferry::config::DEFAULT_PATH), false),
+    };
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("ferryd: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let args = merge(args, file);
+    let log = args.log.clone().unwrap_or_else(|| "info".to_string());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log));
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log));
     let filter = match filter {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("ferryd: error: --log {:?}: {e}", args.log);
+            eprintln!("ferryd: error: log filter {log:?}: {e}");
             return ExitCode::from(2);
         }
     };
@@ -85,7 +129,8 @@ fn main() -> ExitCode {
         }
     };
 
-    let (backend, reason) = match device::select(args.device) {
+    let device_choice = args.device.unwrap_or_default();
+    let (backend, reason) = match device::select(device_choice) {
         Ok(b) => b,
         Err(e) => {
             error!("{e}");
@@ -94,8 +139,11 @@ fn main() -> ExitCode {
     };
     info!(version = ferry::VERSION, %backend, reason, "ferryd starting");
     let engine = match Engine::new(EngineConfig {
-        device: args.device,
-        device_config: DeviceConfig { host_memory: args.host_memory, ..DeviceConfig::default() },
+        device: device_choice,
+        device_config: DeviceConfig {
+            host_memory: args.host_memory.unwrap_or(4 << 30),
+            ..DeviceConfig::default()
+        },
         budget: args.budget,
         ..EngineConfig::default()
     }) {
@@ -140,13 +188,28 @@ fn main() -> ExitCode {
         info!("start-up check passed");
         return ExitCode::SUCCESS;
     }
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         model_roots: args.model_roots.clone(),
         allow_uids: args.allow_uids.clone(),
         allow_gids: args.allow_gids.clone(),
         ..ServerConfig::new(args.socket.clone().unwrap_or_else(ferry::server::default_socket_path))
     };
-    let server = match Server::start(engine.clone(), config) {
+    if let Some(n) = args.max_clients {
+        config.max_clients = n;
+    }
+    // Under systemd socket activation the listener is inherited (descriptor 3).
+    let started = match service::inherited_listener() {
+        Ok(Some(listener)) => {
+            info!("socket activation: using the listener systemd passed");
+            Server::start_with_listener(engine.clone(), config, listener)
+        }
+        Ok(None) => Server::start(engine.clone(), config),
+        Err(e) => {
+            error!("socket activation: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match started {
         Ok(s) => s,
         Err(e) => {
             error!("{e}");
@@ -160,7 +223,9 @@ fn main() -> ExitCode {
         }
     }
     info!(socket = %server.socket_path().display(), "ready; stop with SIGTERM or Ctrl-C");
+    service::notify("READY=1");
     let stopped = wait_for_stop(&signals);
+    service::notify("STOPPING=1");
     info!("draining connections");
     server.shutdown();
     match stopped {

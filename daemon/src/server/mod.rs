@@ -319,6 +319,8 @@ impl Shared {
 pub struct Server {
     shared: Arc<Shared>,
     socket: PathBuf,
+    /// Whether the server bound the socket file (and so removes it when it stops).
+    owns_socket: bool,
     /// Write end of the pipe that wakes the accept thread.
     wake: Option<OwnedFd>,
     accept: Option<JoinHandle<Vec<JoinHandle<()>>>>,
@@ -327,6 +329,24 @@ pub struct Server {
 impl Server {
     /// Binds the socket and starts accepting connections (module docs).
     pub fn start(engine: Engine, config: ServerConfig) -> Result<Server, ServerError> {
+        Server::start_on(engine, config, None)
+    }
+
+    /// Like [`Server::start`], on a listener bound by someone else (systemd socket activation):
+    /// `config.socket` names it for logs, and the server neither binds nor removes it.
+    pub fn start_with_listener(
+        engine: Engine,
+        config: ServerConfig,
+        listener: UnixListener,
+    ) -> Result<Server, ServerError> {
+        Server::start_on(engine, config, Some(listener))
+    }
+
+    fn start_on(
+        engine: Engine,
+        config: ServerConfig,
+        inherited: Option<UnixListener>,
+    ) -> Result<Server, ServerError> {
         let mut roots = Vec::new();
         for r in &config.model_roots {
             let c =
@@ -349,7 +369,11 @@ impl Server {
         if engine.device_info().backend == Backend::Host {
             offered |= features::HOST_ARENA;
         }
-        let listener = bind(&config.socket)?;
+        let owns_socket = inherited.is_none();
+        let listener = match inherited {
+            Some(l) => l,
+            None => bind(&config.socket)?,
+        };
         let (wake_r, wake_w) = pipe().map_err(io_err("creating the wake pipe"))?;
         let socket = config.socket.clone();
         let shared = Arc::new(Shared {
@@ -368,7 +392,7 @@ impl Server {
             .spawn(move || accept_loop(&s2, &listener, &wake_r))
             .map_err(io_err("starting the accept thread"))?;
         info!(socket = %socket.display(), roots = ?shared.roots, "listening");
-        Ok(Server { shared, socket, wake: Some(wake_w), accept: Some(accept) })
+        Ok(Server { shared, socket, owns_socket, wake: Some(wake_w), accept: Some(accept) })
     }
 
     /// The socket's path.
@@ -427,7 +451,7 @@ impl Server {
         for h in conns {
             let _ = h.join();
         }
-        if std::fs::remove_file(&self.socket).is_ok() {
+        if self.owns_socket && std::fs::remove_file(&self.socket).is_ok() {
             info!(socket = %self.socket.display(), "socket removed");
         }
     }

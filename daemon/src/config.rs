@@ -1,0 +1,128 @@
+//! ferryd's configuration file (`/etc/ferry/ferryd.toml`). Every key is optional; a flag given
+//! on the command line overrides the file. Unknown keys are errors, so a typo cannot silently
+//! fall back to a default. `deploy/ferryd.toml` is a commented example of every key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::device::DeviceChoice;
+
+/// Where ferryd looks when no `--config` is given (a missing file there is not an error).
+pub const DEFAULT_PATH: &str = "/etc/ferry/ferryd.toml";
+
+/// The file's contents.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FerrydConfig {
+    /// `auto` (CUDA if a driver is present, else host), `cuda` or `host`.
+    pub device: Option<DeviceChoice>,
+    /// Device memory the engine may use, in bytes (default: 75% of the device).
+    pub budget: Option<u64>,
+    /// Bytes of "device memory" the host backend offers (default 4 GiB).
+    pub host_memory: Option<u64>,
+    /// The Unix socket to listen on (ignored under socket activation).
+    pub socket: Option<PathBuf>,
+    /// Directories under which clients may open models and LoRA files by path.
+    #[serde(default)]
+    pub model_roots: Vec<PathBuf>,
+    /// uids allowed to connect (none, with no `allow_gids` either: the daemon's uid and root).
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    /// Primary gids allowed to connect.
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
+    /// Most clients connected at once.
+    pub max_clients: Option<usize>,
+    /// Models opened at start and kept open.
+    #[serde(default)]
+    pub preload: Vec<PathBuf>,
+    /// Log filter, tracing's EnvFilter syntax (`info`, `ferry=debug`, ...).
+    pub log: Option<String>,
+}
+
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+}
+
+impl FerrydConfig {
+    /// Parses a configuration from TOML text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<FerrydConfig, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    /// Reads `path`; with `required` false a missing file is an empty configuration.
+    pub fn load(path: &Path, required: bool) -> Result<FerrydConfig, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => FerrydConfig::parse(&text, path),
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(FerrydConfig::default())
+            }
+            Err(source) => Err(ConfigError::Io { path: path.to_path_buf(), source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_parses() {
+        let text = r#"
+            device = "host"
+            budget = 1073741824
+            host_memory = 2147483648
+            socket = "/run/ferry/ferryd.sock"
+            model_roots = ["/models", "/srv/loras"]
+            allow_uids = [1000]
+            allow_gids = [44]
+            max_clients = 64
+            preload = ["/models/sdxl"]
+            log = "ferry=debug"
+        "#;
+        let c = FerrydConfig::parse(text, Path::new("x.toml")).unwrap();
+        assert_eq!(c.device, Some(DeviceChoice::Host));
+        assert_eq!(c.budget, Some(1 << 30));
+        assert_eq!(c.model_roots.len(), 2);
+        assert_eq!(c.allow_gids, [44]);
+        assert_eq!(c.max_clients, Some(64));
+        assert_eq!(c.log.as_deref(), Some("ferry=debug"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = FerrydConfig::parse("budgte = 5", Path::new("/etc/ferry/ferryd.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/etc/ferry/ferryd.toml") && err.contains("budgte"), "{err}");
+        let err = FerrydConfig::parse("device = \"tpu\"", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("tpu"), "{err}");
+        let err = FerrydConfig::parse("budget = -1", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("budget"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_default_file_is_empty_but_a_missing_given_file_is_an_error() {
+        let missing = Path::new("/nonexistent/ferryd.toml");
+        assert_eq!(FerrydConfig::load(missing, false).unwrap(), FerrydConfig::default());
+        assert!(matches!(FerrydConfig::load(missing, true), Err(ConfigError::Io { .. })));
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ferryd.toml");
+        let c = FerrydConfig::load(Path::new(path), true).unwrap();
+        assert_eq!(c.device, Some(DeviceChoice::Auto));
+    }
+}
