@@ -7,8 +7,10 @@
  *     FERRY_BLESS=1 cargo test --test header_drift
  *
  * Conventions: fallible functions return a ferry_status (stable numeric codes, never
- * renumbered; new codes are appended). Strings returned as const char * are static,
- * NUL-terminated, never NULL and must not be freed.
+ * renumbered; new codes are appended) and results come back through out-parameters.
+ * Strings returned as const char * are NUL-terminated, never NULL and must not be freed;
+ * they are static unless documented otherwise (ferry_last_error, ferry_tensor_desc.name).
+ * Handles (ferry_engine, ferry_lease) are opaque; see each function for thread-safety.
  */
 
 #ifndef FERRY_H
@@ -21,6 +23,11 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+/**
+ * The most dimensions a `ferry_tensor_desc` describes.
+ */
+#define FERRY_MAX_RANK 8
 
 /**
  * The status returned by fallible ferry functions.
@@ -68,7 +75,282 @@ typedef enum ferry_status {
    * An internal error that is not one of the above.
    */
   FERRY_ERR_INTERNAL = 9,
+  /**
+   * Leases are held where the operation needs none (changing a residency policy, closing a
+   * model): release them first.
+   */
+  FERRY_ERR_BUSY = 10,
+  /**
+   * An acquire waited its whole timeout for leased layers to be released.
+   */
+  FERRY_ERR_TIMEOUT = 11,
+  /**
+   * The memory budget cannot serve the request (the policy needs more, or no room is left).
+   */
+  FERRY_ERR_BUDGET = 12,
+  /**
+   * A model file was truncated while mapped; the model can no longer be served.
+   */
+  FERRY_ERR_TRUNCATED = 13,
+  /**
+   * The device (CUDA driver or host backend) reported an error.
+   */
+  FERRY_ERR_DEVICE = 14,
+  /**
+   * The model failed earlier (e.g. a copy failed) and no longer serves.
+   */
+  FERRY_ERR_MODEL_FAILED = 15,
 } ferry_status;
+
+/**
+ * The device an engine streams to (`ferry_engine_config.device`).
+ */
+enum ferry_device
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * CUDA if a driver can be loaded, else host memory.
+   */
+  FERRY_DEVICE_AUTO = 0,
+  /**
+   * An NVIDIA GPU through the CUDA driver API (ordinal 0).
+   */
+  FERRY_DEVICE_CUDA = 1,
+  /**
+   * System memory standing in for device memory: tensor addresses are plain pointers.
+   */
+  FERRY_DEVICE_HOST = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ferry_device ferry_device;
+#else
+typedef uint32_t ferry_device;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * A residency policy (`ferry_set_residency`'s `policy`).
+ */
+enum ferry_policy
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * Everything resident, loaded at once.
+   */
+  FERRY_POLICY_NONE = 0,
+  /**
+   * Whole components in and out, least recently used first; the next is prefetched.
+   */
+  FERRY_POLICY_COMPONENT = 1,
+  /**
+   * A window of `lookahead + 1` layers; every layer streams every pass.
+   */
+  FERRY_POLICY_SEQUENTIAL = 2,
+  /**
+   * A stable resident set within a threshold; the rest streams.
+   */
+  FERRY_POLICY_BALANCED = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ferry_policy ferry_policy;
+#else
+typedef uint32_t ferry_policy;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * How a LoRA stack is applied (`ferry_view_create`'s `mode`).
+ */
+enum ferry_lora_mode
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * Merged on the way to the device; the file's bytes are untouched.
+   */
+  FERRY_LORA_BACKUP = 0,
+  /**
+   * Merged once and cached in host memory.
+   */
+  FERRY_LORA_FUSE = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ferry_lora_mode ferry_lora_mode;
+#else
+typedef uint32_t ferry_lora_mode;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * Element types, numbered in safetensors' order. Stable: never renumbered, new ones appended.
+ */
+enum ferry_dtype
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  FERRY_DTYPE_BOOL = 0,
+  FERRY_DTYPE_F4 = 1,
+  FERRY_DTYPE_F6_E2M3 = 2,
+  FERRY_DTYPE_F6_E3M2 = 3,
+  FERRY_DTYPE_U8 = 4,
+  FERRY_DTYPE_I8 = 5,
+  FERRY_DTYPE_F8_E5M2 = 6,
+  FERRY_DTYPE_F8_E4M3 = 7,
+  FERRY_DTYPE_F8_E8M0 = 8,
+  FERRY_DTYPE_F8_E4M3FNUZ = 9,
+  FERRY_DTYPE_F8_E5M2FNUZ = 10,
+  FERRY_DTYPE_I16 = 11,
+  FERRY_DTYPE_U16 = 12,
+  FERRY_DTYPE_F16 = 13,
+  FERRY_DTYPE_BF16 = 14,
+  FERRY_DTYPE_I32 = 15,
+  FERRY_DTYPE_U32 = 16,
+  FERRY_DTYPE_F32 = 17,
+  FERRY_DTYPE_C64 = 18,
+  FERRY_DTYPE_F64 = 19,
+  FERRY_DTYPE_I64 = 20,
+  FERRY_DTYPE_U64 = 21,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ferry_dtype ferry_dtype;
+#else
+typedef uint32_t ferry_dtype;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * An in-process streaming engine: one device, one memory budget, any number of models.
+ *
+ * Opaque: created by `ferry_engine_open`, destroyed by `ferry_engine_close`. Every call that
+ * takes a `ferry_engine *` is thread-safe: one engine may be used from many threads at once
+ * (but `ferry_engine_close` must not run concurrently with any other call on it).
+ */
+typedef struct ferry_engine ferry_engine;
+
+/**
+ * A hold on one layer on the device, from `ferry_acquire`. While it is held the layer is not
+ * evicted; give it back with `ferry_release`.
+ *
+ * Opaque. A lease is not thread-safe: use it from one thread at a time (external
+ * synchronisation is needed to share it) and release it exactly once. `ferry_release` frees
+ * it on success, as does `ferry_engine_close` for leases still held; any later use of the
+ * pointer is a use-after-free.
+ */
+typedef struct ferry_lease ferry_lease;
+
+/**
+ * How to build an engine. Fill it with `ferry_engine_config_default`, then change fields.
+ * A zero in any field other than `device` means "the default".
+ */
+typedef struct ferry_engine_config {
+  /**
+   * A `ferry_device` value.
+   */
+  uint32_t device;
+  /**
+   * Pinned staging slots (default 4).
+   */
+  uint32_t staging_slots;
+  /**
+   * Bytes of device memory the engine may use (default: 75% of the device, at most what is
+   * free). Allocated at start; a hard cap.
+   */
+  uint64_t budget_bytes;
+  /**
+   * Bytes of "device memory" the host backend reports (default 4 GiB).
+   */
+  uint64_t host_memory_bytes;
+  /**
+   * Bytes of each staging slot (default 16 MiB).
+   */
+  uint64_t staging_slot_bytes;
+  /**
+   * How long `ferry_acquire` waits for leased layers to be released (default 30000).
+   */
+  uint64_t acquire_timeout_ms;
+} ferry_engine_config;
+
+/**
+ * Counters since the engine started (a mirror of the engine's stats), from `ferry_stats`.
+ * (Named `ferry_engine_stats` because `ferry_stats` is the function.)
+ */
+typedef struct ferry_engine_stats {
+  uint64_t acquires;
+  /**
+   * Acquires that found the layer present (resident or already loading).
+   */
+  uint64_t hits;
+  /**
+   * Acquires that had to start loading the layer.
+   */
+  uint64_t misses;
+  uint64_t loads;
+  uint64_t evictions;
+  /**
+   * Bytes queued for copying to the device.
+   */
+  uint64_t bytes_streamed;
+  /**
+   * Nanoseconds clients spent waiting for memory or copies.
+   */
+  uint64_t stall_ns;
+  /**
+   * Device bytes allocated now.
+   */
+  uint64_t device_bytes;
+  /**
+   * The most device bytes ever allocated at once.
+   */
+  uint64_t peak_device_bytes;
+  /**
+   * The arena size: the hard cap.
+   */
+  uint64_t budget;
+  /**
+   * Host memory held by fused LoRA layers.
+   */
+  uint64_t lora_cache_bytes;
+} ferry_engine_stats;
+
+/**
+ * One tensor of a leased layer.
+ */
+typedef struct ferry_tensor_desc {
+  /**
+   * The tensor's local name (component prefix removed), NUL-terminated; owned by the lease
+   * and valid while it is held.
+   */
+  const char *name;
+  /**
+   * Where the bytes are: a `CUdeviceptr` on CUDA, a plain pointer on the host backend.
+   * Read them only once the layer is ready (`ferry_lease_wait`, or a stream passed to
+   * `ferry_acquire`), and only while the lease is held.
+   */
+  uint64_t device_ptr;
+  /**
+   * Size of the tensor's bytes.
+   */
+  uint64_t byte_len;
+  /**
+   * A `ferry_dtype` value.
+   */
+  uint32_t dtype;
+  /**
+   * Number of dimensions (at most `FERRY_MAX_RANK`); `shape[rank..]` are 0.
+   */
+  uint32_t rank;
+  uint64_t shape[FERRY_MAX_RANK];
+} ferry_tensor_desc;
 
 #ifdef __cplusplus
 extern "C" {
@@ -112,6 +394,313 @@ const char *ferry_status_str(int32_t status);
  * valid for a write of a `size_t`. Neither may overlap the other.
  */
 enum ferry_status ferry_version_copy(char *buf, size_t len, size_t *written);
+
+/**
+ * Fills `*out` with the default configuration (device AUTO, default budget, the engine's
+ * default staging ring and acquire timeout).
+ *
+ * Returns `FERRY_ERR_NULL_ARGUMENT` when `out` is NULL. Thread-safe.
+ *
+ * # Safety
+ *
+ * `out`, if non-NULL, must be valid for a write of a `ferry_engine_config`.
+ */
+enum ferry_status ferry_engine_config_default(struct ferry_engine_config *out);
+
+/**
+ * Opens an in-process engine: opens the device, allocates the budget (the arena) and the
+ * staging ring, starts the copy threads. `config` NULL means the defaults.
+ *
+ * On success `*out` receives the engine; close it with `ferry_engine_close`. On failure
+ * `*out` is set to NULL. Errors: `FERRY_ERR_NULL_ARGUMENT` (`out` NULL),
+ * `FERRY_ERR_INVALID_ARGUMENT` (a bad field, e.g. an unknown device or a staging ring too
+ * large for this machine), `FERRY_ERR_UNSUPPORTED` (CUDA requested but unavailable),
+ * `FERRY_ERR_DEVICE`. Thread-safe.
+ *
+ * # Safety
+ *
+ * `config`, if non-NULL, must point to an initialised `ferry_engine_config`; `out`, if
+ * non-NULL, must be valid for a write of a pointer.
+ */
+enum ferry_status ferry_engine_open(const struct ferry_engine_config *config,
+                                    struct ferry_engine **out);
+
+/**
+ * Closes an engine: releases and frees every lease still held on it (their `ferry_lease *`
+ * become invalid), closes its models, waits for copies in flight, frees its device memory.
+ * NULL is allowed (does nothing).
+ *
+ * Not thread-safe with respect to the engine: no other call may use `engine` (or one of its
+ * leases) during or after this one.
+ *
+ * # Safety
+ *
+ * `engine`, if non-NULL, must come from `ferry_engine_open` and not have been closed.
+ */
+void ferry_engine_close(struct ferry_engine *engine);
+
+/**
+ * Opens a model (a `.safetensors` file, a sharded checkpoint's index, or a diffusers folder)
+ * and returns its id through `*model_out`. Nothing is copied yet.
+ *
+ * Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_IO`, `FERRY_ERR_INVALID_MODEL`. Thread-safe.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine; `path` NULL or a NUL-terminated string;
+ * `model_out` NULL or valid for a write of a `uint64_t`.
+ */
+enum ferry_status ferry_model_open(const struct ferry_engine *engine,
+                                   const char *path,
+                                   uint64_t *model_out);
+
+/**
+ * Closes a model (or a view): its layers leave the device and its memory is returned.
+ *
+ * Errors: `FERRY_ERR_NOT_FOUND` (unknown id), `FERRY_ERR_BUSY` (a layer is leased, or views
+ * of it are open). Thread-safe.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine.
+ */
+enum ferry_status ferry_model_close(const struct ferry_engine *engine, uint64_t model);
+
+/**
+ * Sets the residency policy of a whole model (`component` NULL) or of one component.
+ *
+ * `policy` is a `ferry_policy` value, passed as an integer and checked. `lookahead` is used
+ * by `FERRY_POLICY_SEQUENTIAL` only. `FERRY_POLICY_BALANCED` keeps a resident set within
+ * `threshold_bytes` (if non-zero) or `threshold_fraction` of the device's memory (if non-zero,
+ * in (0, 1]), or the default 0.75 when both are zero; the other policies ignore both.
+ *
+ * Errors: `FERRY_ERR_INVALID_ARGUMENT` (unknown policy, bad threshold), `FERRY_ERR_NOT_FOUND`
+ * (model or component), `FERRY_ERR_BUSY` (a layer of the model is leased),
+ * `FERRY_ERR_BUDGET` (the budget cannot serve the policy). Nothing changes on failure.
+ * Thread-safe.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine; `component` NULL or a NUL-terminated string.
+ */
+enum ferry_status ferry_set_residency(const struct ferry_engine *engine,
+                                      uint64_t model,
+                                      const char *component,
+                                      uint32_t policy,
+                                      uint32_t lookahead,
+                                      uint64_t threshold_bytes,
+                                      double threshold_fraction);
+
+/**
+ * Stores the number of layers of `component` of `model` in `*out`.
+ *
+ * A single-file checkpoint has one component, `"model"`. Errors: `FERRY_ERR_NULL_ARGUMENT`,
+ * `FERRY_ERR_NOT_FOUND` (model or component). Thread-safe.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine; `component` NULL or a NUL-terminated string; `out`
+ * NULL or valid for a write of a `size_t`.
+ */
+enum ferry_status ferry_layer_count(const struct ferry_engine *engine,
+                                    uint64_t model,
+                                    const char *component,
+                                    size_t *out);
+
+/**
+ * Stores the index (streaming order) of the layer named `layer_name` of `component` in
+ * `*out`.
+ *
+ * Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND`. Thread-safe.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine; `component` and `layer_name` NULL or
+ * NUL-terminated strings; `out` NULL or valid for a write of a `size_t`.
+ */
+enum ferry_status ferry_layer_index(const struct ferry_engine *engine,
+                                    uint64_t model,
+                                    const char *component,
+                                    const char *layer_name,
+                                    size_t *out);
+
+/**
+ * Hints that layer `layer` of `component` will be acquired soon; the policy may start
+ * loading it. Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND`. Thread-safe.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine; `component` NULL or a NUL-terminated string.
+ */
+enum ferry_status ferry_prefetch(const struct ferry_engine *engine,
+                                 uint64_t model,
+                                 const char *component,
+                                 size_t layer);
+
+/**
+ * Stores the engine's counters in `*out`. Errors: `FERRY_ERR_NULL_ARGUMENT`. Thread-safe.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine; `out` NULL or valid for a write of a
+ * `ferry_engine_stats`.
+ */
+enum ferry_status ferry_stats(const struct ferry_engine *engine, struct ferry_engine_stats *out);
+
+/**
+ * Creates a view: model `model` seen through a stack of `n` LoRA files (`lora_paths[i]` at
+ * strength `strengths[i]`, applied in order) with `mode` (a `ferry_lora_mode`). The view has
+ * its own model id (stored in `*view_out`), used like any model id; layers the stack does not
+ * touch are shared with the base. Close it with `ferry_model_close` before the base.
+ *
+ * Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_INVALID_ARGUMENT` (n == 0, unknown mode,
+ * non-finite strength, the base is itself a view), `FERRY_ERR_NOT_FOUND`,
+ * `FERRY_ERR_IO` / `FERRY_ERR_INVALID_MODEL` (a LoRA file). Thread-safe.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine; when `n > 0`, `lora_paths` and `strengths` must be
+ * NULL or point to `n` elements, each path a NUL-terminated string; `view_out` NULL or valid
+ * for a write of a `uint64_t`.
+ */
+enum ferry_status ferry_view_create(const struct ferry_engine *engine,
+                                    uint64_t model,
+                                    const char *const *lora_paths,
+                                    const float *strengths,
+                                    size_t n,
+                                    uint32_t mode,
+                                    uint64_t *view_out);
+
+/**
+ * Returns the calling thread's last error message: why the most recent fallible ferry call
+ * on this thread failed, or an empty string if it succeeded.
+ *
+ * The string is NUL-terminated and never NULL. It is owned by ferry and stays valid until the
+ * next ferry call on the same thread that returns a `ferry_status` (other than
+ * `ferry_last_error_copy`); do not free it. Each thread has its own message.
+ */
+const char *ferry_last_error(void);
+
+/**
+ * Copies the calling thread's last error message, with its terminating NUL, into `buf`.
+ *
+ * `*needed` (when `needed` is not NULL) receives the size of the message including the NUL,
+ * whatever the outcome. Returns `FERRY_ERR_BUFFER_TOO_SMALL` (writing nothing to `buf`) when
+ * `len` is smaller than that, and `FERRY_ERR_NULL_ARGUMENT` when `buf` is NULL (so
+ * `ferry_last_error_copy(NULL, 0, &needed)` queries the size). This function does not change
+ * the last error message. Thread-safe (each thread has its own message).
+ *
+ * # Safety
+ *
+ * `buf`, if non-NULL, must be valid for writes of `len` bytes; `needed`, if non-NULL, must be
+ * valid for a write of a `size_t`. They must not overlap.
+ */
+enum ferry_status ferry_last_error_copy(char *buf, size_t len, size_t *needed);
+
+/**
+ * Acquires layer `layer` (its index, see `ferry_layer_count` / `ferry_layer_index`) of
+ * `component` of `model`, and stores the lease in `*out` (NULL on failure).
+ *
+ * Returns as soon as the layer's copy is under way, without waiting for it. Before reading
+ * the tensors either call `ferry_lease_wait` (host sync), or, on CUDA, pass the `CUstream`
+ * your kernels run on as `cuda_stream`: the stream is then made to wait (on the device) for
+ * the copy, and the host does not block. On the host backend `cuda_stream` must be NULL.
+ *
+ * Blocks (up to the configured acquire timeout) only when every layer that could make room
+ * is leased. Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND` (model, component, or
+ * `layer` out of range), `FERRY_ERR_INVALID_ARGUMENT` (a stream on the host backend),
+ * `FERRY_ERR_TIMEOUT`, `FERRY_ERR_BUDGET`, `FERRY_ERR_TRUNCATED`, `FERRY_ERR_DEVICE`.
+ * Thread-safe with respect to the engine; the lease belongs to the calling thread.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine; `component` NULL or a NUL-terminated string;
+ * `cuda_stream` NULL or a live `CUstream` of the engine's device whose context is current on
+ * the calling thread; `out` NULL or valid for a write of a pointer.
+ */
+enum ferry_status ferry_acquire(const struct ferry_engine *engine,
+                                uint64_t model,
+                                const char *component,
+                                size_t layer,
+                                void *cuda_stream,
+                                struct ferry_lease **out);
+
+/**
+ * Blocks until the lease's layer is entirely on the device (the time counts as stall).
+ *
+ * Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_TRUNCATED` (the file was truncated while
+ * mapped), `FERRY_ERR_DEVICE`. The lease stays held either way.
+ *
+ * # Safety
+ *
+ * `lease` must be NULL or a held lease, not used by another thread during the call.
+ */
+enum ferry_status ferry_lease_wait(const struct ferry_lease *lease);
+
+/**
+ * Stores the number of tensors of the leased layer in `*out`.
+ *
+ * # Safety
+ *
+ * `lease` must be NULL or a held lease; `out` NULL or valid for a write of a `size_t`.
+ */
+enum ferry_status ferry_lease_tensor_count(const struct ferry_lease *lease, size_t *out);
+
+/**
+ * Describes tensor `index` (header order) of the leased layer in `*out`.
+ *
+ * Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND` (index out of range),
+ * `FERRY_ERR_UNSUPPORTED` (more than `FERRY_MAX_RANK` dimensions).
+ *
+ * # Safety
+ *
+ * `lease` must be NULL or a held lease; `out` NULL or valid for a write of a
+ * `ferry_tensor_desc`.
+ */
+enum ferry_status ferry_lease_tensor(const struct ferry_lease *lease,
+                                     size_t index,
+                                     struct ferry_tensor_desc *out);
+
+/**
+ * Describes the tensor named `name` (its local name, e.g. `"blocks.0.weight"`) of the leased
+ * layer in `*out`. Errors as `ferry_lease_tensor`; `FERRY_ERR_NOT_FOUND` for an unknown name.
+ *
+ * # Safety
+ *
+ * `lease` must be NULL or a held lease; `name` NULL or a NUL-terminated string; `out` NULL or
+ * valid for a write of a `ferry_tensor_desc`.
+ */
+enum ferry_status ferry_lease_tensor_by_name(const struct ferry_lease *lease,
+                                             const char *name,
+                                             struct ferry_tensor_desc *out);
+
+/**
+ * Releases a lease of `engine` and frees it.
+ *
+ * `cuda_stream`: on CUDA, the stream your kernels reading the layer were queued on; the
+ * engine then waits (on the device) for that work before reusing the memory, so you need not
+ * synchronise. NULL means your use is already over (the only choice on the host backend).
+ *
+ * On `FERRY_OK` the lease is freed and the pointer must not be used again. On failure the
+ * lease is untouched and still held (e.g. `FERRY_ERR_INVALID_ARGUMENT` for a stream on the
+ * host backend, `FERRY_ERR_DEVICE` if the device refused to wait for the stream: synchronise
+ * and release again with NULL).
+ *
+ * The engine tracks the leases it handed out, so a lease of another engine, or one already
+ * released, is refused with `FERRY_ERR_NOT_FOUND` without touching it (the other engine's
+ * lease stays usable). A pointer already released can only be caught as long as its memory
+ * was not reused for a newer lease of the same engine: do not rely on it.
+ * Thread-safe with respect to the engine.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine; `lease` NULL or a pointer `ferry_acquire`
+ * returned (checked against the engine's leases before use), not used by another thread;
+ * `cuda_stream` as for `ferry_acquire`.
+ */
+enum ferry_status ferry_release(const struct ferry_engine *engine,
+                                struct ferry_lease *lease,
+                                void *cuda_stream);
 
 #ifdef __cplusplus
 }  // extern "C"

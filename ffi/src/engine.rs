@@ -1,0 +1,602 @@
+//! The in-process engine: `ferry_engine` and the calls on models.
+
+use core::ffi::{CStr, c_char};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use ferry::device::DeviceChoice;
+use ferry::engine::lora_view::LoraMode;
+use ferry::engine::policy::{PolicySpec, Threshold};
+use ferry::engine::{Engine, EngineConfig, EngineError, ModelId};
+
+use crate::error::{FfiError, Result};
+use crate::{boundary, ferry_status, ptr};
+
+/// An in-process streaming engine: one device, one memory budget, any number of models.
+///
+/// Opaque: created by `ferry_engine_open`, destroyed by `ferry_engine_close`. Every call that
+/// takes a `ferry_engine *` is thread-safe: one engine may be used from many threads at once
+/// (but `ferry_engine_close` must not run concurrently with any other call on it).
+#[allow(non_camel_case_types)]
+#[derive(Debug)]
+pub struct ferry_engine {
+    _private: [u8; 0],
+}
+
+/// The device an engine streams to (`ferry_engine_config.device`).
+#[repr(u32)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ferry_device {
+    /// CUDA if a driver can be loaded, else host memory.
+    FERRY_DEVICE_AUTO = 0,
+    /// An NVIDIA GPU through the CUDA driver API (ordinal 0).
+    FERRY_DEVICE_CUDA = 1,
+    /// System memory standing in for device memory: tensor addresses are plain pointers.
+    FERRY_DEVICE_HOST = 2,
+}
+
+/// A residency policy (`ferry_set_residency`'s `policy`).
+#[repr(u32)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ferry_policy {
+    /// Everything resident, loaded at once.
+    FERRY_POLICY_NONE = 0,
+    /// Whole components in and out, least recently used first; the next is prefetched.
+    FERRY_POLICY_COMPONENT = 1,
+    /// A window of `lookahead + 1` layers; every layer streams every pass.
+    FERRY_POLICY_SEQUENTIAL = 2,
+    /// A stable resident set within a threshold; the rest streams.
+    FERRY_POLICY_BALANCED = 3,
+}
+
+/// How a LoRA stack is applied (`ferry_view_create`'s `mode`).
+#[repr(u32)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ferry_lora_mode {
+    /// Merged on the way to the device; the file's bytes are untouched.
+    FERRY_LORA_BACKUP = 0,
+    /// Merged once and cached in host memory.
+    FERRY_LORA_FUSE = 1,
+}
+
+/// How to build an engine. Fill it with `ferry_engine_config_default`, then change fields.
+/// A zero in any field other than `device` means "the default".
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ferry_engine_config {
+    /// A `ferry_device` value.
+    pub device: u32,
+    /// Pinned staging slots (default 4).
+    pub staging_slots: u32,
+    /// Bytes of device memory the engine may use (default: 75% of the device, at most what is
+    /// free). Allocated at start; a hard cap.
+    pub budget_bytes: u64,
+    /// Bytes of "device memory" the host backend reports (default 4 GiB).
+    pub host_memory_bytes: u64,
+    /// Bytes of each staging slot (default 16 MiB).
+    pub staging_slot_bytes: u64,
+    /// How long `ferry_acquire` waits for leased layers to be released (default 30000).
+    pub acquire_timeout_ms: u64,
+}
+
+/// Counters since the engine started (a mirror of the engine's stats), from `ferry_stats`.
+/// (Named `ferry_engine_stats` because `ferry_stats` is the function.)
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ferry_engine_stats {
+    pub acquires: u64,
+    /// Acquires that found the layer present (resident or already loading).
+    pub hits: u64,
+    /// Acquires that had to start loading the layer.
+    pub misses: u64,
+    pub loads: u64,
+    pub evictions: u64,
+    /// Bytes queued for copying to the device.
+    pub bytes_streamed: u64,
+    /// Nanoseconds clients spent waiting for memory or copies.
+    pub stall_ns: u64,
+    /// Device bytes allocated now.
+    pub device_bytes: u64,
+    /// The most device bytes ever allocated at once.
+    pub peak_device_bytes: u64,
+    /// The arena size: the hard cap.
+    pub budget: u64,
+    /// Host memory held by fused LoRA layers.
+    pub lora_cache_bytes: u64,
+}
+
+/// What a `ferry_engine *` points to.
+#[derive(Debug)]
+pub(crate) struct EngineHandle {
+    pub(crate) engine: Engine,
+    /// Addresses of the live `ferry_lease` handles this engine handed out (and owns).
+    leases: Mutex<HashSet<usize>>,
+}
+
+impl EngineHandle {
+    pub(crate) fn leases(&self) -> MutexGuard<'_, HashSet<usize>> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Borrows the engine behind `p` or fails with NULL_ARGUMENT.
+///
+/// # Safety
+///
+/// As [`ptr::engine_ref`].
+pub(crate) unsafe fn engine_arg<'a>(p: *const ferry_engine) -> Result<&'a EngineHandle> {
+    // SAFETY: forwarded to the caller.
+    unsafe { ptr::engine_ref(p) }.ok_or_else(|| FfiError::null("engine"))
+}
+
+/// Borrows a required UTF-8 string argument.
+///
+/// # Safety
+///
+/// As [`ptr::cstr`].
+pub(crate) unsafe fn str_arg<'a>(p: *const c_char, arg: &str) -> Result<&'a str> {
+    // SAFETY: forwarded to the caller.
+    let c = unsafe { ptr::cstr(p) }.ok_or_else(|| FfiError::null(arg))?;
+    c.to_str().map_err(|_| FfiError::invalid(format!("argument `{arg}` is not valid UTF-8")))
+}
+
+/// A path argument (any bytes on Unix).
+fn path_of(c: &CStr) -> Result<PathBuf> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(PathBuf::from(std::ffi::OsStr::from_bytes(c.to_bytes())))
+    }
+    #[cfg(not(unix))]
+    {
+        c.to_str()
+            .map(PathBuf::from)
+            .map_err(|_| FfiError::invalid("the path is not valid UTF-8".to_string()))
+    }
+}
+
+fn config_default() -> ferry_engine_config {
+    let d = EngineConfig::default();
+    ferry_engine_config {
+        device: ferry_device::FERRY_DEVICE_AUTO as u32,
+        staging_slots: u32::try_from(d.staging_slots).unwrap_or(u32::MAX),
+        budget_bytes: 0,
+        host_memory_bytes: d.device_config.host_memory,
+        staging_slot_bytes: d.staging_slot_bytes as u64,
+        acquire_timeout_ms: d.acquire_timeout.as_millis() as u64,
+    }
+}
+
+fn engine_config(c: &ferry_engine_config) -> Result<EngineConfig> {
+    let device = match c.device {
+        d if d == ferry_device::FERRY_DEVICE_AUTO as u32 => DeviceChoice::Auto,
+        d if d == ferry_device::FERRY_DEVICE_CUDA as u32 => DeviceChoice::Cuda,
+        d if d == ferry_device::FERRY_DEVICE_HOST as u32 => DeviceChoice::Host,
+        d => return Err(FfiError::invalid(format!("unknown device {d} (not a ferry_device)"))),
+    };
+    let mut config = EngineConfig { device, ..EngineConfig::default() };
+    if c.budget_bytes > 0 {
+        config.budget = Some(c.budget_bytes);
+    }
+    if c.host_memory_bytes > 0 {
+        config.device_config.host_memory = c.host_memory_bytes;
+    }
+    if c.staging_slots > 0 {
+        config.staging_slots = c.staging_slots as usize;
+    }
+    if c.staging_slot_bytes > 0 {
+        config.staging_slot_bytes = usize::try_from(c.staging_slot_bytes)
+            .map_err(|_| FfiError::invalid("staging_slot_bytes exceeds the address space"))?;
+    }
+    if c.acquire_timeout_ms > 0 {
+        config.acquire_timeout = Duration::from_millis(c.acquire_timeout_ms);
+    }
+    Ok(config)
+}
+
+fn policy_spec(
+    policy: u32,
+    lookahead: u32,
+    threshold_bytes: u64,
+    threshold_fraction: f64,
+) -> Result<PolicySpec> {
+    Ok(match policy {
+        p if p == ferry_policy::FERRY_POLICY_NONE as u32 => PolicySpec::None,
+        p if p == ferry_policy::FERRY_POLICY_COMPONENT as u32 => PolicySpec::Component,
+        p if p == ferry_policy::FERRY_POLICY_SEQUENTIAL as u32 => {
+            PolicySpec::Sequential { lookahead: lookahead as usize }
+        }
+        p if p == ferry_policy::FERRY_POLICY_BALANCED as u32 => {
+            let threshold = match (threshold_bytes, threshold_fraction) {
+                (0, 0.0) => Threshold::default(),
+                (b, 0.0) => Threshold::Bytes(b),
+                (0, f) if f.is_finite() && f > 0.0 && f <= 1.0 => Threshold::Fraction(f),
+                (0, f) => {
+                    return Err(FfiError::invalid(format!(
+                        "threshold_fraction must be in (0, 1], not {f}"
+                    )));
+                }
+                _ => {
+                    return Err(FfiError::invalid(
+                        "give threshold_bytes or threshold_fraction, not both",
+                    ));
+                }
+            };
+            PolicySpec::Balanced { threshold }
+        }
+        p => return Err(FfiError::invalid(format!("unknown policy {p} (not a ferry_policy)"))),
+    })
+}
+
+/// Fills `*out` with the default configuration (device AUTO, default budget, the engine's
+/// default staging ring and acquire timeout).
+///
+/// Returns `FERRY_ERR_NULL_ARGUMENT` when `out` is NULL. Thread-safe.
+///
+/// # Safety
+///
+/// `out`, if non-NULL, must be valid for a write of a `ferry_engine_config`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_engine_config_default(
+    out: *mut ferry_engine_config,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller guarantees `out`, when non-NULL, is valid for a write.
+        let out = unsafe { ptr::out(out) }.ok_or_else(|| FfiError::null("out"))?;
+        out.write(config_default());
+        Ok(())
+    })
+}
+
+/// Opens an in-process engine: opens the device, allocates the budget (the arena) and the
+/// staging ring, starts the copy threads. `config` NULL means the defaults.
+///
+/// On success `*out` receives the engine; close it with `ferry_engine_close`. On failure
+/// `*out` is set to NULL. Errors: `FERRY_ERR_NULL_ARGUMENT` (`out` NULL),
+/// `FERRY_ERR_INVALID_ARGUMENT` (a bad field, e.g. an unknown device or a staging ring too
+/// large for this machine), `FERRY_ERR_UNSUPPORTED` (CUDA requested but unavailable),
+/// `FERRY_ERR_DEVICE`. Thread-safe.
+///
+/// # Safety
+///
+/// `config`, if non-NULL, must point to an initialised `ferry_engine_config`; `out`, if
+/// non-NULL, must be valid for a write of a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_engine_open(
+    config: *const ferry_engine_config,
+    out: *mut *mut ferry_engine,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller guarantees `out`, when non-NULL, is valid for a write.
+        let out = unsafe { ptr::out(out) }.ok_or_else(|| FfiError::null("out"))?;
+        out.write(core::ptr::null_mut());
+        // SAFETY: the caller guarantees `config`, when non-NULL, is a valid config.
+        let config = unsafe { ptr::read(config) }.copied().unwrap_or_else(config_default);
+        let engine = Engine::new(engine_config(&config)?)?;
+        let handle = Box::new(EngineHandle { engine, leases: Mutex::new(HashSet::new()) });
+        out.write(ptr::engine_into_raw(handle));
+        Ok(())
+    })
+}
+
+/// Closes an engine: releases and frees every lease still held on it (their `ferry_lease *`
+/// become invalid), closes its models, waits for copies in flight, frees its device memory.
+/// NULL is allowed (does nothing).
+///
+/// Not thread-safe with respect to the engine: no other call may use `engine` (or one of its
+/// leases) during or after this one.
+///
+/// # Safety
+///
+/// `engine`, if non-NULL, must come from `ferry_engine_open` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_engine_close(engine: *mut ferry_engine) {
+    boundary::guard_or((), || {
+        // SAFETY: the caller guarantees `engine` is NULL or a live engine used by no one else.
+        let Some(handle) = (unsafe { ptr::engine_from_raw(engine) }) else { return };
+        let addrs: Vec<usize> = handle.leases().drain().collect();
+        for addr in addrs {
+            // SAFETY: every address in the set came from `lease_into_raw` and is removed from
+            // the set before being freed, so each is taken back once; no call uses the lease
+            // concurrently (the caller's contract).
+            drop(unsafe { ptr::lease_from_addr(addr) });
+        }
+        drop(handle);
+    });
+}
+
+/// Opens a model (a `.safetensors` file, a sharded checkpoint's index, or a diffusers folder)
+/// and returns its id through `*model_out`. Nothing is copied yet.
+///
+/// Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_IO`, `FERRY_ERR_INVALID_MODEL`. Thread-safe.
+///
+/// # Safety
+///
+/// `engine` must be NULL or a live engine; `path` NULL or a NUL-terminated string;
+/// `model_out` NULL or valid for a write of a `uint64_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_model_open(
+    engine: *const ferry_engine,
+    path: *const c_char,
+    model_out: *mut u64,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller's contract above covers each pointer.
+        let (h, path, out) = unsafe {
+            (
+                engine_arg(engine)?,
+                ptr::cstr(path).ok_or_else(|| FfiError::null("path"))?,
+                ptr::out(model_out).ok_or_else(|| FfiError::null("model_out"))?,
+            )
+        };
+        out.write(h.engine.open_model(path_of(path)?)?);
+        Ok(())
+    })
+}
+
+/// Closes a model (or a view): its layers leave the device and its memory is returned.
+///
+/// Errors: `FERRY_ERR_NOT_FOUND` (unknown id), `FERRY_ERR_BUSY` (a layer is leased, or views
+/// of it are open). Thread-safe.
+///
+/// # Safety
+///
+/// `engine` must be NULL or a live engine.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_model_close(
+    engine: *const ferry_engine,
+    model: u64,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller guarantees `engine` is NULL or live.
+        let h = unsafe { engine_arg(engine) }?;
+        Ok(h.engine.close_model(model)?)
+    })
+}
+
+/// Sets the residency policy of a whole model (`component` NULL) or of one component.
+///
+/// `policy` is a `ferry_policy` value, passed as an integer and checked. `lookahead` is used
+/// by `FERRY_POLICY_SEQUENTIAL` only. `FERRY_POLICY_BALANCED` keeps a resident set within
+/// `threshold_bytes` (if non-zero) or `threshold_fraction` of the device's memory (if non-zero,
+/// in (0, 1]), or the default 0.75 when both are zero; the other policies ignore both.
+///
+/// Errors: `FERRY_ERR_INVALID_ARGUMENT` (unknown policy, bad threshold), `FERRY_ERR_NOT_FOUND`
+/// (model or component), `FERRY_ERR_BUSY` (a layer of the model is leased),
+/// `FERRY_ERR_BUDGET` (the budget cannot serve the policy). Nothing changes on failure.
+/// Thread-safe.
+///
+/// # Safety
+///
+/// `engine` must be NULL or a live engine; `component` NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_set_residency(
+    engine: *const ferry_engine,
+    model: u64,
+    component: *const c_char,
+    policy: u32,
+    lookahead: u32,
+    threshold_bytes: u64,
+    threshold_fraction: f64,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller guarantees `engine` is NULL or live.
+        let h = unsafe { engine_arg(engine) }?;
+        // SAFETY: the caller guarantees `component` is NULL or a NUL-terminated string.
+        let component = match unsafe { ptr::cstr(component) } {
+            None => None,
+            Some(c) => Some(c.to_str().map_err(|_| FfiError::invalid("component is not UTF-8"))?),
+        };
+        let spec = policy_spec(policy, lookahead, threshold_bytes, threshold_fraction)?;
+        Ok(h.engine.set_residency(model, component, spec)?)
+    })
+}
+
+/// Stores the number of layers of `component` of `model` in `*out`.
+///
+/// A single-file checkpoint has one component, `"model"`. Errors: `FERRY_ERR_NULL_ARGUMENT`,
+/// `FERRY_ERR_NOT_FOUND` (model or component). Thread-safe.
+///
+/// # Safety
+///
+/// `engine` must be NULL or a live engine; `component` NULL or a NUL-terminated string; `out`
+/// NULL or valid for a write of a `size_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_layer_count(
+    engine: *const ferry_engine,
+    model: u64,
+    component: *const c_char,
+    out: *mut usize,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller's contract above covers each pointer.
+        let (h, component, out) = unsafe {
+            (
+                engine_arg(engine)?,
+                str_arg(component, "component")?,
+                ptr::out(out).ok_or_else(|| FfiError::null("out"))?,
+            )
+        };
+        let m = h.engine.model(model)?;
+        let c = m.component(component).ok_or_else(|| EngineError::UnknownComponent {
+            model,
+            component: component.to_string(),
+        })?;
+        out.write(c.layers.len());
+        Ok(())
+    })
+}
+
+/// Stores the index (streaming order) of the layer named `layer_name` of `component` in
+/// `*out`.
+///
+/// Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND`. Thread-safe.
+///
+/// # Safety
+///
+/// `engine` must be NULL or a live engine; `component` and `layer_name` NULL or
+/// NUL-terminated strings; `out` NULL or valid for a write of a `size_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_layer_index(
+    engine: *const ferry_engine,
+    model: u64,
+    component: *const c_char,
+    layer_name: *const c_char,
+    out: *mut usize,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller's contract above covers each pointer.
+        let (h, component, name, out) = unsafe {
+            (
+                engine_arg(engine)?,
+                str_arg(component, "component")?,
+                str_arg(layer_name, "layer_name")?,
+                ptr::out(out).ok_or_else(|| FfiError::null("out"))?,
+            )
+        };
+        out.write(h.engine.layer_index(model, component, name)?);
+        Ok(())
+    })
+}
+
+/// Hints that layer `layer` of `component` will be acquired soon; the policy may start
+/// loading it. Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND`. Thread-safe.
+///
+/// # Safety
+///
+/// `engine` must be NULL or a live engine; `component` NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_prefetch(
+    engine: *const ferry_engine,
+    model: u64,
+    component: *const c_char,
+    layer: usize,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller's contract above covers each pointer.
+        let (h, component) = unsafe { (engine_arg(engine)?, str_arg(component, "component")?) };
+        Ok(h.engine.prefetch(model, component, layer)?)
+    })
+}
+
+/// Stores the engine's counters in `*out`. Errors: `FERRY_ERR_NULL_ARGUMENT`. Thread-safe.
+///
+/// # Safety
+///
+/// `engine` must be NULL or a live engine; `out` NULL or valid for a write of a
+/// `ferry_engine_stats`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_stats(
+    engine: *const ferry_engine,
+    out: *mut ferry_engine_stats,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller's contract above covers each pointer.
+        let (h, out) =
+            unsafe { (engine_arg(engine)?, ptr::out(out).ok_or_else(|| FfiError::null("out"))?) };
+        let s = h.engine.stats();
+        out.write(ferry_engine_stats {
+            acquires: s.acquires,
+            hits: s.hits,
+            misses: s.misses,
+            loads: s.loads,
+            evictions: s.evictions,
+            bytes_streamed: s.bytes_streamed,
+            stall_ns: s.stall_ns,
+            device_bytes: s.device_bytes,
+            peak_device_bytes: s.peak_device_bytes,
+            budget: s.budget,
+            lora_cache_bytes: s.lora_cache_bytes,
+        });
+        Ok(())
+    })
+}
+
+/// Creates a view: model `model` seen through a stack of `n` LoRA files (`lora_paths[i]` at
+/// strength `strengths[i]`, applied in order) with `mode` (a `ferry_lora_mode`). The view has
+/// its own model id (stored in `*view_out`), used like any model id; layers the stack does not
+/// touch are shared with the base. Close it with `ferry_model_close` before the base.
+///
+/// Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_INVALID_ARGUMENT` (n == 0, unknown mode,
+/// non-finite strength, the base is itself a view), `FERRY_ERR_NOT_FOUND`,
+/// `FERRY_ERR_IO` / `FERRY_ERR_INVALID_MODEL` (a LoRA file). Thread-safe.
+///
+/// # Safety
+///
+/// `engine` must be NULL or a live engine; when `n > 0`, `lora_paths` and `strengths` must be
+/// NULL or point to `n` elements, each path a NUL-terminated string; `view_out` NULL or valid
+/// for a write of a `uint64_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_view_create(
+    engine: *const ferry_engine,
+    model: u64,
+    lora_paths: *const *const c_char,
+    strengths: *const f32,
+    n: usize,
+    mode: u32,
+    view_out: *mut u64,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller's contract above covers each pointer.
+        let (h, paths, strengths, out) = unsafe {
+            (
+                engine_arg(engine)?,
+                ptr::slice(lora_paths, n).ok_or_else(|| FfiError::null("lora_paths"))?,
+                ptr::slice(strengths, n).ok_or_else(|| FfiError::null("strengths"))?,
+                ptr::out(view_out).ok_or_else(|| FfiError::null("view_out"))?,
+            )
+        };
+        let mode = match mode {
+            m if m == ferry_lora_mode::FERRY_LORA_BACKUP as u32 => LoraMode::Backup,
+            m if m == ferry_lora_mode::FERRY_LORA_FUSE as u32 => LoraMode::Fuse,
+            m => return Err(FfiError::invalid(format!("unknown LoRA mode {m}"))),
+        };
+        let mut stack = Vec::with_capacity(n);
+        for (i, (&p, &s)) in paths.iter().zip(strengths).enumerate() {
+            // SAFETY: the caller guarantees each non-NULL element is a NUL-terminated string.
+            let c = unsafe { ptr::cstr(p) }
+                .ok_or_else(|| FfiError::null(&format!("lora_paths[{i}]")))?;
+            stack.push((path_of(c)?, s));
+        }
+        let (view, _report) = h.engine.create_view(model as ModelId, &stack, mode)?;
+        out.write(view);
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_are_checked() {
+        assert!(matches!(policy_spec(0, 0, 0, 0.0), Ok(PolicySpec::None)));
+        assert!(matches!(policy_spec(2, 3, 0, 0.0), Ok(PolicySpec::Sequential { lookahead: 3 })));
+        assert!(matches!(
+            policy_spec(3, 0, 10, 0.0),
+            Ok(PolicySpec::Balanced { threshold: Threshold::Bytes(10) })
+        ));
+        for (bytes, f) in [(1, 0.5), (0, -0.5), (0, 1.5), (0, f64::NAN)] {
+            let e = policy_spec(3, 0, bytes, f).expect_err("bad threshold");
+            assert_eq!(e.status, ferry_status::FERRY_ERR_INVALID_ARGUMENT);
+        }
+        let e = policy_spec(99, 0, 0, 0.0).expect_err("unknown policy");
+        assert_eq!(e.status, ferry_status::FERRY_ERR_INVALID_ARGUMENT);
+    }
+
+    #[test]
+    fn default_config_round_trips() {
+        let c = config_default();
+        let e = engine_config(&c).expect("default config");
+        assert_eq!(e.staging_slots, EngineConfig::default().staging_slots);
+        let bad = ferry_engine_config { device: 7, ..c };
+        assert!(engine_config(&bad).is_err());
+    }
+}
