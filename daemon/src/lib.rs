@@ -5,6 +5,7 @@
 //! the C ABI are built on. See ARCHITECTURE.md for the map.
 
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod device;
 pub mod engine;

@@ -1,12 +1,18 @@
 //! ferryctl: inspect models and drive ferryd.
+//!
+//! `inspect`, `export` and `bench` work on files; `status`, `models`, `clients`, `stats` and
+//! `load` talk to a running ferryd over its socket ([`ferry::client`]).
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry::client::{Client, ClientError};
 use ferry::device::DeviceChoice;
+use ferry::protocol::{Policy, StatsReply, Threshold, Welcome, features};
 use ferry::store::{LayerRule, Store};
+use ferry::units::bytes;
 
 #[derive(Debug, Parser)]
 #[command(name = "ferryctl", version = ferry::VERSION, about = "Inspect models and drive ferryd")]
@@ -75,6 +81,73 @@ enum Command {
         #[arg(long, value_name = "DIM")]
         lora: Option<usize>,
     },
+    /// Ask a running ferryd for its version, device, granted features and counters. Exits 1
+    /// when no daemon answers on the socket (a liveness probe).
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the models open in ferryd.
+    Models {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the clients connected to ferryd (this one included, marked `*`).
+    Clients {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// ferryd's engine counters.
+    Stats {
+        #[command(flatten)]
+        conn: Conn,
+        /// Print Prometheus text exposition format instead.
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
+    },
+    /// Open a model in ferryd (validating it) and show its components and layers; optionally
+    /// set its residency policy.
+    ///
+    /// The daemon closes a connection's models when the connection ends, so a model opened
+    /// here stays open only while some client holds it, or when ferryd preloads it
+    /// (`ferryd --preload PATH`); a policy set on a preloaded model stays.
+    Load {
+        /// The model (under one of ferryd's --model-root directories).
+        path: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+        /// Residency policy to set on the whole model.
+        #[arg(long, value_enum)]
+        policy: Option<PolicyName>,
+        /// Layers loaded ahead of the one in use (sequential; default 1).
+        #[arg(long, value_name = "N")]
+        lookahead: Option<u32>,
+        /// Device bytes the resident set may use, as BYTES or a FRACTION of device memory
+        /// in [0, 1] (balanced and lru; default 0.75).
+        #[arg(long, value_name = "BYTES|FRACTION")]
+        threshold: Option<String>,
+    },
+}
+
+/// How to reach ferryd, and the output format.
+#[derive(Debug, Args)]
+struct Conn {
+    /// ferryd's socket (default: $XDG_RUNTIME_DIR/ferry/ferryd.sock if set, else
+    /// /run/ferry/ferryd.sock for root, else /tmp/ferry-$UID/ferryd.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PolicyName {
+    None,
+    Component,
+    Sequential,
+    Balanced,
+    Lru,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +165,14 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Inspect { path, json, tensors, layers } => inspect(path, json, tensors, &layers),
         Command::Export { model, loras, output, json } => export(&model, &loras, &output, json),
+        Command::Status { conn } => status(&conn),
+        Command::Models { conn } => models(&conn),
+        Command::Clients { conn } => clients(&conn),
+        Command::Stats { conn, prometheus } => stats(&conn, prometheus),
+        Command::Load { path, conn, policy, lookahead, threshold } => {
+            let policy = build_policy(policy, lookahead, threshold.as_deref())?;
+            load(&conn, &path, policy)
+        }
         Command::Bench { layers, layer_mib, passes, device, dir, json, lora } => {
             if layers == 0 || layer_mib == 0 {
                 return Err("--layers and --layer-mib must be at least 1".into());
@@ -224,5 +305,437 @@ fn inspect(path: PathBuf, json: bool, tensors: bool, layers: &[String]) -> Resul
     };
     // A closed pipe (`ferryctl inspect x | head`) is not an error worth a message.
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Talking to ferryd
+
+fn out(text: &str) {
+    // A closed pipe (`ferryctl models | head`) is not an error worth a message.
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+fn to_json(v: &serde_json::Value) -> Result<String, String> {
+    serde_json::to_string_pretty(v).map(|s| s + "\n").map_err(|e| e.to_string())
+}
+
+impl Conn {
+    fn socket(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(ferry::server::default_socket_path)
+    }
+
+    /// Connects and completes the handshake; the error names the socket.
+    fn connect(&self) -> Result<(Client, PathBuf), String> {
+        let socket = self.socket();
+        let name = format!("ferryctl {}", ferry::VERSION);
+        match Client::connect_with_timeout(&socket, &name, Some(std::time::Duration::from_secs(30)))
+        {
+            Ok(c) => Ok((c, socket)),
+            Err(ClientError::Io(e)) => {
+                Err(format!("ferryd is not answering on {}: {e}", socket.display()))
+            }
+            Err(e) => Err(format!("ferryd at {}: {e}", socket.display())),
+        }
+    }
+}
+
+/// `on {socket}` context for errors after the handshake.
+fn ctx(socket: &Path) -> impl Fn(ClientError) -> String + '_ {
+    move |e| format!("ferryd at {}: {e}", socket.display())
+}
+
+/// The names of the feature bits set in `bits`.
+fn feature_names(bits: u64) -> Vec<String> {
+    let known = [
+        (features::FD_PASSING, "fd_passing"),
+        (features::OPEN_PATH, "open_path"),
+        (features::HOST_ARENA, "host_arena"),
+        (features::LORA, "lora"),
+        (features::CUDA_IPC, "cuda_ipc"),
+    ];
+    let mut names: Vec<String> =
+        known.iter().filter(|(b, _)| bits & b != 0).map(|(_, n)| n.to_string()).collect();
+    let rest = bits & !features::KNOWN;
+    if rest != 0 {
+        names.push(format!("{rest:#x}"));
+    }
+    names
+}
+
+/// Columns two spaces apart; a column whose cells all start with a digit (after the first
+/// column) is right-aligned, header included.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    let mut right: Vec<bool> = (0..headers.len()).map(|i| i > 0 && !rows.is_empty()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate().take(headers.len()) {
+            widths[i] = widths[i].max(cell.chars().count());
+            right[i] &= cell.starts_with(|c: char| c.is_ascii_digit());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, cell) in cells.take(headers.len()).enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            let pad = " ".repeat(widths[i].saturating_sub(cell.chars().count()));
+            if right[i] {
+                l.push_str(&pad);
+                l.push_str(cell);
+            } else {
+                l.push_str(cell);
+                l.push_str(&pad);
+            }
+        }
+        l.truncate(l.trim_end().len());
+        l.push('\n');
+        l
+    };
+    let mut t = line(&mut headers.iter().copied());
+    for row in rows {
+        t.push_str(&line(&mut row.iter().map(String::as_str)));
+    }
+    t
+}
+
+fn threshold_text(t: &Threshold) -> String {
+    match t {
+        Threshold::Bytes(b) => bytes(*b),
+        Threshold::Fraction(f) => format!("{:.0}% of device", f * 100.0),
+    }
+}
+
+fn policy_text(p: Option<&Policy>) -> String {
+    match p {
+        None => "-".to_string(),
+        Some(Policy::None) => "none".to_string(),
+        Some(Policy::Component) => "component".to_string(),
+        Some(Policy::Sequential { lookahead }) => format!("sequential (lookahead {lookahead})"),
+        Some(Policy::Balanced { threshold }) => {
+            format!("balanced ({})", threshold_text(threshold))
+        }
+        Some(Policy::Lru { threshold }) => format!("lru ({})", threshold_text(threshold)),
+    }
+}
+
+/// `BYTES` (an integer) or a `FRACTION` in [0, 1] (`0.5`, or `50%`).
+fn parse_threshold(s: &str) -> Result<Threshold, String> {
+    let s = s.trim();
+    if let Ok(b) = s.parse::<u64>() {
+        return Ok(Threshold::Bytes(b));
+    }
+    let fraction = match s.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
+        None => s.parse::<f64>(),
+    };
+    match fraction {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(Threshold::Fraction(f)),
+        _ => Err(format!(
+            "--threshold {s:?}: expected a byte count or a fraction of device memory in [0, 1]"
+        )),
+    }
+}
+
+fn build_policy(
+    name: Option<PolicyName>,
+    lookahead: Option<u32>,
+    threshold: Option<&str>,
+) -> Result<Option<Policy>, String> {
+    let Some(name) = name else {
+        if lookahead.is_some() || threshold.is_some() {
+            return Err("--lookahead and --threshold need --policy".into());
+        }
+        return Ok(None);
+    };
+    if lookahead.is_some() && name != PolicyName::Sequential {
+        return Err("--lookahead applies only to --policy sequential".into());
+    }
+    if threshold.is_some() && !matches!(name, PolicyName::Balanced | PolicyName::Lru) {
+        return Err("--threshold applies only to --policy balanced or lru".into());
+    }
+    let threshold =
+        threshold.map(parse_threshold).transpose()?.unwrap_or(Threshold::Fraction(0.75));
+    Ok(Some(match name {
+        PolicyName::None => Policy::None,
+        PolicyName::Component => Policy::Component,
+        PolicyName::Sequential => Policy::Sequential { lookahead: lookahead.unwrap_or(1) },
+        PolicyName::Balanced => Policy::Balanced { threshold },
+        PolicyName::Lru => Policy::Lru { threshold },
+    }))
+}
+
+fn stats_rows(s: &StatsReply) -> Vec<(&'static str, String)> {
+    vec![
+        ("acquires", s.acquires.to_string()),
+        ("hits", s.hits.to_string()),
+        ("misses", s.misses.to_string()),
+        ("loads", s.loads.to_string()),
+        ("evictions", s.evictions.to_string()),
+        ("bytes streamed", bytes(s.bytes_streamed)),
+        ("stalled", format!("{:.3} s", s.stall_ns as f64 / 1e9)),
+        ("device bytes", bytes(s.device_bytes)),
+        ("peak device bytes", bytes(s.peak_device_bytes)),
+        ("budget", bytes(s.budget)),
+        ("LoRA cache", bytes(s.lora_cache_bytes)),
+    ]
+}
+
+fn key_values(rows: &[(&str, String)]) -> String {
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter().map(|(k, v)| format!("  {k:<w$}  {v}\n")).collect()
+}
+
+fn welcome_json(w: &Welcome, socket: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "socket": socket.display().to_string(),
+        "server_version": w.server_version,
+        "protocol_version": w.version,
+        "client_id": w.client_id,
+        "max_body_len": w.max_body_len,
+        "max_fds": w.max_fds,
+        "device": w.device,
+        "features": feature_names(w.features),
+    })
+}
+
+fn status(conn: &Conn) -> Result<(), String> {
+    let (mut c, socket) = conn.connect()?;
+    let stats = c.stats().map_err(ctx(&socket))?;
+    let w = c.welcome().clone();
+    let _ = c.close();
+    if conn.json {
+        let mut v = welcome_json(&w, &socket);
+        v["stats"] = serde_json::to_value(&stats).map_err(|e| e.to_string())?;
+        return to_json(&v).map(|t| out(&t));
+    }
+    let d = &w.device;
+    let granted = feature_names(w.features);
+    let mut t =
+        format!("ferryd {} on {} (protocol {})\n", w.server_version, socket.display(), w.version);
+    t.push_str(&key_values(&[
+        ("device", format!("{} ({})", d.name, d.backend)),
+        ("uuid", if d.uuid.is_empty() { "-".into() } else { d.uuid.clone() }),
+        ("total memory", bytes(d.total_memory)),
+        ("budget", bytes(d.budget)),
+        ("features", if granted.is_empty() { "-".into() } else { granted.join(", ") }),
+    ]));
+    t.push_str("stats\n");
+    t.push_str(&key_values(&stats_rows(&stats)));
+    out(&t);
+    Ok(())
+}
+
+fn models(conn: &Conn) -> Result<(), String> {
+    let (mut c, socket) = conn.connect()?;
+    let models = c.list_models().map_err(ctx(&socket))?;
+    let _ = c.close();
+    if conn.json {
+        return to_json(&serde_json::json!({ "models": models })).map(|t| out(&t));
+    }
+    if models.is_empty() {
+        out("no models open\n");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = models
+        .iter()
+        .map(|m| {
+            vec![
+                m.model.to_string(),
+                m.source.clone(),
+                bytes(m.total_bytes),
+                m.layers.to_string(),
+                m.resident_layers.to_string(),
+                policy_text(m.policy.as_ref()),
+                m.clients.to_string(),
+                m.path.clone(),
+            ]
+        })
+        .collect();
+    out(&table(
+        &["ID", "SOURCE", "SIZE", "LAYERS", "RESIDENT", "POLICY", "CLIENTS", "PATH"],
+        &rows,
+    ));
+    Ok(())
+}
+
+fn clients(conn: &Conn) -> Result<(), String> {
+    let (mut c, socket) = conn.connect()?;
+    let me = c.welcome().client_id;
+    let clients = c.list_clients().map_err(ctx(&socket))?;
+    let _ = c.close();
+    if conn.json {
+        return to_json(&serde_json::json!({ "self": me, "clients": clients })).map(|t| out(&t));
+    }
+    let rows: Vec<Vec<String>> = clients
+        .iter()
+        .map(|k| {
+            let id = if k.id == me { format!("{}*", k.id) } else { k.id.to_string() };
+            vec![
+                id,
+                k.pid.to_string(),
+                k.uid.to_string(),
+                k.gid.to_string(),
+                k.models.to_string(),
+                k.leases.to_string(),
+                k.name.clone(),
+            ]
+        })
+        .collect();
+    out(&table(&["ID", "PID", "UID", "GID", "MODELS", "LEASES", "NAME"], &rows));
+    Ok(())
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Prometheus text exposition format (version 0.0.4).
+fn prometheus(w: &Welcome, s: &StatsReply) -> String {
+    let metrics: [(&str, &str, &str, String); 12] = [
+        ("ferry_acquires_total", "counter", "Layer acquires.", s.acquires.to_string()),
+        (
+            "ferry_hits_total",
+            "counter",
+            "Acquires that found the layer present (resident or loading).",
+            s.hits.to_string(),
+        ),
+        (
+            "ferry_misses_total",
+            "counter",
+            "Acquires that had to start a load.",
+            s.misses.to_string(),
+        ),
+        ("ferry_loads_total", "counter", "Layer loads started.", s.loads.to_string()),
+        ("ferry_evictions_total", "counter", "Layers evicted.", s.evictions.to_string()),
+        (
+            "ferry_streamed_bytes_total",
+            "counter",
+            "Bytes queued for copying to the device.",
+            s.bytes_streamed.to_string(),
+        ),
+        (
+            "ferry_stall_seconds_total",
+            "counter",
+            "Seconds clients spent waiting for memory or copies.",
+            format!("{}", s.stall_ns as f64 / 1e9),
+        ),
+        ("ferry_device_bytes", "gauge", "Device bytes allocated now.", s.device_bytes.to_string()),
+        (
+            "ferry_peak_device_bytes",
+            "gauge",
+            "The most device bytes ever allocated at once.",
+            s.peak_device_bytes.to_string(),
+        ),
+        ("ferry_budget_bytes", "gauge", "The engine's device memory budget.", s.budget.to_string()),
+        (
+            "ferry_lora_cache_bytes",
+            "gauge",
+            "Host memory held by fused LoRA layers.",
+            s.lora_cache_bytes.to_string(),
+        ),
+        (
+            "ferry_device_total_bytes",
+            "gauge",
+            "Bytes of device memory.",
+            w.device.total_memory.to_string(),
+        ),
+    ];
+    let mut t = String::new();
+    t.push_str("# HELP ferry_info ferryd's version and device.\n# TYPE ferry_info gauge\n");
+    t.push_str(&format!(
+        "ferry_info{{version=\"{}\",protocol=\"{}\",backend=\"{}\",device=\"{}\"}} 1\n",
+        label(&w.server_version),
+        w.version,
+        label(&w.device.backend),
+        label(&w.device.name)
+    ));
+    for (name, kind, help, value) in metrics {
+        t.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    }
+    t
+}
+
+fn stats(conn: &Conn, prom: bool) -> Result<(), String> {
+    let (mut c, socket) = conn.connect()?;
+    let stats = c.stats().map_err(ctx(&socket))?;
+    let w = c.welcome().clone();
+    let _ = c.close();
+    if prom {
+        out(&prometheus(&w, &stats));
+    } else if conn.json {
+        let v = serde_json::to_value(&stats).map_err(|e| e.to_string())?;
+        out(&to_json(&v)?);
+    } else {
+        out(&key_values(&stats_rows(&stats)));
+    }
+    Ok(())
+}
+
+const LOAD_CAVEAT: &str = "ferryd closes a model when the last client holding it disconnects: \
+a model opened by `ferryctl load` stays open only while another client holds it, or when \
+ferryd preloads it (`ferryd --preload PATH`).";
+
+fn load(conn: &Conn, path: &Path, policy: Option<Policy>) -> Result<(), String> {
+    // ferryd resolves the path itself, from its own working directory.
+    let abs = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (mut c, socket) = conn.connect()?;
+    let err = ctx(&socket);
+    let before = c.list_models().map_err(&err)?;
+    let opened = c.open_model(&abs).map_err(|e| format!("load {}: {e}", abs.display()))?;
+    let was_open = before.iter().any(|m| m.model == opened.model);
+    if let Some(p) = policy {
+        c.set_residency(opened.model, None, p).map_err(&err)?;
+    }
+    let info = c.list_models().map_err(&err)?.into_iter().find(|m| m.model == opened.model);
+    let _ = c.close();
+    let stays = if was_open {
+        "the model was already open (preloaded, or held by another client): it stays open"
+    } else {
+        "the model was opened for this command only: ferryd closes it now that ferryctl \
+         disconnected"
+    };
+    if conn.json {
+        let v = serde_json::json!({
+            "socket": socket.display().to_string(),
+            "path": abs.display().to_string(),
+            "model": opened.model,
+            "already_open": was_open,
+            "policy": policy,
+            "info": info,
+            "components": opened.components,
+            "note": format!("{LOAD_CAVEAT} {stays}."),
+        });
+        return to_json(&v).map(|t| out(&t));
+    }
+    let layers: usize = opened.components.iter().map(|c| c.layers.len()).sum();
+    let total: u64 = opened.components.iter().flat_map(|c| &c.layers).map(|l| l.bytes).sum::<u64>();
+    let mut t = format!(
+        "model {} ({}): {} component(s), {} layer(s), {}\n",
+        opened.model,
+        abs.display(),
+        opened.components.len(),
+        layers,
+        bytes(total)
+    );
+    if let Some(p) = &policy {
+        t.push_str(&format!("policy: {}\n", policy_text(Some(p))));
+    }
+    for comp in &opened.components {
+        t.push_str(&format!("\n{} ({} layers)\n", comp.name, comp.layers.len()));
+        let rows: Vec<Vec<String>> = comp
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                vec![i.to_string(), l.name.clone(), l.tensors.to_string(), bytes(l.bytes)]
+            })
+            .collect();
+        t.push_str(&table(&["#", "LAYER", "TENSORS", "BYTES"], &rows));
+    }
+    t.push_str(&format!("\nnote: {LOAD_CAVEAT}\n      {stays}.\n"));
+    out(&t);
     Ok(())
 }

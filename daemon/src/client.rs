@@ -1,0 +1,320 @@
+//! A small blocking client of ferryd's socket protocol (docs/protocol.md): one connection,
+//! one request at a time, each method sending a request and returning its typed reply.
+//!
+//! ```no_run
+//! let mut c = ferry::client::Client::connect(&ferry::server::default_socket_path(), "me")?;
+//! println!("{} bytes streamed", c.stats()?.bytes_streamed);
+//! # Ok::<(), ferry::client::ClientError>(())
+//! ```
+//!
+//! The server closes a connection's models, views and leases when the connection ends, so
+//! whatever a [`Client`] opens lives only as long as it does.
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::protocol::socket::{recv_frame, send_frame};
+use crate::protocol::{
+    ApplyLora, ArenaFd, ClientInfo, CloseModel, ErrorCode, ErrorReply, Goodbye, Hello, Kind,
+    ListClients, ListModels, LoraMode, LoraRef, MIN_PROTOCOL_VERSION, MapArena, Message, ModelInfo,
+    ModelOpened, OpenModel, OpenModelFd, PROTOCOL_VERSION, Policy, ProtocolError, RemoveLora,
+    SetResidency, Stats, StatsReply, ViewCreated, Welcome, features,
+};
+
+/// How long a reply may take by default before the call fails with [`ClientError::Io`]
+/// (`TimedOut`/`WouldBlock`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached, or reading or writing it failed (or timed out).
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The server sent something this client cannot accept (or closed the connection).
+    #[error("protocol error: {0}")]
+    Protocol(ProtocolError),
+    /// The server answered with an error reply.
+    #[error("ferryd: {message} ({name}, code {code})", name = code_name(*.code))]
+    Server { code: u32, message: String },
+}
+
+impl ClientError {
+    /// The server's error code, when the server answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => ErrorCode::from_u32(*code),
+            _ => None,
+        }
+    }
+}
+
+fn code_name(code: u32) -> &'static str {
+    ErrorCode::from_u32(code).map_or("unknown code", ErrorCode::name)
+}
+
+impl From<ProtocolError> for ClientError {
+    fn from(e: ProtocolError) -> ClientError {
+        match e {
+            ProtocolError::Io(e) => ClientError::Io(e),
+            e => ClientError::Protocol(e),
+        }
+    }
+}
+
+impl From<ErrorReply> for ClientError {
+    fn from(e: ErrorReply) -> ClientError {
+        ClientError::Server { code: e.code, message: e.message }
+    }
+}
+
+/// A connection to ferryd that has completed the handshake.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    next_id: u64,
+    welcome: Welcome,
+}
+
+impl Client {
+    /// Connects to the socket at `path`, sends `Hello` (every known feature, versions
+    /// [`MIN_PROTOCOL_VERSION`]`..=`[`PROTOCOL_VERSION`], `name` for the server's logs and
+    /// `ListClients`) and waits for `Welcome`. Replies may take up to [`DEFAULT_TIMEOUT`].
+    pub fn connect(path: &Path, name: &str) -> Result<Client, ClientError> {
+        Client::connect_with_timeout(path, name, Some(DEFAULT_TIMEOUT))
+    }
+
+    /// [`Client::connect`] with a reply timeout (`None`: wait forever).
+    pub fn connect_with_timeout(
+        path: &Path,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(timeout)?;
+        stream.set_write_timeout(timeout)?;
+        let hello = Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            features: features::KNOWN,
+            client_name: name.to_string(),
+        };
+        // The handshake's frames have the same layout in every version.
+        send_frame(&stream, PROTOCOL_VERSION, 1, &hello.into(), &[])?;
+        let r = recv_frame(&stream, None)?;
+        check_id(1, r.header.request_id, &r.message)?;
+        let welcome = match r.message {
+            Message::Welcome(w) => w,
+            Message::Error(e) => return Err(e.into()),
+            other => return Err(unexpected(Kind::Welcome, &other)),
+        };
+        Ok(Client { stream, next_id: 2, welcome })
+    }
+
+    /// What the handshake agreed on, and the server's device.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// Whether the server granted a feature bit ([`features`]).
+    pub fn has_feature(&self, bit: u64) -> bool {
+        self.welcome.features & bit == bit
+    }
+
+    /// The engine's counters.
+    pub fn stats(&mut self) -> Result<StatsReply, ClientError> {
+        match self.call(Stats {}.into(), &[])? {
+            Message::StatsReply(s) => Ok(s),
+            other => Err(unexpected(Kind::StatsReply, &other)),
+        }
+    }
+
+    /// The models open in the daemon (by any connection, or preloaded).
+    pub fn list_models(&mut self) -> Result<Vec<ModelInfo>, ClientError> {
+        match self.call(ListModels {}.into(), &[])? {
+            Message::Models(m) => Ok(m.models),
+            other => Err(unexpected(Kind::Models, &other)),
+        }
+    }
+
+    /// The connected clients (this one included).
+    pub fn list_clients(&mut self) -> Result<Vec<ClientInfo>, ClientError> {
+        match self.call(ListClients {}.into(), &[])? {
+            Message::Clients(c) => Ok(c.clients),
+            other => Err(unexpected(Kind::Clients, &other)),
+        }
+    }
+
+    /// Opens a model by path; the path must resolve under one of the daemon's model roots and
+    /// is resolved by the daemon, so pass an absolute path.
+    pub fn open_model(&mut self, path: &Path) -> Result<ModelOpened, ClientError> {
+        let path = path.to_str().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not UTF-8", path.display()))
+        })?;
+        self.model_opened(OpenModel { path: path.to_string() }.into(), &[])
+    }
+
+    /// Opens a model from a descriptor (a `.safetensors` file, or a model directory opened
+    /// `O_RDONLY | O_DIRECTORY`). Needs [`features::FD_PASSING`].
+    pub fn open_model_fd(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        name: &str,
+    ) -> Result<ModelOpened, ClientError> {
+        self.model_opened(OpenModelFd { name: name.to_string() }.into(), &[fd])
+    }
+
+    fn model_opened(
+        &mut self,
+        msg: Message,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<ModelOpened, ClientError> {
+        match self.call(msg, fds)? {
+            Message::ModelOpened(m) => Ok(m),
+            other => Err(unexpected(Kind::ModelOpened, &other)),
+        }
+    }
+
+    /// Stops using a model or view.
+    pub fn close_model(&mut self, model: u64) -> Result<(), ClientError> {
+        self.ack(CloseModel { model }.into(), &[])
+    }
+
+    /// Sets the residency policy of a whole model (`component` = `None`) or one component.
+    pub fn set_residency(
+        &mut self,
+        model: u64,
+        component: Option<&str>,
+        policy: Policy,
+    ) -> Result<(), ClientError> {
+        let component = component.map(str::to_string);
+        self.ack(SetResidency { model, component, policy }.into(), &[])
+    }
+
+    /// Creates a view of `model` through a LoRA stack. `fds` are the descriptors the stack's
+    /// [`LoraSource::Fd`](crate::protocol::LoraSource::Fd) entries index.
+    pub fn apply_lora(
+        &mut self,
+        model: u64,
+        stack: Vec<LoraRef>,
+        mode: LoraMode,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<ViewCreated, ClientError> {
+        match self.call(ApplyLora { model, stack, mode }.into(), fds)? {
+            Message::ViewCreated(v) => Ok(v),
+            other => Err(unexpected(Kind::ViewCreated, &other)),
+        }
+    }
+
+    /// Drops a view.
+    pub fn remove_lora(&mut self, view: u64) -> Result<(), ClientError> {
+        self.ack(RemoveLora { view }.into(), &[])
+    }
+
+    /// The host arena's memfd and its length. Needs [`features::HOST_ARENA`].
+    pub fn map_arena(&mut self) -> Result<(ArenaFd, OwnedFd), ClientError> {
+        let id = self.send(MapArena {}.into(), &[])?;
+        let r = recv_frame(&self.stream, Some(self.welcome.version))?;
+        check_id(id, r.header.request_id, &r.message)?;
+        match r.message {
+            Message::ArenaFd(a) => {
+                let fd = r.fds.into_iter().next().ok_or(ProtocolError::BadFds {
+                    kind: Kind::ArenaFd,
+                    flagged: r.header.carries_fds(),
+                    received: 0,
+                })?;
+                Ok((a, fd))
+            }
+            Message::Error(e) => Err(e.into()),
+            other => Err(unexpected(Kind::ArenaFd, &other)),
+        }
+    }
+
+    /// Says goodbye and closes the connection (dropping a client closes it too).
+    pub fn close(mut self) -> Result<(), ClientError> {
+        self.ack(Goodbye {}.into(), &[])
+    }
+
+    /// Sends one request and returns its reply; an error reply becomes
+    /// [`ClientError::Server`].
+    pub fn call(&mut self, msg: Message, fds: &[BorrowedFd<'_>]) -> Result<Message, ClientError> {
+        let id = self.send(msg, fds)?;
+        let r = recv_frame(&self.stream, Some(self.welcome.version))?;
+        check_id(id, r.header.request_id, &r.message)?;
+        match r.message {
+            Message::Error(e) => Err(e.into()),
+            m => Ok(m),
+        }
+    }
+
+    fn send(&mut self, msg: Message, fds: &[BorrowedFd<'_>]) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        send_frame(&self.stream, self.welcome.version, id, &msg, fds)?;
+        Ok(id)
+    }
+
+    fn ack(&mut self, msg: Message, fds: &[BorrowedFd<'_>]) -> Result<(), ClientError> {
+        match self.call(msg, fds)? {
+            Message::Ack(_) => Ok(()),
+            other => Err(unexpected(Kind::Ack, &other)),
+        }
+    }
+}
+
+/// A reply must carry its request's id; an error sent before closing may carry id 0.
+fn check_id(sent: u64, got: u64, msg: &Message) -> Result<(), ClientError> {
+    if got == sent || (got == crate::protocol::NO_REQUEST && matches!(msg, Message::Error(_))) {
+        return Ok(());
+    }
+    Err(ClientError::Protocol(ProtocolError::UnexpectedMessage {
+        kind: msg.kind(),
+        reason: format!("reply to request {got}, expected {sent}"),
+    }))
+}
+
+fn unexpected(expected: Kind, got: &Message) -> ClientError {
+    ClientError::Protocol(ProtocolError::UnexpectedMessage {
+        kind: got.kind(),
+        reason: format!("expected {}", expected.name()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_name_their_code() {
+        let e = ClientError::from(ErrorReply::new(ErrorCode::BadBody, "nope"));
+        assert_eq!(e.code(), Some(ErrorCode::BadBody));
+        assert_eq!(e.to_string(), "ferryd: nope (bad_body, code 106)");
+        let e = ClientError::from(ProtocolError::Io(io::Error::other("x")));
+        assert!(matches!(e, ClientError::Io(_)));
+    }
+
+    #[test]
+    fn replies_must_match_their_request() {
+        let stats = Message::StatsReply(StatsReply {
+            acquires: 0,
+            hits: 0,
+            misses: 0,
+            loads: 0,
+            evictions: 0,
+            bytes_streamed: 0,
+            stall_ns: 0,
+            device_bytes: 0,
+            peak_device_bytes: 0,
+            budget: 0,
+            lora_cache_bytes: 0,
+        });
+        assert!(check_id(3, 3, &stats).is_ok());
+        assert!(check_id(3, 4, &stats).is_err());
+        assert!(check_id(3, 0, &stats).is_err());
+        let err = Message::Error(ErrorReply::new(ErrorCode::ShuttingDown, "bye"));
+        assert!(check_id(3, 0, &err).is_ok());
+    }
+}
