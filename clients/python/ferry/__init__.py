@@ -1,0 +1,28 @@
+"""ferry: a pure-Python client of ferryd's Unix-socket protocol (docs/protocol.md).
+
+>>> from ferry import Client
+>>> with Client("/run/ferry/ferryd.sock") as c:
+...     model = c.open_model("/srv/models/m.safetensors")
+...     comp = model.components[0]
+...     with c.acquire(model.model, comp.name, 0) as lease:
+...         raw = lease.view(lease.tensors[0])  # memoryview into the mapped arena
+"""
+
+from . import errors, messages, wire
+from .client import Arena, Client, Lease, make_policy
+from .errors import (
+    Busy, ConnectionLost, FerryError, NotFound, NotPermitted, ProtocolError, RequestError,
+    ServerError, ShuttingDown, Timeout, UnknownComponent, UnknownLayer, UnknownLease,
+    UnknownModel, Unsupported,
+)
+from .messages import ModelInfo, ModelOpened, TensorDesc
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Arena", "Busy", "Client", "ConnectionLost", "FerryError", "Lease", "ModelInfo",
+    "ModelOpened", "NotFound", "NotPermitted", "ProtocolError", "RequestError", "ServerError",
+    "ShuttingDown", "TensorDesc", "Timeout", "UnknownComponent", "UnknownLayer",
+    "UnknownLease", "UnknownModel", "Unsupported", "errors", "make_policy", "messages",
+    "wire", "__version__",
+]

@@ -1,0 +1,431 @@
+"""A blocking client of ferryd's Unix-socket protocol (docs/protocol.md).
+
+One :class:`Client` is one connection. Calls are synchronous and thread-safe (one request in
+flight at a time per client; replies are still matched by request id, so a reply to another
+request is kept for its caller). Failures raise the typed exceptions of :mod:`ferry.errors`.
+"""
+
+import array
+import mmap
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from . import errors
+from . import messages as m
+from . import wire
+
+CLIENT_NAME = "ferry-python 0.1"
+MIN_VERSION = 1
+MAX_VERSION = 1
+DEFAULT_SOCKET = "/run/ferry/ferryd.sock"
+
+# safetensors dtype -> numpy dtype (only those numpy has; others are viewed as raw bytes)
+_NUMPY_DTYPES = {
+    "BOOL": "bool", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4",
+    "I32": "<i4", "U64": "<u8", "I64": "<i8", "F16": "<f2", "F32": "<f4", "F64": "<f8",
+}
+
+PolicyArg = Union[m.Policy, str]
+
+
+def _threshold(t: Union[m.Threshold, int, float, None]) -> m.Threshold:
+    if isinstance(t, m.Threshold):
+        return t
+    if t is None:
+        raise ValueError("this policy needs a threshold (bytes as int, fraction as float)")
+    if isinstance(t, bool):
+        raise TypeError("threshold must be an int (bytes) or a float (fraction)")
+    if isinstance(t, int):
+        return m.Bytes(t)
+    return m.Fraction(float(t))
+
+
+def make_policy(policy: PolicyArg, lookahead: int = 1,
+                threshold: Union[m.Threshold, int, float, None] = None) -> m.Policy:
+    """A :class:`ferry.messages.Policy` from a name (``none``, ``component``, ``sequential``,
+    ``balanced``, ``lru``) or an existing one. ``threshold``: an int is bytes, a float a
+    fraction of the device's memory."""
+    if isinstance(policy, m.Policy):
+        return policy
+    name = policy.lower()
+    if name == "none":
+        return m.PolicyNone()
+    if name == "component":
+        return m.PolicyComponent()
+    if name == "sequential":
+        return m.Sequential(lookahead)
+    if name == "balanced":
+        return m.Balanced(_threshold(threshold))
+    if name == "lru":
+        return m.Lru(_threshold(threshold))
+    raise ValueError(f"unknown policy {policy!r}")
+
+
+@dataclass
+class Frame:
+    header: wire.Header
+    message: m.Message
+    fds: List[int]
+
+
+class Arena:
+    """The host arena, mapped read-only (``map_arena``)."""
+
+    def __init__(self, map: mmap.mmap, length: int, backend: str):
+        self.mmap = map
+        self.len = length
+        self.backend = backend
+        self.view = memoryview(map)
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self.mmap.close()
+        except BufferError:
+            pass  # views of tensors are still alive; the mapping goes with them
+
+
+class Lease:
+    """A leased layer. Use as a context manager: ``with client.acquire(...) as lease:`` waits
+    until the bytes are ready and releases the lease on exit."""
+
+    def __init__(self, client: "Client", model: int, component: str, index: int,
+                 leased: m.Leased):
+        self.client = client
+        self.model = model
+        self.component = component
+        self.index = index
+        self.id = leased.lease
+        self.layer = leased.layer
+        self.ready = leased.ready
+        self.tensors: List[m.TensorDesc] = leased.tensors
+        self.released = False
+
+    def wait_ready(self) -> "Lease":
+        if not self.ready:
+            self.client.wait_ready(self.id)
+            self.ready = True
+        return self
+
+    def release(self) -> None:
+        if not self.released:
+            self.client.release(self.model, self.id)
+            self.released = True
+
+    def tensor(self, name: str) -> m.TensorDesc:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def view(self, tensor: Union[m.TensorDesc, str]) -> memoryview:
+        """The tensor's bytes in the mapped host arena (maps it on first use). Valid only
+        while the lease is held and once it is ready."""
+        t = self.tensor(tensor) if isinstance(tensor, str) else tensor
+        if self.released:
+            raise errors.UnknownLease(f"lease {self.id} was released", None)
+        self.wait_ready()
+        arena = self.client.map_arena()
+        if t.arena_offset + t.len > arena.len:
+            raise errors.ProtocolError(f"tensor {t.name} lies past the arena's end")
+        return arena.view[t.arena_offset:t.arena_offset + t.len]
+
+    def array(self, tensor: Union[m.TensorDesc, str]) -> Any:
+        """The tensor as a read-only numpy array (needs numpy; dtypes numpy lacks, such as
+        BF16, come back as uint8 bytes)."""
+        import numpy as np
+
+        t = self.tensor(tensor) if isinstance(tensor, str) else tensor
+        buf = self.view(t)
+        dt = _NUMPY_DTYPES.get(t.dtype)
+        if dt is None:
+            return np.frombuffer(buf, dtype="u1")
+        return np.frombuffer(buf, dtype=dt).reshape([int(d) for d in t.shape])
+
+    def __enter__(self) -> "Lease":
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self._release_quietly()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.release()
+        else:
+            self._release_quietly()
+
+    def _release_quietly(self) -> None:
+        try:
+            self.release()
+        except errors.FerryError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"Lease(id={self.id}, model={self.model}, layer={self.layer!r})"
+
+
+class Client:
+    """A connection to ferryd: connects and completes the handshake on construction."""
+
+    def __init__(self, path: Optional[str] = None, *, timeout: Optional[float] = None,
+                 features: int = m.KNOWN_FEATURES, client_name: str = CLIENT_NAME):
+        self.path = path or os.environ.get("FERRY_SOCKET") or DEFAULT_SOCKET
+        self._lock = threading.RLock()
+        self._next_id = 1
+        self._stash: Dict[int, Frame] = {}
+        self._arena: Optional[Arena] = None
+        self._closed = False
+        self.version = MAX_VERSION
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(self.path)
+        except OSError as e:
+            self._sock.close()
+            self._closed = True
+            raise errors.ConnectionLost(f"cannot connect to {self.path}: {e}") from e
+        self._handshake = True
+        try:
+            w = self._call(m.Hello(MIN_VERSION, MAX_VERSION, features, client_name), m.Welcome)
+        except BaseException:
+            self._shutdown()
+            raise
+        finally:
+            self._handshake = False
+        if not MIN_VERSION <= w.version <= MAX_VERSION:
+            self._shutdown()
+            raise errors.UnsupportedVersion(f"server agreed to version {w.version}", None)
+        self.version = w.version
+        self.welcome: m.Welcome = w
+        self.features = w.features
+        self.client_id = w.client_id
+        self.device = w.device
+
+    # ---- plumbing ----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _shutdown(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+
+    def _lost(self, why: str, cause: Optional[BaseException] = None) -> errors.ConnectionLost:
+        self._shutdown()
+        e = errors.ConnectionLost(why)
+        e.__cause__ = cause
+        return e
+
+    def _send(self, msg: m.Message, fds: Sequence[int] = ()) -> int:
+        if self._closed:
+            raise errors.ConnectionLost("the connection is closed")
+        if len(fds) > wire.MAX_FDS:
+            raise ValueError(f"at most {wire.MAX_FDS} descriptors per frame")
+        rid = self._next_id
+        self._next_id += 1
+        body = wire.encode(msg)
+        data = wire.pack_header(msg.KIND, rid, len(body), self.version,
+                                wire.FLAG_FDS if fds else 0) + body
+        try:
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                sent = self._sock.sendmsg([data], anc)
+                self._sock.sendall(data[sent:])
+            else:
+                self._sock.sendall(data)
+        except OSError as e:  # EPIPE, ECONNRESET, a timeout: the stream is unusable
+            raise self._lost(f"sending {msg.NAME}: {e}", e) from e
+        return rid
+
+    def _recv_exact(self, n: int, fds: List[int], what: str) -> bytes:
+        buf = bytearray()
+        flags = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+        while len(buf) < n:
+            try:
+                data, got, msg_flags, _ = socket.recv_fds(self._sock, n - len(buf),
+                                                          wire.MAX_FDS, flags)
+            except OSError as e:
+                raise self._lost(f"reading {what}: {e}", e) from e
+            fds.extend(got)
+            if msg_flags & getattr(socket, "MSG_CTRUNC", 0) or len(fds) > wire.MAX_FDS:
+                self._close_fds(fds)
+                self._shutdown()
+                raise errors.BadFds("too many descriptors with one frame", None)
+            if not data:
+                self._close_fds(fds)
+                if buf or what == "a frame body":
+                    raise self._lost(f"the server closed the connection inside {what}")
+                raise self._lost("the server closed the connection")
+            buf += data
+        return bytes(buf)
+
+    @staticmethod
+    def _close_fds(fds: Iterable[int]) -> None:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _recv_frame(self) -> Frame:
+        fds: List[int] = []
+        try:
+            header = wire.unpack_header(self._recv_exact(wire.HEADER_LEN, fds, "a frame header"))
+            cls = m.BY_KIND.get(header.kind)
+            if cls is None:
+                raise errors.UnknownKind(f"unknown kind {header.kind:#06x}", None)
+            if m.is_request(header.kind):
+                raise errors.UnexpectedMessage(f"the server sent a request ({cls.NAME})", None)
+            if not self._handshake and header.version != self.version:
+                raise errors.UnsupportedVersion(
+                    f"frame version {header.version}, agreed {self.version}", None)
+            body = self._recv_exact(header.body_len, fds, "a frame body")
+            if bool(header.flags & wire.FLAG_FDS) != bool(fds) or (fds and cls.FDS == "none"):
+                raise errors.BadFds(f"{cls.NAME} came with {len(fds)} descriptors", None)
+            if cls.FDS == "one" and len(fds) != 1:
+                raise errors.BadFds(f"{cls.NAME} came with {len(fds)} descriptors", None)
+            msg = wire.decode(cls, body)
+        except errors.ProtocolError:
+            # The stream cannot be trusted to be at a frame boundary any more.
+            self._close_fds(fds)
+            self._shutdown()
+            raise
+        return Frame(header, msg, fds)
+
+    def _roundtrip(self, msg: m.Message, expect: type, fds: Sequence[int] = ()) -> Frame:
+        with self._lock:
+            rid = self._send(msg, fds)
+            while True:
+                frame = self._stash.pop(rid, None) or self._recv_frame()
+                rid_got = frame.header.request_id
+                if isinstance(frame.message, m.Error) and rid_got in (0, rid):
+                    err = frame.message
+                    exc = errors.from_code(err.code, err.message)
+                    if rid_got == 0 or errors.is_fatal(err.code):
+                        self._shutdown()
+                    raise exc
+                if rid_got != rid:
+                    self._stash[rid_got] = frame
+                    continue
+                if not isinstance(frame.message, expect):
+                    self._close_fds(frame.fds)
+                    self._shutdown()
+                    raise errors.UnexpectedMessage(
+                        f"{msg.NAME} answered with {frame.message.NAME}", None)
+                return frame
+
+    def _call(self, msg: m.Message, expect: type, fds: Sequence[int] = ()) -> Any:
+        return self._roundtrip(msg, expect, fds).message
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def open_model(self, path: Union[str, "os.PathLike[str]"]) -> m.ModelOpened:
+        """Opens a model under one of the server's roots (absolute path)."""
+        return self._call(m.OpenModel(os.path.abspath(os.fspath(path))), m.ModelOpened)
+
+    def open_model_fd(self, fd: int, name: str = "") -> m.ModelOpened:
+        """Opens a model from a descriptor this process opened (needs ``FD_PASSING``)."""
+        return self._call(m.OpenModelFd(name), m.ModelOpened, [fd])
+
+    def close_model(self, model: int) -> None:
+        self._call(m.CloseModel(model), m.Ack)
+
+    def set_residency(self, model: int, policy: PolicyArg, component: Optional[str] = None,
+                      lookahead: int = 1,
+                      threshold: Union[m.Threshold, int, float, None] = None) -> None:
+        p = make_policy(policy, lookahead, threshold)
+        self._call(m.SetResidency(model, component, p), m.Ack)
+
+    def acquire(self, model: int, component: str, layer: int) -> Lease:
+        leased = self._call(m.Acquire(model, component, layer), m.Leased)
+        return Lease(self, model, component, layer, leased)
+
+    def wait_ready(self, lease: int) -> None:
+        self._call(m.WaitReady(lease), m.Ready)
+
+    def release(self, model: int, lease: Union[int, Lease]) -> None:
+        lid = lease.id if isinstance(lease, Lease) else lease
+        self._call(m.Release(model, lid), m.Ack)
+        if isinstance(lease, Lease):
+            lease.released = True
+
+    def prefetch(self, model: int, component: str, layer: int) -> None:
+        self._call(m.Prefetch(model, component, layer), m.Ack)
+
+    def apply_lora(self, model: int, stack: Sequence[Tuple[Union[str, int], float]],
+                   mode: Union[m.LoraMode, str] = m.LoraMode.Backup) -> int:
+        """Creates a view of ``model`` through LoRA adapters and returns its id. ``stack``:
+        ``(source, strength)`` pairs, where a source is a path (str, under a model root) or
+        an open descriptor (int, sent with the frame; needs ``FD_PASSING``). The last reply
+        is kept in ``self.last_view``."""
+        refs: List[m.LoraRef] = []
+        fds: List[int] = []
+        for source, scale in stack:
+            if isinstance(source, int):
+                refs.append(m.LoraRef(m.LoraFd(len(fds)), float(scale)))
+                fds.append(source)
+            else:
+                refs.append(m.LoraRef(m.LoraPath(os.path.abspath(os.fspath(source))),
+                                      float(scale)))
+        mode = m.LoraMode[mode.capitalize()] if isinstance(mode, str) else m.LoraMode(mode)
+        reply: m.ViewCreated = self._call(m.ApplyLora(model, refs, mode), m.ViewCreated, fds)
+        self.last_view = reply
+        return reply.view
+
+    def remove_lora(self, view: int) -> None:
+        self._call(m.RemoveLora(view), m.Ack)
+
+    def stats(self) -> m.StatsReply:
+        return self._call(m.Stats(), m.StatsReply)
+
+    def list_models(self) -> List[m.ModelInfo]:
+        return self._call(m.ListModels(), m.Models).models
+
+    def list_clients(self) -> List[m.ClientInfo]:
+        return self._call(m.ListClients(), m.Clients).clients
+
+    def map_arena(self) -> Arena:
+        """Maps the host arena read-only (once per client; later calls return the same)."""
+        with self._lock:
+            if self._arena is not None:
+                return self._arena
+            frame = self._roundtrip(m.MapArena(), m.ArenaFd)
+            reply: m.ArenaFd = frame.message  # type: ignore[assignment]
+            (fd,) = frame.fds
+            try:
+                mp = mmap.mmap(fd, reply.len, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            self._arena = Arena(mp, reply.len, reply.backend)
+            return self._arena
+
+    def close(self) -> None:
+        """Says goodbye (if still connected) and closes the socket."""
+        if not self._closed:
+            try:
+                self._call(m.Goodbye(), m.Ack)
+            except errors.FerryError:
+                pass
+            self._shutdown()
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"client_id={self.client_id}"
+        return f"Client({self.path!r}, {state})"

@@ -1,0 +1,442 @@
+"""Every message of ferryd's protocol version 1 (docs/protocol.md, section 6), as dataclasses.
+
+Each message class has ``KIND`` (the header's kind number) and ``NAME`` (the kind's name in
+the spec and in the golden vectors); its fields are in wire order, each with its wire type
+(see :mod:`ferry.wire`). ``BY_KIND`` and ``BY_NAME`` index them.
+"""
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Optional, Type
+
+from .wire import WireEnum, wf
+
+# ---- feature bits (section 5.3) ---------------------------------------------------------
+
+FD_PASSING = 0x01
+OPEN_PATH = 0x02
+HOST_ARENA = 0x04
+LORA = 0x08
+CUDA_IPC = 0x10
+KNOWN_FEATURES = FD_PASSING | OPEN_PATH | HOST_ARENA | LORA | CUDA_IPC
+
+# ---- shared types (section 6.2) ---------------------------------------------------------
+
+
+class Threshold(WireEnum):
+    """``Bytes(u64)`` absolute bytes, or ``Fraction(f64)`` of the device's memory."""
+
+
+@dataclass
+class Bytes(Threshold):
+    VARIANT: ClassVar[str] = "Bytes"
+    TUPLE: ClassVar[bool] = True
+    value: int = wf("u64")
+
+
+@dataclass
+class Fraction(Threshold):
+    VARIANT: ClassVar[str] = "Fraction"
+    TUPLE: ClassVar[bool] = True
+    value: float = wf("f64")
+
+
+Threshold.VARIANTS = (Bytes, Fraction)
+
+
+class Policy(WireEnum):
+    """A residency policy."""
+
+
+@dataclass
+class PolicyNone(Policy):
+    """Everything resident, loaded at once (the Rust variant ``None``)."""
+
+    VARIANT: ClassVar[str] = "None"
+
+
+@dataclass
+class PolicyComponent(Policy):
+    """Whole components in and out, least recently used first."""
+
+    VARIANT: ClassVar[str] = "Component"
+
+
+@dataclass
+class Sequential(Policy):
+    """A window of ``lookahead + 1`` layers."""
+
+    VARIANT: ClassVar[str] = "Sequential"
+    lookahead: int = wf("u32", default=1)
+
+
+@dataclass
+class Balanced(Policy):
+    """A stable resident set within the threshold; the rest streams."""
+
+    VARIANT: ClassVar[str] = "Balanced"
+    threshold: Threshold = wf(Threshold)
+
+
+@dataclass
+class Lru(Policy):
+    """Plain LRU within the threshold."""
+
+    VARIANT: ClassVar[str] = "Lru"
+    threshold: Threshold = wf(Threshold)
+
+
+Policy.VARIANTS = (PolicyNone, PolicyComponent, Sequential, Balanced, Lru)
+
+
+class LoraSource(WireEnum):
+    """Where an adapter comes from."""
+
+
+@dataclass
+class LoraPath(LoraSource):
+    """A path under a model root (the Rust variant ``Path``)."""
+
+    VARIANT: ClassVar[str] = "Path"
+    TUPLE: ClassVar[bool] = True
+    value: str = wf("str")
+
+
+@dataclass
+class LoraFd(LoraSource):
+    """The n-th descriptor attached to the frame (the Rust variant ``Fd``)."""
+
+    VARIANT: ClassVar[str] = "Fd"
+    TUPLE: ClassVar[bool] = True
+    value: int = wf("u32")
+
+
+LoraSource.VARIANTS = (LoraPath, LoraFd)
+
+
+class LoraMode(enum.IntEnum):
+    Backup = 0
+    Fuse = 1
+
+
+@dataclass
+class LoraRef:
+    source: LoraSource = wf(LoraSource)
+    scale: float = wf("f32")
+
+
+@dataclass
+class LoraReport:
+    unmatched: List[str] = wf(("list", "str"))
+    unrecognised: List[str] = wf(("list", "str"))
+
+
+@dataclass
+class DeviceSummary:
+    backend: str = wf("str")
+    name: str = wf("str")
+    uuid: str = wf("str")
+    total_memory: int = wf("u64")
+    budget: int = wf("u64")
+
+
+@dataclass
+class LayerSummary:
+    name: str = wf("str")
+    bytes: int = wf("u64")
+    tensors: int = wf("u32")
+
+
+@dataclass
+class ComponentSummary:
+    name: str = wf("str")
+    layers: List[LayerSummary] = wf(("list", LayerSummary))
+
+
+@dataclass
+class TensorDesc:
+    name: str = wf("str")
+    dtype: str = wf("str")
+    shape: List[int] = wf(("list", "u64"))
+    arena_offset: int = wf("u64")
+    len: int = wf("u64")
+
+
+@dataclass
+class ModelInfo:
+    model: int = wf("u64")
+    path: str = wf("str")
+    source: str = wf("str")
+    total_bytes: int = wf("u64")
+    layers: int = wf("u32")
+    resident_layers: int = wf("u32")
+    policy: Optional[Policy] = wf(("option", Policy))
+    clients: int = wf("u32")
+
+
+@dataclass
+class ClientInfo:
+    id: int = wf("u64")
+    pid: int = wf("u32")
+    uid: int = wf("u32")
+    gid: int = wf("u32")
+    name: str = wf("str")
+    models: int = wf("u32")
+    leases: int = wf("u32")
+
+
+# ---- messages (sections 6.3, 6.4) -------------------------------------------------------
+
+
+class Message:
+    KIND: ClassVar[int] = -1
+    NAME: ClassVar[str] = ""
+    FDS: ClassVar[str] = "none"  # "none", "one" or "some" (0 to 16)
+
+
+# requests
+
+
+@dataclass
+class Hello(Message):
+    KIND: ClassVar[int] = 0x0001
+    NAME: ClassVar[str] = "hello"
+    min_version: int = wf("u16")
+    max_version: int = wf("u16")
+    features: int = wf("u64")
+    client_name: str = wf("str")
+
+
+@dataclass
+class Goodbye(Message):
+    KIND: ClassVar[int] = 0x0002
+    NAME: ClassVar[str] = "goodbye"
+
+
+@dataclass
+class OpenModel(Message):
+    KIND: ClassVar[int] = 0x0010
+    NAME: ClassVar[str] = "open_model"
+    path: str = wf("str")
+
+
+@dataclass
+class OpenModelFd(Message):
+    KIND: ClassVar[int] = 0x0011
+    NAME: ClassVar[str] = "open_model_fd"
+    FDS: ClassVar[str] = "one"
+    name: str = wf("str")
+
+
+@dataclass
+class CloseModel(Message):
+    KIND: ClassVar[int] = 0x0012
+    NAME: ClassVar[str] = "close_model"
+    model: int = wf("u64")
+
+
+@dataclass
+class SetResidency(Message):
+    KIND: ClassVar[int] = 0x0013
+    NAME: ClassVar[str] = "set_residency"
+    model: int = wf("u64")
+    component: Optional[str] = wf(("option", "str"))
+    policy: Policy = wf(Policy)
+
+
+@dataclass
+class Acquire(Message):
+    KIND: ClassVar[int] = 0x0020
+    NAME: ClassVar[str] = "acquire"
+    model: int = wf("u64")
+    component: str = wf("str")
+    layer: int = wf("u32")
+
+
+@dataclass
+class WaitReady(Message):
+    KIND: ClassVar[int] = 0x0021
+    NAME: ClassVar[str] = "wait_ready"
+    lease: int = wf("u64")
+
+
+@dataclass
+class Release(Message):
+    KIND: ClassVar[int] = 0x0022
+    NAME: ClassVar[str] = "release"
+    model: int = wf("u64")
+    lease: int = wf("u64")
+
+
+@dataclass
+class Prefetch(Message):
+    KIND: ClassVar[int] = 0x0023
+    NAME: ClassVar[str] = "prefetch"
+    model: int = wf("u64")
+    component: str = wf("str")
+    layer: int = wf("u32")
+
+
+@dataclass
+class ApplyLora(Message):
+    KIND: ClassVar[int] = 0x0030
+    NAME: ClassVar[str] = "apply_lora"
+    FDS: ClassVar[str] = "some"
+    model: int = wf("u64")
+    stack: List[LoraRef] = wf(("list", LoraRef))
+    mode: LoraMode = wf(LoraMode)
+
+
+@dataclass
+class RemoveLora(Message):
+    KIND: ClassVar[int] = 0x0031
+    NAME: ClassVar[str] = "remove_lora"
+    view: int = wf("u64")
+
+
+@dataclass
+class Stats(Message):
+    KIND: ClassVar[int] = 0x0040
+    NAME: ClassVar[str] = "stats"
+
+
+@dataclass
+class ListModels(Message):
+    KIND: ClassVar[int] = 0x0041
+    NAME: ClassVar[str] = "list_models"
+
+
+@dataclass
+class ListClients(Message):
+    KIND: ClassVar[int] = 0x0042
+    NAME: ClassVar[str] = "list_clients"
+
+
+@dataclass
+class MapArena(Message):
+    KIND: ClassVar[int] = 0x0050
+    NAME: ClassVar[str] = "map_arena"
+
+
+# replies
+
+
+@dataclass
+class Ack(Message):
+    KIND: ClassVar[int] = 0x8000
+    NAME: ClassVar[str] = "ack"
+
+
+@dataclass
+class Welcome(Message):
+    KIND: ClassVar[int] = 0x8001
+    NAME: ClassVar[str] = "welcome"
+    version: int = wf("u16")
+    features: int = wf("u64")
+    client_id: int = wf("u64")
+    server_version: str = wf("str")
+    max_body_len: int = wf("u32")
+    max_fds: int = wf("u32")
+    device: DeviceSummary = wf(DeviceSummary)
+
+
+@dataclass
+class ModelOpened(Message):
+    KIND: ClassVar[int] = 0x8010
+    NAME: ClassVar[str] = "model_opened"
+    model: int = wf("u64")
+    components: List[ComponentSummary] = wf(("list", ComponentSummary))
+
+    def component(self, name: str) -> ComponentSummary:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+@dataclass
+class Leased(Message):
+    KIND: ClassVar[int] = 0x8020
+    NAME: ClassVar[str] = "leased"
+    lease: int = wf("u64")
+    layer: str = wf("str")
+    ready: bool = wf("bool")
+    tensors: List[TensorDesc] = wf(("list", TensorDesc))
+
+
+@dataclass
+class Ready(Message):
+    KIND: ClassVar[int] = 0x8021
+    NAME: ClassVar[str] = "ready"
+    lease: int = wf("u64")
+
+
+@dataclass
+class ViewCreated(Message):
+    KIND: ClassVar[int] = 0x8030
+    NAME: ClassVar[str] = "view_created"
+    view: int = wf("u64")
+    merged: int = wf("u64")
+    loras: List[LoraReport] = wf(("list", LoraReport))
+
+
+@dataclass
+class StatsReply(Message):
+    KIND: ClassVar[int] = 0x8040
+    NAME: ClassVar[str] = "stats_reply"
+    acquires: int = wf("u64")
+    hits: int = wf("u64")
+    misses: int = wf("u64")
+    loads: int = wf("u64")
+    evictions: int = wf("u64")
+    bytes_streamed: int = wf("u64")
+    stall_ns: int = wf("u64")
+    device_bytes: int = wf("u64")
+    peak_device_bytes: int = wf("u64")
+    budget: int = wf("u64")
+    lora_cache_bytes: int = wf("u64")
+
+
+@dataclass
+class Models(Message):
+    KIND: ClassVar[int] = 0x8041
+    NAME: ClassVar[str] = "models"
+    models: List[ModelInfo] = wf(("list", ModelInfo))
+
+
+@dataclass
+class Clients(Message):
+    KIND: ClassVar[int] = 0x8042
+    NAME: ClassVar[str] = "clients"
+    clients: List[ClientInfo] = wf(("list", ClientInfo))
+
+
+@dataclass
+class ArenaFd(Message):
+    KIND: ClassVar[int] = 0x8050
+    NAME: ClassVar[str] = "arena_fd"
+    FDS: ClassVar[str] = "one"
+    len: int = wf("u64")
+    backend: str = wf("str")
+
+
+@dataclass
+class Error(Message):
+    KIND: ClassVar[int] = 0xFFFF
+    NAME: ClassVar[str] = "error"
+    code: int = wf("u32")
+    message: str = wf("str")
+
+
+ALL: List[Type[Message]] = [
+    Hello, Goodbye, OpenModel, OpenModelFd, CloseModel, SetResidency, Acquire, WaitReady,
+    Release, Prefetch, ApplyLora, RemoveLora, Stats, ListModels, ListClients, MapArena,
+    Ack, Welcome, ModelOpened, Leased, Ready, ViewCreated, StatsReply, Models, Clients,
+    ArenaFd, Error,
+]
+BY_KIND: Dict[int, Type[Message]] = {m.KIND: m for m in ALL}
+BY_NAME: Dict[str, Type[Message]] = {m.NAME: m for m in ALL}
+
+
+def is_request(kind: int) -> bool:
+    return kind < 0x8000

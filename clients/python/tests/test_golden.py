@@ -1,0 +1,147 @@
+"""The golden vectors of tests/fixtures/protocol/: every frame decodes to the values listed in
+index.json, and encoding those values gives the same bytes."""
+
+import json
+import os
+import struct
+import unittest
+
+import _util  # noqa: F401  (puts the package on sys.path)
+from ferry import errors, messages, wire
+
+FIXTURES = os.path.join(_util.repo_root(), "tests", "fixtures", "protocol")
+
+
+def load_index():
+    with open(os.path.join(FIXTURES, "index.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+class GoldenVectors(unittest.TestCase):
+    def setUp(self):
+        self.index = load_index()
+        self.vectors = self.index["vectors"]
+
+    def test_index_constants(self):
+        self.assertEqual(self.index["protocol_version"], wire.PROTOCOL_VERSION)
+        self.assertEqual(self.index["header_len"], wire.HEADER_LEN)
+        self.assertEqual(self.index["max_body_len"], wire.MAX_BODY_LEN)
+        self.assertEqual(self.index["max_fds"], wire.MAX_FDS)
+
+    def test_one_vector_per_kind(self):
+        kinds = sorted(v["kind"] for v in self.vectors)
+        self.assertEqual(kinds, sorted(messages.BY_KIND), "every message kind has a vector")
+        for v in self.vectors:
+            cls = messages.BY_KIND[v["kind"]]
+            self.assertEqual(cls.NAME, v["kind_name"])
+            self.assertEqual(v["file"], v["kind_name"] + ".bin")
+            want_fds = {"none": [0], "one": [1], "some": list(range(17))}[cls.FDS]
+            self.assertIn(v["fds"], want_fds, v["file"])
+
+    def test_decode_and_reencode_every_vector(self):
+        for v in self.vectors:
+            with self.subTest(file=v["file"]):
+                with open(os.path.join(FIXTURES, v["file"]), "rb") as f:
+                    frame = f.read()
+                header = wire.unpack_header(frame[:wire.HEADER_LEN])
+                self.assertEqual(header.version, v["version"])
+                self.assertEqual(header.kind, v["kind"])
+                self.assertEqual(header.flags, v["flags"])
+                self.assertEqual(header.request_id, v["request_id"])
+                self.assertEqual(header.body_len, v["body_len"])
+                self.assertEqual(len(frame), wire.HEADER_LEN + header.body_len)
+                cls = messages.BY_KIND[header.kind]
+                body = frame[wire.HEADER_LEN:]
+                msg = wire.decode(cls, body)
+                self.assertEqual(wire.to_json(cls, msg), v["fields"])
+                # Encode the listed values (not the decoded object) and compare the bytes.
+                again = wire.from_json(cls, v["fields"])
+                self.assertEqual(again, msg)
+                self.assertEqual(wire.encode(again), body)
+                head = wire.pack_header(cls.KIND, v["request_id"], len(body), v["version"],
+                                        v["flags"])
+                self.assertEqual(head + wire.encode(again), frame)
+
+    def test_worked_example_acquire(self):
+        body = wire.encode(messages.Acquire(model=1, component="unet", layer=3))
+        frame = wire.pack_header(messages.Acquire.KIND, 7, len(body)) + body
+        self.assertEqual(frame.hex(), (
+            "4652525901002000000000001800000007000000000000000100000000000000"
+            "0400000000000000756e657403000000"))
+
+
+class BodyErrors(unittest.TestCase):
+    """The decoder treats every byte as untrusted (section 4)."""
+
+    def test_trailing_bytes(self):
+        body = wire.encode(messages.Ready(lease=5)) + b"\0"
+        with self.assertRaises(errors.TrailingBytes):
+            wire.decode(messages.Ready, body)
+
+    def test_short_body(self):
+        with self.assertRaises(errors.BadBody):
+            wire.decode(messages.Ready, b"\1\0\0")
+
+    def test_bad_bool_option_enum_utf8_and_lengths(self):
+        leased = wire.encode(messages.Leased(1, "l", True, []))
+        bad_bool = leased[:17] + b"\x02" + leased[18:]
+        with self.assertRaises(errors.BadBody):
+            wire.decode(messages.Leased, bad_bool)
+        sr = bytearray(wire.encode(messages.SetResidency(1, None, messages.PolicyNone())))
+        sr[8] = 2  # option tag
+        with self.assertRaises(errors.BadBody):
+            wire.decode(messages.SetResidency, bytes(sr))
+        sr[8] = 0
+        sr[9:13] = struct.pack("<I", 5)  # no Policy variant 5
+        with self.assertRaises(errors.BadBody):
+            wire.decode(messages.SetResidency, bytes(sr))
+        with self.assertRaises(errors.BadBody):
+            wire.decode(messages.OpenModel, struct.pack("<Q", 2) + b"\xff\xfe")
+        with self.assertRaises(errors.BadBody):  # a length far past the body
+            wire.decode(messages.OpenModel, struct.pack("<Q", 1 << 60))
+        with self.assertRaises(errors.BadBody):
+            wire.decode(messages.Models, struct.pack("<Q", 1 << 40))
+
+    def test_header_checks(self):
+        good = wire.pack_header(messages.Stats.KIND, 1, 0)
+        with self.assertRaises(errors.BadMagic):
+            wire.unpack_header(b"FRRX" + good[4:])
+        with self.assertRaises(errors.UnsupportedVersion):
+            wire.unpack_header(good[:4] + b"\0\0" + good[6:])
+        with self.assertRaises(errors.ReservedFlags):
+            wire.unpack_header(good[:8] + struct.pack("<I", 2) + good[12:])
+        with self.assertRaises(errors.FrameTooLarge):
+            wire.unpack_header(good[:12] + struct.pack("<I", wire.MAX_BODY_LEN + 1) + good[16:])
+
+    def test_error_mapping(self):
+        e = errors.from_code(205, "no model 9")
+        self.assertIsInstance(e, errors.UnknownModel)
+        self.assertIsInstance(e, errors.RequestError)
+        self.assertEqual((e.code, e.message), (205, "no model 9"))
+        self.assertIsInstance(errors.from_code(199, "x"), errors.ProtocolError)
+        self.assertIsInstance(errors.from_code(250, "x"), errors.RequestError)
+        self.assertIsInstance(errors.from_code(300, "x"), errors.ConnectionLost)
+        self.assertIsInstance(errors.from_code(106, "x"), errors.BadBody)
+        self.assertEqual(len({c for c in errors.BY_CODE}), 32)
+
+
+class TorchStub(unittest.TestCase):
+    """ferry.torch is a stub: ImportError without torch, NotImplementedError with it."""
+
+    def test_stub(self):
+        import importlib
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            with self.assertRaises(ImportError) as cm:
+                importlib.import_module("ferry.torch")
+            self.assertIn("not implemented yet", str(cm.exception))
+            return
+        import ferry.torch as ft
+
+        with self.assertRaises(NotImplementedError):
+            ft.attach(None)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,194 @@
+//! The pure-Python client (clients/python): its unittest suites against the golden vectors and
+//! against a real `ferryd` serving a model with known bytes. Skipped (with a message) when
+//! `python3` is missing or older than 3.9.
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_tests::{cargo_bin, llm_like, write_sharded};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether a usable `python3` (3.9 or newer) is on PATH; prints why not.
+fn python_ok() -> bool {
+    let out = match Command::new("python3")
+        .args(["-c", "import sys; print('%d %d' % sys.version_info[:2])"])
+        .output()
+    {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => {
+            eprintln!("skipping: python3 failed: {}", String::from_utf8_lossy(&out.stderr));
+            return false;
+        }
+        Err(e) => {
+            eprintln!("skipping: no python3 ({e})");
+            return false;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u32> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    if v.len() != 2 || (v[0], v[1]) < (3, 9) {
+        eprintln!("skipping: python3 is {}, the client needs 3.9 or newer", text.trim());
+        return false;
+    }
+    true
+}
+
+/// `python3 -m unittest discover` over clients/python/tests for files matching `pattern`.
+fn unittest(pattern: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.current_dir(repo())
+        .args(["-m", "unittest", "discover", "-v", "-s", "clients/python/tests", "-p", pattern])
+        .args(extra)
+        .env("PYTHONPATH", repo().join("clients/python"))
+        .env("FERRY_REPO", repo())
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    cmd
+}
+
+/// Asserts a unittest run passed, ran at least one test and skipped none.
+fn check(what: &str, out: &Output) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ran = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("Ran ")?.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    let report = format!("{what}: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}", out.status);
+    assert!(out.status.success(), "python tests failed: {report}");
+    assert!(ran > 0, "no python tests ran: {report}");
+    assert!(!stderr.contains("skipped="), "python tests were skipped: {report}");
+    eprintln!("{what}: {ran} python tests passed");
+}
+
+#[test]
+fn python_client_decodes_and_encodes_the_golden_vectors() {
+    if !python_ok() {
+        return;
+    }
+    let out = unittest("test_golden.py", &[]).output().expect("run python3");
+    check("test_golden.py", &out);
+}
+
+/// Kills ferryd if the test panics before stopping it.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn daemon_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[test]
+fn python_client_against_a_real_ferryd() {
+    if !python_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    // A sharded LLM-like model with known bytes, and the bytes for the Python side.
+    let tensors = llm_like(3, 2, 1000);
+    let model = write_sharded(&root.join("llm"), "model", &tensors, 2).expect("model");
+    let expected: serde_json::Map<String, serde_json::Value> =
+        tensors.iter().map(|t| (t.name.clone(), hex(&t.data).into())).collect();
+    let expected_path = root.join("expected.json");
+    std::fs::write(&expected_path, serde_json::json!({ "tensors": expected }).to_string())
+        .expect("expected bytes");
+
+    let socket = root.join("s.sock");
+    let log = root.join("ferryd.log");
+    let mut daemon = Daemon(
+        Command::new(cargo_bin("ferryd"))
+            .args(["--device", "host", "--host-memory", "67108864"])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--model-root")
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn ferryd"),
+    );
+    wait_until("ferryd's socket", 30, || {
+        assert!(
+            daemon.0.try_wait().expect("try_wait").is_none(),
+            "ferryd exited early:\n{}",
+            daemon_log(&log)
+        );
+        UnixStream::connect(&socket).is_ok()
+    });
+
+    let live = |cmd: &mut Command| {
+        cmd.env("FERRY_SOCKET", &socket)
+            .env("FERRY_MODEL", &model)
+            .env("FERRY_EXPECTED", &expected_path)
+            .env_remove("FERRY_SHUTDOWN_MARKER");
+    };
+    let mut cmd = unittest("test_live.py", &[]);
+    live(&mut cmd);
+    let out = cmd.output().expect("run python3");
+    if !out.status.success() {
+        eprintln!("ferryd's log:\n{}", daemon_log(&log));
+    }
+    check("test_live.py", &out);
+
+    // A Python client holding a lease sees ferryd stop: ConnectionLost on its next call.
+    let marker = root.join("connected");
+    let mut cmd = unittest("test_live.py", &["-k", "LiveShutdown"]);
+    live(&mut cmd);
+    let python = cmd
+        .env("FERRY_SHUTDOWN_MARKER", &marker)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    let mut python = Some(python);
+    wait_until("the Python client to connect", 60, || {
+        marker.exists() || python.as_mut().is_some_and(|p| p.try_wait().ok().flatten().is_some())
+    });
+    let status =
+        Command::new("kill").args(["-TERM", &daemon.0.id().to_string()]).status().expect("kill");
+    assert!(status.success(), "kill -TERM ferryd");
+    let out = python.take().expect("python").wait_with_output().expect("python output");
+    check("test_live.py -k LiveShutdown", &out);
+
+    let start = Instant::now();
+    let code = loop {
+        if let Some(st) = daemon.0.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "ferryd did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        code.code(),
+        Some(0),
+        "ferryd exits 0 after SIGTERM: {code:?}\n{}",
+        daemon_log(&log)
+    );
+    assert!(!socket.exists(), "ferryd removed its socket");
+}
