@@ -101,6 +101,18 @@ impl Daemon {
     }
 }
 
+/// Kills a process on drop (SIGKILL), for a daemon shared with threads that may outlive a
+/// failed test.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on ferryd's pid, a child of this process that has not been reaped
+        // (the Daemon that would reap it is still alive while this guard is armed).
+        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+    }
+}
+
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -552,10 +564,11 @@ fn a_client_killed_with_sigkill_gives_its_leases_back() {
 }
 
 #[test]
-#[ignore = "ferryd bug: under Balanced, an acquire can wait on `changed` (engine/mod.rs acquire_as) \
-            with the device nearly empty and no lease held until the 30 s acquire timeout, once \
-            the other clients have stopped: roughly every other run, 1 to 35 of the 64,000 \
-            acquires stall"]
+#[ignore = "ferryd bug: lost wake-up in Engine::acquire_as (daemon/src/engine/mod.rs ~907): an \
+            acquire that finds its layer Absent waits on `changed`, and is not woken when the \
+            obstacle clears (device nearly empty, no lease held); only the wait_timeout expiring \
+            at acquire_timeout (30 s) retries it, and the retry succeeds. About every other run, \
+            the last few of the 64,000 acquires stall 30 s (no cycle completes for 20 s)"]
 fn sixty_four_clients_hammering_acquire_release_balanced() {
     hammer(|layer_bytes| Policy::Balanced { threshold: Threshold::Bytes(3 * layer_bytes) });
 }
@@ -577,7 +590,7 @@ fn hammer(policy: impl Fn(u64) -> Policy) {
     const CYCLES: usize = 1000;
     const SAMPLE_EVERY: usize = 16;
     const WATCHDOG: Duration = Duration::from_secs(240);
-    const STALL: Duration = Duration::from_secs(45);
+    const STALL: Duration = Duration::from_secs(20);
 
     let mut d = Daemon::start(64 << 10);
     let mut setup = d.client("setup");
@@ -588,10 +601,10 @@ fn hammer(policy: impl Fn(u64) -> Policy) {
         m.components.iter().flat_map(|c| &c.layers).map(|l| l.bytes).max().expect("layers");
     setup.set_residency(m.model, None, policy(layer_bytes)).expect("policy");
     let map = Arc::new(map_arena(&mut setup));
-    let d = Arc::new({
-        d.assert_alive();
-        d
-    });
+    d.assert_alive();
+    // If this thread panics while client threads still hold the daemon, kill it anyway.
+    let guard = KillOnDrop(d.child.id());
+    let d = Arc::new(d);
     let layers = Arc::new(layers);
 
     let (tx, rx) = std::sync::mpsc::channel::<(usize, std::thread::Result<usize>)>();
@@ -681,6 +694,7 @@ fn hammer(policy: impl Fn(u64) -> Policy) {
         "{CLIENTS} clients x {CYCLES} acquire/release cycles in {took:.2?} ({checked} byte checks)"
     );
     let mut d = Arc::try_unwrap(d).unwrap_or_else(|_| panic!("threads are done"));
+    std::mem::forget(guard);
     let st = setup.stats().expect("stats");
     assert!(st.acquires >= (CLIENTS * CYCLES) as u64, "{st:?}");
     assert!(
