@@ -6,7 +6,11 @@
 //! to copy time vs max(Σcompute, Σcopy) (≤ 1.1), balanced's bytes per pass vs the minimum
 //! (≤ 1.05) with LRU's beside it.
 //!
-//! Run: `cargo bench --bench engine_stream`. `ferryctl bench` prints the same report.
+//! Last, the offload table (issue 8; issue 4's LoRA overhead is its `LoRA +first/+later`
+//! columns): every policy × LoRA mode on the synthetic SDXL with simulated compute, as
+//! `ferryctl bench --synthetic sdxl` prints it.
+//!
+//! Run: `cargo bench --bench engine_stream`. `ferryctl bench` prints the same reports.
 
 use std::time::Duration;
 
@@ -57,4 +61,19 @@ fn main() {
             "(smoke run under `cargo test`: a 2 MiB model in a debug build; the figures mean nothing)"
         );
     }
+
+    // The offload table: the default scale when benchmarking, a tiny model under `cargo test`.
+    let scale = if bench_mode { bench::offload::DEFAULT_SCALE } else { 64 };
+    let mut table = bench::offload::OffloadConfig::synthetic(
+        bench::synthetic::Arch::Sdxl,
+        scale,
+        dir.path().to_path_buf(),
+    );
+    table.device = DeviceChoice::Host;
+    table.passes = if bench_mode { 3 } else { 1 };
+    // The bench holds no lease of its own: an acquire only waits when the engine evicted the
+    // layer being acquired (a known engine bug, docs/benchmarks.md); keep that wait short.
+    table.acquire_timeout = Duration::from_millis(100);
+    let (report, _trace) = bench::offload::run(&table).expect("offload table");
+    println!("\n{}", bench::offload::render(&report));
 }

@@ -100,6 +100,28 @@ typedef enum ferry_status {
    * The model failed earlier (e.g. a copy failed) and no longer serves.
    */
   FERRY_ERR_MODEL_FAILED = 15,
+  /**
+   * Daemon mode: ferryd cannot be reached. Either `ferry_connect` found no daemon answering
+   * at the socket, or the connection was lost (the daemon exited, closed it, or sent no reply
+   * within 60 s). Once lost, every call on the engine that needs the daemon fails this way:
+   * close the engine (which frees its leases) and connect again.
+   */
+  FERRY_ERR_DISCONNECTED = 16,
+  /**
+   * Daemon mode: the daemon's device memory cannot be mapped into this process, so its
+   * tensor addresses would mean nothing here. This is the answer of a daemon streaming to a
+   * CUDA device: the protocol cannot share CUDA memory yet. Use `ferry_engine_open` instead.
+   */
+  FERRY_ERR_NOT_SHAREABLE = 17,
+  /**
+   * Daemon mode: the daemon refused the request: a path outside its model roots, a file it
+   * may not read, or a process it does not serve.
+   */
+  FERRY_ERR_NOT_PERMITTED = 18,
+  /**
+   * Daemon mode: one of the daemon's per-client limits was reached (models open, leases held).
+   */
+  FERRY_ERR_LIMIT_EXCEEDED = 19,
 } ferry_status;
 
 /**
@@ -229,11 +251,18 @@ typedef uint32_t ferry_dtype;
 #endif // __cplusplus
 
 /**
- * An in-process streaming engine: one device, one memory budget, any number of models.
+ * A streaming engine: one device, one memory budget, any number of models.
  *
- * Opaque: created by `ferry_engine_open`, destroyed by `ferry_engine_close`. Every call that
- * takes a `ferry_engine *` is thread-safe: one engine may be used from many threads at once
- * (but `ferry_engine_close` must not run concurrently with any other call on it).
+ * Opaque. Either in-process (created by `ferry_engine_open`: the engine runs in this
+ * process) or in daemon mode (created by `ferry_connect`: a connection to ferryd, which owns
+ * the device; tensor addresses point into the daemon's arena mapped read-only here). The
+ * calls on it are the same in both modes. Destroyed by `ferry_engine_close`.
+ *
+ * Every call that takes a `ferry_engine *` is thread-safe: one engine may be used from many
+ * threads at once (but `ferry_engine_close` must not run concurrently with any other call on
+ * it). In daemon mode the calls on one engine share its one connection and run one at a
+ * time: an acquire that waits for device memory delays the engine's other calls until it
+ * returns. Connect once per thread for independent traffic.
  */
 typedef struct ferry_engine ferry_engine;
 
@@ -426,9 +455,37 @@ enum ferry_status ferry_engine_open(const struct ferry_engine_config *config,
                                     struct ferry_engine **out);
 
 /**
+ * Connects to ferryd, the ferry daemon, at the Unix socket `socket_path` (NULL: the default
+ * socket, `$XDG_RUNTIME_DIR/ferry/ferryd.sock`, else `/run/ferry/ferryd.sock` for root, else
+ * `/tmp/ferry-$UID/ferryd.sock`), and returns an engine in daemon mode through `*out`.
+ *
+ * Every call on the engine is then the same as for an in-process engine, served by the
+ * daemon: its device, budget and policies, models shared with its other clients (its stats
+ * count all of them). Tensor addresses point into the daemon's host arena, mapped read-only
+ * into this process once per engine. Differences: model and LoRA paths must lie under one of
+ * the daemon's model roots (relative paths are made absolute here first), and opening the
+ * same files twice on one engine gives the same model id. What the engine holds (models,
+ * views, leases) is given back by the daemon when the engine is closed or this process ends.
+ *
+ * On failure `*out` is set to NULL. Errors: `FERRY_ERR_NULL_ARGUMENT` (`out` NULL),
+ * `FERRY_ERR_INVALID_ARGUMENT` (a path the kernel cannot take for a socket, e.g. longer than
+ * 107 bytes), `FERRY_ERR_DISCONNECTED` (no daemon answers at the socket),
+ * `FERRY_ERR_NOT_SHAREABLE` (the daemon streams to a CUDA device, whose memory the protocol
+ * cannot share yet: use `ferry_engine_open`), `FERRY_ERR_NOT_PERMITTED` (the daemon does not
+ * serve this process), `FERRY_ERR_UNSUPPORTED` (no common protocol version). Thread-safe.
+ *
+ * # Safety
+ *
+ * `socket_path` must be NULL or a NUL-terminated string; `out` NULL or valid for a write of a
+ * pointer.
+ */
+enum ferry_status ferry_connect(const char *socket_path, struct ferry_engine **out);
+
+/**
  * Closes an engine: releases and frees every lease still held on it (their `ferry_lease *`
  * become invalid), closes its models, waits for copies in flight, frees its device memory.
- * NULL is allowed (does nothing).
+ * In daemon mode: frees the leases, unmaps the arena and closes the connection, after which
+ * the daemon gives back what the engine held. NULL is allowed (does nothing).
  *
  * Not thread-safe with respect to the engine: no other call may use `engine` (or one of its
  * leases) during or after this one.
@@ -455,7 +512,8 @@ enum ferry_status ferry_model_open(const struct ferry_engine *engine,
                                    uint64_t *model_out);
 
 /**
- * Closes a model (or a view): its layers leave the device and its memory is returned.
+ * Closes a model (or a view): its layers leave the device and its memory is returned. In
+ * daemon mode the engine stops using it; the daemon closes it once no client uses it.
  *
  * Errors: `FERRY_ERR_NOT_FOUND` (unknown id), `FERRY_ERR_BUSY` (a layer is leased, or views
  * of it are open). Thread-safe.
@@ -538,7 +596,8 @@ enum ferry_status ferry_prefetch(const struct ferry_engine *engine,
                                  size_t layer);
 
 /**
- * Stores the engine's counters in `*out`. Errors: `FERRY_ERR_NULL_ARGUMENT`. Thread-safe.
+ * Stores the engine's counters in `*out` (in daemon mode, the daemon's: every client's work
+ * counts). Errors: `FERRY_ERR_NULL_ARGUMENT`. Thread-safe.
  *
  * # Safety
  *
@@ -551,7 +610,8 @@ enum ferry_status ferry_stats(const struct ferry_engine *engine, struct ferry_en
  * Creates a view: model `model` seen through a stack of `n` LoRA files (`lora_paths[i]` at
  * strength `strengths[i]`, applied in order) with `mode` (a `ferry_lora_mode`). The view has
  * its own model id (stored in `*view_out`), used like any model id; layers the stack does not
- * touch are shared with the base. Close it with `ferry_model_close` before the base.
+ * touch are shared with the base. Remove it with `ferry_view_remove` (or `ferry_model_close`)
+ * before closing the base.
  *
  * Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_INVALID_ARGUMENT` (n == 0, unknown mode,
  * non-finite strength, the base is itself a view), `FERRY_ERR_NOT_FOUND`,
@@ -570,6 +630,21 @@ enum ferry_status ferry_view_create(const struct ferry_engine *engine,
                                     size_t n,
                                     uint32_t mode,
                                     uint64_t *view_out);
+
+/**
+ * Removes a view made by `ferry_view_create` on this engine: the base is seen without the
+ * stack again (its layers were never changed: backup mode keeps the file's bytes, fuse mode
+ * drops its cache).
+ *
+ * Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND` (`view` is not a view created on
+ * this engine, e.g. a model id, or removed already), `FERRY_ERR_BUSY` (a layer is leased
+ * through the view). Thread-safe.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine.
+ */
+enum ferry_status ferry_view_remove(const struct ferry_engine *engine, uint64_t view);
 
 /**
  * Returns the calling thread's last error message: why the most recent fallible ferry call
@@ -604,7 +679,8 @@ enum ferry_status ferry_last_error_copy(char *buf, size_t len, size_t *needed);
  * Returns as soon as the layer's copy is under way, without waiting for it. Before reading
  * the tensors either call `ferry_lease_wait` (host sync), or, on CUDA, pass the `CUstream`
  * your kernels run on as `cuda_stream`: the stream is then made to wait (on the device) for
- * the copy, and the host does not block. On the host backend `cuda_stream` must be NULL.
+ * the copy, and the host does not block. On the host backend `cuda_stream` must be NULL, and
+ * so in daemon mode (which serves host-backend daemons only).
  *
  * Blocks (up to the configured acquire timeout) only when every layer that could make room
  * is leased. Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND` (model, component, or
@@ -627,9 +703,10 @@ enum ferry_status ferry_acquire(const struct ferry_engine *engine,
 
 /**
  * Blocks until the lease's layer is entirely on the device (the time counts as stall).
+ * In daemon mode a layer the daemon reported ready costs no round trip.
  *
  * Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_TRUNCATED` (the file was truncated while
- * mapped), `FERRY_ERR_DEVICE`. The lease stays held either way.
+ * mapped), `FERRY_ERR_DEVICE`, `FERRY_ERR_DISCONNECTED`. The lease stays held either way.
  *
  * # Safety
  *
@@ -684,7 +761,10 @@ enum ferry_status ferry_lease_tensor_by_name(const struct ferry_lease *lease,
  * On `FERRY_OK` the lease is freed and the pointer must not be used again. On failure the
  * lease is untouched and still held (e.g. `FERRY_ERR_INVALID_ARGUMENT` for a stream on the
  * host backend, `FERRY_ERR_DEVICE` if the device refused to wait for the stream: synchronise
- * and release again with NULL).
+ * and release again with NULL). In daemon mode `FERRY_ERR_DISCONNECTED` means the daemon is
+ * gone, and with it the lease's hold on the layer; the handle (its descriptors, and the
+ * bytes at its addresses, which nothing overwrites any more) stays valid until
+ * `ferry_engine_close` frees it.
  *
  * The engine tracks the leases it handed out, so a lease of another engine, or one already
  * released, is refused with `FERRY_ERR_NOT_FOUND` without touching it (the other engine's

@@ -305,3 +305,240 @@ fn h2d_bandwidth_from_pinned_staging() {
         assert!(read(device, last, CHUNK) == pattern(9, CHUNK));
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// LoRA on the device: cuBLAS GEMMs accumulating into weights in the arena, the engine's backup
+// mode using them, and fuse mode's pinned cache.
+
+/// Little-endian bytes of `vals` in a 16/32-bit float dtype.
+fn float_bytes(dtype: ferry::Dtype, vals: &[f32]) -> Vec<u8> {
+    vals.iter()
+        .flat_map(|&x| match dtype {
+            ferry::Dtype::F16 => half::f16::from_f32(x).to_le_bytes().to_vec(),
+            ferry::Dtype::BF16 => half::bf16::from_f32(x).to_le_bytes().to_vec(),
+            _ => x.to_le_bytes().to_vec(),
+        })
+        .collect()
+}
+
+/// Elements of two 16-bit float byte strings, as ordered integers (adjacent values differ by 1).
+fn ordinals16(bytes: &[u8]) -> Vec<i32> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| {
+            let b = i32::from(u16::from_le_bytes([c[0], c[1]]));
+            if b & 0x8000 != 0 { -(b & 0x7fff) } else { b }
+        })
+        .collect()
+}
+
+/// `got` equals `want` within `ulps` units in the last place (16-bit) or `rel` (f32).
+fn close(dtype: ferry::Dtype, got: &[u8], want: &[u8], ulps: i32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if dtype == ferry::Dtype::F32 {
+        for (i, (g, w)) in got.chunks_exact(4).zip(want.chunks_exact(4)).enumerate() {
+            let (g, w) = (
+                f32::from_le_bytes(g.try_into().expect("4")),
+                f32::from_le_bytes(w.try_into().expect("4")),
+            );
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1e-3), "{what}[{i}]: {g} vs {w}");
+        }
+        return;
+    }
+    let worst =
+        ordinals16(got).iter().zip(ordinals16(want)).map(|(g, w)| (g - w).abs()).max().unwrap_or(0);
+    assert!(worst <= ulps, "{what}: {worst} ulps from the CPU merge (allowed {ulps})");
+}
+
+#[test]
+fn cublas_gemms_accumulate_lora_deltas_into_the_arena() {
+    use ferry::device::{GemmAccumulate, GemmType};
+    use ferry::lora::math::{Delta, Factor, Patch};
+    with_gpu(|device| {
+        if !device.device_gemm() {
+            println!("skipping: libcublas could not be loaded");
+            return;
+        }
+        let (rows, cols, rank) = (96usize, 80usize, 8usize);
+        let weight: Vec<f32> = (0..rows * cols).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let up: Vec<f32> = (0..rows / 3 * rank).map(|i| ((i as f32) * 0.11).cos() * 0.2).collect();
+        let down: Vec<f32> = (0..rank * cols).map(|i| ((i as f32) * 0.07).sin() * 0.2).collect();
+        let arena = device.alloc_arena(4 * MIB as u64).expect("arena");
+        for (dtype, t) in [
+            (ferry::Dtype::F16, GemmType::F16),
+            (ferry::Dtype::BF16, GemmType::BF16),
+            (ferry::Dtype::F32, GemmType::F32),
+        ] {
+            let (w, u, d) =
+                (float_bytes(dtype, &weight), float_bytes(dtype, &up), float_bytes(dtype, &down));
+            // The weight, copied like a layer; the delta on its middle third of rows.
+            let buf = {
+                let mut b = device.alloc_staging(w.len()).expect("staging");
+                assert!(b.write_at(0, &w));
+                b
+            };
+            copy(device, &buf, 0, arena.base, w.len());
+            let mut factors = device.alloc_device_buffer(4096 + d.len() as u64).expect("buffer");
+            factors.write(0, &u).expect("upload up");
+            factors.write(4096, &d).expect("upload down");
+            let size = t.size();
+            let g = GemmAccumulate {
+                m: (rows / 3) as u64,
+                n: cols as u64,
+                k: rank as u64,
+                alpha: 0.75,
+                a: factors.addr,
+                b: factors.addr + 4096,
+                c: arena.base + (rows / 3 * cols) as u64 * size,
+                ab: t,
+                c_type: t,
+            };
+            // SAFETY: A and B lie in `factors`, C in the arena, both alive until the wait
+            // below; nothing else writes the weight meanwhile.
+            unsafe { device.gemm_accumulate(&g) }.expect("cublasGemmEx");
+            wait(&device.record().expect("record"));
+            let got = read(device, arena.base, w.len());
+
+            let shape = [rows as u64, cols as u64];
+            let (us, ds) = ([(rows / 3) as u64, rank as u64], [rank as u64, cols as u64]);
+            let delta = Delta {
+                up: Factor { dtype, shape: &us, bytes: &u },
+                down: Factor { dtype, shape: &ds, bytes: &d },
+                mid: None,
+                scale: 0.75,
+            };
+            let rows_of = ferry::lora::Rows { start: (rows / 3) as u64, len: (rows / 3) as u64 };
+            let want = ferry::lora::math::merge_patches(
+                "w",
+                Factor { dtype, shape: &shape, bytes: &w },
+                &[Patch { delta, rows: Some(rows_of) }],
+            )
+            .expect("CPU merge");
+            // One adapter: both are the f32 sum rounded once; only the order of the sums
+            // differs, so at most one ulp apart.
+            close(dtype, &got, &want, 1, &format!("{dtype} device merge"));
+            let third = rows / 3 * cols * size as usize;
+            assert_eq!(&got[..third], &w[..third], "{dtype}: rows above the slice untouched");
+            assert_eq!(&got[2 * third..], &w[2 * third..], "{dtype}: rows below untouched");
+        }
+        // Operands outside device memory are refused, not run.
+        let g = GemmAccumulate {
+            m: 4,
+            n: 4,
+            k: 2,
+            alpha: 1.0,
+            a: 16,
+            b: 16,
+            c: arena.base,
+            ab: GemmType::F32,
+            c_type: GemmType::F32,
+        };
+        // SAFETY: the operands are invalid on purpose; the backend's range check refuses them
+        // before anything is enqueued.
+        let err = unsafe { device.gemm_accumulate(&g) }.expect_err("out of range");
+        assert!(matches!(err, DeviceError::OutOfRange { .. }), "{err}");
+    });
+}
+
+/// A CUDA engine (skips like `with_gpu`).
+fn cuda_engine() -> Option<ferry::engine::Engine> {
+    if !ferry::device::cuda_driver_present() {
+        println!("skipping: no CUDA driver");
+        return None;
+    }
+    match ferry::engine::Engine::new(ferry::engine::EngineConfig {
+        device: DeviceChoice::Cuda,
+        budget: Some(64 << 20),
+        staging_slots: 2,
+        staging_slot_bytes: 1 << 20,
+        ..ferry::engine::EngineConfig::default()
+    }) {
+        Ok(e) => Some(e),
+        Err(ferry::engine::EngineError::Device(
+            DeviceError::NoSuchDevice { count: 0, .. } | DeviceError::NoCudaDriver,
+        )) => {
+            println!("skipping: no usable GPU");
+            None
+        }
+        Err(e) => panic!("CUDA engine: {e}"),
+    }
+}
+
+#[test]
+fn engine_lora_modes_on_the_gpu_match_the_cpu_merge() {
+    use ferry::engine::lora_view::LoraMode;
+    let _one_at_a_time = GPU.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(e) = cuda_engine() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.safetensors");
+    let lora = dir.path().join("lora.safetensors");
+    let t = |name: &str, dtype: ferry::Dtype, shape: &[usize], f: &dyn Fn(usize) -> f32| {
+        let n: usize = shape.iter().product();
+        let vals: Vec<f32> = (0..n).map(f).collect();
+        ferry_tests::Tensor {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            data: float_bytes(dtype, &vals),
+        }
+    };
+    let mut weights = Vec::new();
+    let mut factors = Vec::new();
+    for (b, dtype) in [ferry::Dtype::F16, ferry::Dtype::BF16, ferry::Dtype::F32].iter().enumerate()
+    {
+        weights.push(t(&format!("blocks.{b}.proj.weight"), *dtype, &[256, 192], &|i| {
+            ((i + b) as f32 * 0.013).sin()
+        }));
+        // Factors in the weight's dtype (f32 factors for the f32 weight): the device path.
+        factors.push(t(&format!("blocks.{b}.proj.lora_A.weight"), *dtype, &[16, 192], &|i| {
+            ((i * 3) as f32 * 0.01).cos() * 0.1
+        }));
+        factors.push(t(&format!("blocks.{b}.proj.lora_B.weight"), *dtype, &[256, 16], &|i| {
+            ((i * 5) as f32 * 0.01).sin() * 0.1
+        }));
+    }
+    ferry_tests::write_file(&base, &weights).expect("base");
+    ferry_tests::write_file(&lora, &factors).expect("lora");
+    let model = ferry::Model::open(&base).expect("open");
+    let out = dir.path().join("fused.safetensors");
+    let l = ferry::lora::format::load(&lora).expect("lora");
+    ferry::lora::export::export_fused(&model, &[(l, 0.8)], &out).expect("export");
+    let fused = ferry::Model::open(&out).expect("fused");
+
+    let id = e.open_model(&base).expect("open");
+    let layer = |b: usize| {
+        let lease = e.acquire(id, "model", b).expect("acquire");
+        lease.wait_ready().expect("ready");
+        let bytes = e.read_tensor(&lease, &lease.tensors()[0]).expect("read");
+        e.release(lease, ClientDone::Now).expect("release");
+        bytes
+    };
+    let dtypes = [ferry::Dtype::F16, ferry::Dtype::BF16, ferry::Dtype::F32];
+    for mode in [LoraMode::Backup, LoraMode::Fuse] {
+        e.set_loras(id, &[(lora.clone(), 0.8)], mode).expect("set_loras");
+        for (b, dtype) in dtypes.iter().enumerate() {
+            let want = fused
+                .tensor_bytes(fused.find("model", &format!("blocks.{b}.proj.weight")).expect("t"))
+                .expect("bytes");
+            let got = layer(b);
+            if mode == LoraMode::Fuse {
+                // The CPU merge, streamed from the pinned cache: the export's bytes exactly.
+                assert_eq!(got, want, "fuse {dtype}");
+            } else {
+                // cuBLAS: one adapter, within one ulp of the CPU merge.
+                close(*dtype, &got, want, 1, &format!("backup {dtype}"));
+            }
+        }
+        if mode == LoraMode::Fuse {
+            let cached = e.stats().lora_cache_bytes;
+            let raw: u64 = weights.iter().map(|w| w.data.len() as u64).sum();
+            assert!(cached >= raw && cached % 4096 == 0, "pinned footprint {cached} for {raw}");
+        }
+        // Removal: the file's bytes exactly.
+        e.set_loras(id, &[], mode).expect("remove");
+        for b in 0..3 {
+            let want = model.tensor_bytes(b).expect("bytes");
+            assert_eq!(layer(b), want, "{mode:?}: removal restores layer {b}");
+        }
+    }
+}

@@ -369,6 +369,9 @@ fn leases_belong_to_their_owner() {
     let path = blocks_model(dir.path(), "m.safetensors", 3, 1_000);
     let e = engine(1 << 20, false);
     let id = e.open_model(&path).expect("open");
+    // Three leases at once: a policy that keeps every layer (the default, auto, streams on a
+    // device this small).
+    e.set_residency(id, None, PolicySpec::None).expect("policy");
     let a = e.acquire_as(7, id, "model", 0).expect("acquire");
     let b = e.acquire_as(7, id, "model", 1).expect("acquire");
     let c = e.acquire_as(8, id, "model", 2).expect("acquire");

@@ -564,17 +564,11 @@ fn a_client_killed_with_sigkill_gives_its_leases_back() {
 }
 
 #[test]
-#[ignore = "ferryd bug: lost wake-up in Engine::acquire_as (daemon/src/engine/mod.rs ~907): an \
-            acquire that finds its layer Absent waits on `changed`, and is not woken when the \
-            obstacle clears (device nearly empty, no lease held); only the wait_timeout expiring \
-            at acquire_timeout (30 s) retries it, and the retry succeeds. About every other run, \
-            the last few of the 64,000 acquires stall 30 s (no cycle completes for 20 s)"]
 fn sixty_four_clients_hammering_acquire_release_balanced() {
     hammer(|layer_bytes| Policy::Balanced { threshold: Threshold::Bytes(3 * layer_bytes) });
 }
 
 #[test]
-#[ignore = "ferryd bug: as under Balanced (see above), with Sequential { lookahead: 2 }"]
 fn sixty_four_clients_hammering_acquire_release_sequential() {
     hammer(|_| Policy::Sequential { lookahead: 2 });
 }

@@ -17,6 +17,14 @@
 //! implementation can meet 1e-3 there; BF16 is held to 2⁻⁸ instead. F16 and BF16 results must
 //! also be the value nearest to the reference (within 2⁻¹⁶·max(|ref|, FLOOR), for near-ties),
 //! the stronger check for both.
+//!
+//! fp8 weights (F8_E4M3, F8_E5M2) are rounded stochastically: each element must be one of the
+//! two fp8 values around its reference (within one fp8 step of it), and the errors, in steps,
+//! must average out (|mean| under 5 standard deviations of a mean of independent errors).
+//!
+//! The SDXL checkpoint's second text encoder is in OpenCLIP layout: q, k and v are row blocks of
+//! one `attn.in_proj_weight`, which LoRAs name as three modules (`parts` in `expected.json`;
+//! `rows` says which rows each adapter reaches).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -88,6 +96,9 @@ struct StackEntry {
     strength: f32,
     /// Adapter name -> (weight file, tensor name) it reaches.
     matches: BTreeMap<String, (String, String)>,
+    /// Adapter name -> (first row, rows), for adapters of a slice of a fused tensor.
+    #[serde(default)]
+    rows: BTreeMap<String, (u64, u64)>,
     unmatched: Vec<String>,
 }
 
@@ -95,6 +106,9 @@ struct StackEntry {
 struct Adapted {
     /// The module, named independently of the layout.
     module: String,
+    /// For a fused tensor (OpenCLIP `in_proj_weight`): the modules whose rows it holds.
+    #[serde(default)]
+    parts: Vec<String>,
     file: String,
     tensor: String,
     dtype: String,
@@ -195,6 +209,8 @@ fn dtype_of(name: &str) -> Dtype {
         "F16" => Dtype::F16,
         "BF16" => Dtype::BF16,
         "F32" => Dtype::F32,
+        "F8_E4M3" => Dtype::F8_E4M3,
+        "F8_E5M2" => Dtype::F8_E5M2,
         other => panic!("no reference dtype {other}"),
     }
 }
@@ -226,8 +242,59 @@ fn is_nearest(dtype: Dtype, bits: u16, want: f64, slack: f64) -> bool {
     [larger, smaller].iter().all(|&n| (half_value(dtype, n) - want).abs() + slack >= err)
 }
 
+/// The value of an fp8 code.
+fn fp8_value(dtype: Dtype, code: u8) -> f64 {
+    match dtype {
+        Dtype::F8_E4M3 => float8::F8E4M3::from_bits(code).to_f64(),
+        _ => float8::F8E5M2::from_bits(code).to_f64(),
+    }
+}
+
+/// The fp8 values either side of `x` (both `x` when it is one).
+fn fp8_neighbours(dtype: Dtype, x: f64) -> (f64, f64) {
+    let max = if dtype == Dtype::F8_E4M3 { 0x7e } else { 0x7b };
+    let mags: Vec<f64> = (0..=max).map(|c| fp8_value(dtype, c)).collect();
+    let a = x.abs();
+    let i = mags.partition_point(|&v| v <= a).saturating_sub(1);
+    let (lo, hi) = if mags[i] == a { (a, a) } else { (mags[i], mags[(i + 1).min(max as usize)]) };
+    if x < 0.0 { (-hi, -lo) } else { (lo, hi) }
+}
+
+/// fp8 results (module docs): each one of the two fp8 values around the reference (the f32
+/// accumulation, about 2⁻²⁰ relative here, may put the sum on the other side of an fp8 value
+/// the reference sits on); errors unbiased on average.
+fn check_fp8(what: &str, dtype: Dtype, got: &[u8], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: byte length");
+    let (mut sum, mut n) = (0.0, 0usize);
+    for (i, (&code, &r)) in got.iter().zip(want).enumerate() {
+        let g = fp8_value(dtype, code);
+        let slack = r.abs() * 1e-5;
+        let near = [
+            fp8_neighbours(dtype, r),
+            fp8_neighbours(dtype, r - slack),
+            fp8_neighbours(dtype, r + slack),
+        ];
+        assert!(
+            near.iter().any(|&(lo, hi)| g == lo || g == hi),
+            "{what}[{i}]: {g} is not an fp8 value next to {r} ({:?})",
+            near[0]
+        );
+        let (lo, hi) = near[0];
+        if hi > lo {
+            sum += (g - r) / (hi - lo);
+            n += 1;
+        }
+    }
+    assert!(n > 100, "{what}: the deltas move most elements off fp8 values");
+    let mean = sum / n as f64;
+    assert!(mean.abs() < 5.0 * 0.5 / (n as f64).sqrt(), "{what}: mean rounding error {mean} steps");
+}
+
 /// Compares a fused tensor's bytes with its f64 reference (module docs).
 fn check_values(what: &str, dtype: Dtype, got: &[u8], want: &[f64], worst: &mut Worst) {
+    if matches!(dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2) {
+        return check_fp8(what, dtype, got, want);
+    }
     let size = match dtype {
         Dtype::F32 => 4,
         Dtype::F16 | Dtype::BF16 => 2,
@@ -336,7 +403,7 @@ fn fixtures_are_what_python_wrote() {
     // Every base tensor of every dtype the merge writes is covered.
     let dtypes: BTreeSet<&str> =
         f.expected.cases.iter().flat_map(|c| c.adapted.iter().map(|a| a.dtype.as_str())).collect();
-    assert_eq!(dtypes, BTreeSet::from(["BF16", "F16", "F32"]));
+    assert_eq!(dtypes, BTreeSet::from(["BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"]));
 }
 
 #[test]
@@ -355,6 +422,13 @@ fn key_matching_reaches_the_documented_tensors() {
                 .collect();
             assert_eq!(got.len(), m.matches.len(), "{}: one match per adapter", case.name);
             assert_eq!(got, entry.matches, "{}: {}", case.name, entry.lora);
+            let rows: BTreeMap<String, (u64, u64)> = m
+                .matches
+                .iter()
+                .filter_map(|x| Some((lora.adapters[x.adapter].name.clone(), x.rows?)))
+                .map(|(a, r)| (a, (r.start, r.len)))
+                .collect();
+            assert_eq!(rows, entry.rows, "{}: {} row slices", case.name, entry.lora);
             let mut unmatched = m.unmatched.clone();
             unmatched.sort();
             assert_eq!(unmatched, entry.unmatched, "{}: {} unmatched", case.name, entry.lora);
@@ -493,6 +567,10 @@ fn both_layouts_give_the_same_fused_values() {
         groups.entry(case.group.as_str()).or_default().push(case);
     }
     for (group, cases) in groups {
+        if group.starts_with("fp8") {
+            assert_eq!(cases.len(), 1, "{group}: one layout");
+            continue;
+        }
         let [diffusers, checkpoint] = cases.as_slice() else {
             panic!("{group}: expected two layouts, found {}", cases.len())
         };
@@ -507,10 +585,33 @@ fn both_layouts_give_the_same_fused_values() {
         };
         let c_by_module: BTreeMap<&str, &Adapted> =
             checkpoint.adapted.iter().map(|a| (a.module.as_str(), a)).collect();
+        // A fused OpenCLIP tensor is its parts, fused separately in the diffusers layout, one
+        // after the other.
+        let d_by_module: BTreeMap<&str, &Adapted> =
+            diffusers.adapted.iter().map(|a| (a.module.as_str(), a)).collect();
+        let mut fused_parts = BTreeSet::new();
+        for b in checkpoint.adapted.iter().filter(|b| !b.parts.is_empty()) {
+            let mut joined = Vec::new();
+            let mut reference = Vec::new();
+            for p in &b.parts {
+                let a = d_by_module
+                    .get(p.as_str())
+                    .unwrap_or_else(|| panic!("{group}: part {p} of {} not adapted", b.module));
+                joined.extend(fused_bytes(&db, &df, a));
+                reference.extend_from_slice(f.reference(a));
+                fused_parts.insert(p.as_str());
+            }
+            assert_eq!(reference, f.reference(b), "{group}: {} reference = its parts", b.module);
+            assert_eq!(joined, fused_bytes(&cb, &cf, b), "{group}: {} bytes = its parts", b.module);
+        }
         let mut common = 0;
         for a in &diffusers.adapted {
             let Some(b) = c_by_module.get(a.module.as_str()) else {
-                assert!(a.module.starts_with("te"), "{group}: {} only in diffusers", a.module);
+                assert!(
+                    a.module.starts_with("te") || fused_parts.contains(a.module.as_str()),
+                    "{group}: {} only in diffusers",
+                    a.module
+                );
                 continue;
             };
             common += 1;
@@ -526,8 +627,11 @@ fn both_layouts_give_the_same_fused_values() {
         }
         let d_modules: BTreeSet<&str> =
             diffusers.adapted.iter().map(|a| a.module.as_str()).collect();
-        for m in c_by_module.keys().filter(|m| !d_modules.contains(*m)) {
-            assert!(m.starts_with("te"), "{group}: {m} only in the checkpoint");
+        for (m, b) in c_by_module.iter().filter(|(m, _)| !d_modules.contains(*m)) {
+            assert!(
+                m.starts_with("te") || !b.parts.is_empty(),
+                "{group}: {m} only in the checkpoint"
+            );
         }
         // The unknown-names group adapts nothing; every other group shares its UNet modules.
         assert!(common > 0 || diffusers.adapted.is_empty(), "{group}: nothing in common");

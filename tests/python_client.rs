@@ -1,6 +1,8 @@
 //! The pure-Python client (clients/python): its unittest suites against the golden vectors and
-//! against a real `ferryd` serving a model with known bytes. Skipped (with a message) when
-//! `python3` is missing or older than 3.9.
+//! against a real `ferryd` serving a model with known bytes, and the torch integration
+//! (`test_torch.py`, and `test_diffusers.py` with a real diffusers pipeline) against a real
+//! `ferryd` when `python3` has torch (and diffusers, transformers). Skipped (with a message) when
+//! `python3` is missing or older than 3.9; the torch suites also when their packages are missing.
 
 use std::fs::File;
 use std::os::unix::net::UnixStream;
@@ -103,22 +105,8 @@ fn daemon_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-#[test]
-fn python_client_against_a_real_ferryd() {
-    if !python_ok() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path();
-    // A sharded LLM-like model with known bytes, and the bytes for the Python side.
-    let tensors = llm_like(3, 2, 1000);
-    let model = write_sharded(&root.join("llm"), "model", &tensors, 2).expect("model");
-    let expected: serde_json::Map<String, serde_json::Value> =
-        tensors.iter().map(|t| (t.name.clone(), hex(&t.data).into())).collect();
-    let expected_path = root.join("expected.json");
-    std::fs::write(&expected_path, serde_json::json!({ "tensors": expected }).to_string())
-        .expect("expected bytes");
-
+/// Starts `ferryd` on the host backend with `root` as its model root; waits for its socket.
+fn start_ferryd(root: &Path) -> (Daemon, PathBuf, PathBuf) {
     let socket = root.join("s.sock");
     let log = root.join("ferryd.log");
     let mut daemon = Daemon(
@@ -141,6 +129,26 @@ fn python_client_against_a_real_ferryd() {
         );
         UnixStream::connect(&socket).is_ok()
     });
+    (daemon, socket, log)
+}
+
+#[test]
+fn python_client_against_a_real_ferryd() {
+    if !python_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    // A sharded LLM-like model with known bytes, and the bytes for the Python side.
+    let tensors = llm_like(3, 2, 1000);
+    let model = write_sharded(&root.join("llm"), "model", &tensors, 2).expect("model");
+    let expected: serde_json::Map<String, serde_json::Value> =
+        tensors.iter().map(|t| (t.name.clone(), hex(&t.data).into())).collect();
+    let expected_path = root.join("expected.json");
+    std::fs::write(&expected_path, serde_json::json!({ "tensors": expected }).to_string())
+        .expect("expected bytes");
+
+    let (mut daemon, socket, log) = start_ferryd(root);
 
     let live = |cmd: &mut Command| {
         cmd.env("FERRY_SOCKET", &socket)
@@ -191,4 +199,58 @@ fn python_client_against_a_real_ferryd() {
         daemon_log(&log)
     );
     assert!(!socket.exists(), "ferryd removed its socket");
+}
+
+/// Whether `python3` can import `modules`; prints that `suite` is not run when it cannot.
+fn imports_ok(modules: &str, suite: &str) -> bool {
+    let out = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match out {
+        Ok(st) if st.success() => true,
+        _ => {
+            eprintln!(
+                "{suite} NOT RUN: python3 cannot import {modules} (pip install what is missing to run it)"
+            );
+            false
+        }
+    }
+}
+
+#[test]
+fn python_torch_integration_against_a_real_ferryd() {
+    if !python_ok() || !imports_ok("torch", "test_torch.py") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let (mut daemon, socket, log) = start_ferryd(root);
+    let models = root.join("models");
+    std::fs::create_dir(&models).expect("models folder");
+    let out = unittest("test_torch.py", &[])
+        .env("FERRY_SOCKET", &socket)
+        .env("FERRY_MODEL_ROOT", &models)
+        .output()
+        .expect("run python3");
+    if !out.status.success() {
+        eprintln!("ferryd's log:\n{}", daemon_log(&log));
+    }
+    check("test_torch.py", &out);
+
+    // A real diffusers pipeline (built from tiny configs, nothing downloaded), when installed.
+    if imports_ok("torch, diffusers, transformers", "test_diffusers.py") {
+        let out = unittest("test_diffusers.py", &[])
+            .env("FERRY_SOCKET", &socket)
+            .env("FERRY_MODEL_ROOT", &models)
+            .output()
+            .expect("run python3");
+        if !out.status.success() {
+            eprintln!("ferryd's log:\n{}", daemon_log(&log));
+        }
+        check("test_diffusers.py", &out);
+    }
+    assert!(daemon.0.try_wait().expect("try_wait").is_none(), "ferryd is still up");
 }

@@ -27,7 +27,7 @@ fn st_file(json: &str, data: &[u8]) -> Vec<u8> {
 /// the data starts on an 8-byte boundary: alignment then never masks the fault under test.
 fn st_file_aligned(json: &str, data: &[u8]) -> Vec<u8> {
     let mut json = json.to_string();
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(' ');
     }
     st_file(&json, data)
@@ -465,7 +465,7 @@ fn misaligned_data_offset() {
 fn misaligned_because_of_an_odd_header_length() {
     // Data starting at an odd file offset: an F16 at data offset 0 is misaligned.
     let json = r#"{"h":{"dtype":"F16","shape":[1],"data_offsets":[0,2]}} "#;
-    let json = if (8 + json.len()) % 2 == 0 { &json[..json.len() - 1] } else { json };
+    let json = if (8 + json.len()).is_multiple_of(2) { &json[..json.len() - 1] } else { json };
     let (_d, path, err) = reject_bytes(&st_file(json, &[0; 2]));
     assert!(
         matches!(header_error(&err, &path), HeaderError::Misaligned { tensor, align: 2, .. } if tensor == "h"),

@@ -1,14 +1,20 @@
 /*
- * example: stream every layer of one component of a model through an in-process ferry
- * engine, then print the engine's stats.
+ * example: stream every layer of one component of a model through ferry, then print the
+ * engine's stats. The engine is either in-process or the ferry daemon, ferryd; only the call
+ * that opens it differs.
  *
  *     example MODEL [COMPONENT] [--budget BYTES] [--lora FILE STRENGTH]...
+ *     example --socket PATH MODEL [COMPONENT] [--lora FILE STRENGTH]...
+ *     example --daemon MODEL ...            (ferryd at its default socket)
  *
  * MODEL is a .safetensors file, a sharded checkpoint's index, or a diffusers folder;
  * COMPONENT defaults to "model" (the one component of a single-file checkpoint). With
- * --lora, the pass runs over a view of the model through those LoRA files.
+ * --lora, the pass runs over a view of the model through those LoRA files. In daemon mode
+ * (--socket, --daemon) the model and LoRA files must lie under one of ferryd's model roots,
+ * and the budget is the daemon's.
  *
- * Build: cargo build --release -p ferry-ffi (from the repository root), then `make` here and run build/example.
+ * Build: cargo build --release -p ferry-ffi (from the repository root), then `make` here and
+ * run build/example.
  */
 
 #include <inttypes.h>
@@ -45,9 +51,16 @@ int main(int argc, char **argv) {
   float strengths[MAX_LORAS];
   size_t n_loras = 0;
   uint64_t budget = 0;
+  const char *socket = NULL;
+  int daemon = 0;
 
   for (int i = 1; i < argc; i++) {
-    if (strcmp(argv[i], "--lora") == 0 && i + 2 < argc && n_loras < MAX_LORAS) {
+    if (strcmp(argv[i], "--socket") == 0 && i + 1 < argc) {
+      socket = argv[++i];
+      daemon = 1;
+    } else if (strcmp(argv[i], "--daemon") == 0) {
+      daemon = 1;
+    } else if (strcmp(argv[i], "--lora") == 0 && i + 2 < argc && n_loras < MAX_LORAS) {
       loras[n_loras] = argv[i + 1];
       strengths[n_loras++] = strtof(argv[i + 2], NULL);
       i += 2;
@@ -60,20 +73,30 @@ int main(int argc, char **argv) {
     }
   }
   if (model_path == NULL) {
-    fprintf(stderr, "usage: %s MODEL [COMPONENT] [--budget BYTES] [--lora FILE STRENGTH]...\n",
+    fprintf(stderr,
+            "usage: %s [--socket PATH | --daemon] MODEL [COMPONENT] [--budget BYTES] "
+            "[--lora FILE STRENGTH]...\n",
             argv[0]);
     return 2;
   }
 
-  ferry_engine_config config;
-  TRY(ferry_engine_config_default(&config));
-  config.budget_bytes = budget; /* 0: 75% of the device's memory */
-
+  /* The one difference between the modes: how the engine is opened. */
   ferry_engine *engine = NULL;
-  TRY(ferry_engine_open(&config, &engine));
-  printf("ferry %s\n", ferry_version());
+  if (daemon) {
+    /* NULL: the default socket ($XDG_RUNTIME_DIR/ferry/ferryd.sock, ...). A CUDA daemon is
+     * refused with FERRY_ERR_NOT_SHAREABLE: its memory cannot be mapped here yet. */
+    TRY(ferry_connect(socket, &engine));
+    printf("ferry %s, connected to ferryd at %s\n", ferry_version(),
+           socket != NULL ? socket : "the default socket");
+  } else {
+    ferry_engine_config config;
+    TRY(ferry_engine_config_default(&config));
+    config.budget_bytes = budget; /* 0: 75% of the device's memory */
+    TRY(ferry_engine_open(&config, &engine));
+    printf("ferry %s, in-process engine\n", ferry_version());
+  }
 
-  uint64_t model = 0;
+  uint64_t model = 0, id = 0; /* id: the model, or a view of it through the LoRA stack */
   int rc = 0;
   ferry_status s = ferry_model_open(engine, model_path, &model);
   if (s != FERRY_OK) {
@@ -81,7 +104,7 @@ int main(int argc, char **argv) {
     goto out;
   }
 
-  uint64_t id = model; /* the model, or a view of it through the LoRA stack */
+  id = model;
   if (n_loras > 0) {
     s = ferry_view_create(engine, model, loras, strengths, n_loras, FERRY_LORA_BACKUP, &id);
     if (s != FERRY_OK) {
@@ -143,6 +166,10 @@ int main(int argc, char **argv) {
          st.bytes_streamed, (double)st.stall_ns / 1e6, st.peak_device_bytes, st.budget);
 
 out:
-  ferry_engine_close(engine); /* releases anything still held */
+  if (id != model) {
+    ferry_status r = ferry_view_remove(engine, id); /* back to the base's own bytes */
+    if (r != FERRY_OK && rc == 0) rc = fail("ferry_view_remove", r);
+  }
+  ferry_engine_close(engine); /* releases anything still held; in daemon mode, disconnects */
   return rc;
 }

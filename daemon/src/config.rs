@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::device::DeviceChoice;
+use crate::engine::policy::PolicyChoice;
 
 /// Where ferryd looks when no `--config` is given (a missing file there is not an error).
 pub const DEFAULT_PATH: &str = "/etc/ferry/ferryd.toml";
@@ -21,6 +22,13 @@ pub struct FerrydConfig {
     pub budget: Option<u64>,
     /// Bytes of "device memory" the host backend offers (default 4 GiB).
     pub host_memory: Option<u64>,
+    /// The residency policy of models whose client sets none: `auto` (the default), a policy
+    /// (`none`, `component`, `sequential`, `balanced`, `lru`) or a preset (`lowvram`,
+    /// `medvram`, `model`).
+    pub default_policy: Option<PolicyChoice>,
+    /// Under `auto`, devices with at most this many bytes of memory get `sequential`, larger
+    /// ones `balanced` (default 4 GiB).
+    pub auto_sequential_max: Option<u64>,
     /// The Unix socket to listen on (ignored under socket activation).
     pub socket: Option<PathBuf>,
     /// Directories under which clients may open models and LoRA files by path.
@@ -83,6 +91,8 @@ mod tests {
             device = "host"
             budget = 1073741824
             host_memory = 2147483648
+            default_policy = "lowvram"
+            auto_sequential_max = 8589934592
             socket = "/run/ferry/ferryd.sock"
             model_roots = ["/models", "/srv/loras"]
             allow_uids = [1000]
@@ -94,6 +104,8 @@ mod tests {
         let c = FerrydConfig::parse(text, Path::new("x.toml")).unwrap();
         assert_eq!(c.device, Some(DeviceChoice::Host));
         assert_eq!(c.budget, Some(1 << 30));
+        assert_eq!(c.default_policy, Some(crate::engine::policy::Preset::LowVram.into()));
+        assert_eq!(c.auto_sequential_max, Some(8 << 30));
         assert_eq!(c.model_roots.len(), 2);
         assert_eq!(c.allow_gids, [44]);
         assert_eq!(c.max_clients, Some(64));
@@ -110,6 +122,40 @@ mod tests {
         assert!(err.to_string().contains("tpu"), "{err}");
         let err = FerrydConfig::parse("budget = -1", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("budget"), "{err}");
+        let err = FerrydConfig::parse("default_policy = \"lowram\"", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("default_policy") && err.contains("\"lowram\"") && err.contains("lowvram"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_policy_name_and_preset_resolves_through_the_config() {
+        use crate::engine::policy::{PolicySpec, Threshold};
+        let gib = 1u64 << 30;
+        let cases = [
+            ("auto", 80 * gib, PolicySpec::Balanced { threshold: Threshold::Fraction(0.75) }),
+            ("auto", 4 * gib, PolicySpec::Sequential { lookahead: 1 }),
+            ("lowvram", 80 * gib, PolicySpec::Sequential { lookahead: 1 }),
+            ("medvram", 80 * gib, PolicySpec::Component),
+            ("model", 80 * gib, PolicySpec::Component),
+            ("MedVRAM", gib, PolicySpec::Component),
+            ("none", gib, PolicySpec::None),
+            ("component", gib, PolicySpec::Component),
+            ("sequential", gib, PolicySpec::Sequential { lookahead: 1 }),
+            ("balanced", gib, PolicySpec::Balanced { threshold: Threshold::Fraction(0.75) }),
+            ("lru", gib, PolicySpec::Lru { threshold: Threshold::Fraction(0.75) }),
+        ];
+        for (name, device, spec) in cases {
+            let text = format!("default_policy = {name:?}");
+            let c = FerrydConfig::parse(&text, Path::new("c.toml")).expect(name);
+            let choice = c.default_policy.expect(name);
+            let resolved =
+                choice.resolve(device, crate::engine::policy::choice::AUTO_SEQUENTIAL_MAX);
+            assert_eq!(resolved.spec, spec, "{name}");
+        }
     }
 
     #[test]
@@ -124,5 +170,6 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ferryd.toml");
         let c = FerrydConfig::load(Path::new(path), true).unwrap();
         assert_eq!(c.device, Some(DeviceChoice::Auto));
+        assert_eq!(c.default_policy, Some(PolicyChoice::Auto));
     }
 }

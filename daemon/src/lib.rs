@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod ctl_top;
 pub mod device;
 pub mod engine;
 pub mod inspect;
@@ -16,6 +17,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod sysmem;
+pub mod trace;
 pub mod units;
 
 pub use store::{Dtype, LayerRule, Model, Store, StoreError};

@@ -1,24 +1,33 @@
-//! The in-process engine: `ferry_engine` and the calls on models.
+//! `ferry_engine`, in-process or in daemon mode, and the calls on models.
 
 use core::ffi::{CStr, c_char};
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ferry::device::DeviceChoice;
 use ferry::engine::lora_view::LoraMode;
 use ferry::engine::policy::{PolicySpec, Threshold};
 use ferry::engine::{Engine, EngineConfig, EngineError, ModelId};
+use ferry::protocol;
 
 use crate::error::{FfiError, Result};
+use crate::remote::Remote;
 use crate::{boundary, ferry_status, ptr};
 
-/// An in-process streaming engine: one device, one memory budget, any number of models.
+/// A streaming engine: one device, one memory budget, any number of models.
 ///
-/// Opaque: created by `ferry_engine_open`, destroyed by `ferry_engine_close`. Every call that
-/// takes a `ferry_engine *` is thread-safe: one engine may be used from many threads at once
-/// (but `ferry_engine_close` must not run concurrently with any other call on it).
+/// Opaque. Either in-process (created by `ferry_engine_open`: the engine runs in this
+/// process) or in daemon mode (created by `ferry_connect`: a connection to ferryd, which owns
+/// the device; tensor addresses point into the daemon's arena mapped read-only here). The
+/// calls on it are the same in both modes. Destroyed by `ferry_engine_close`.
+///
+/// Every call that takes a `ferry_engine *` is thread-safe: one engine may be used from many
+/// threads at once (but `ferry_engine_close` must not run concurrently with any other call on
+/// it). In daemon mode the calls on one engine share its one connection and run one at a
+/// time: an acquire that waits for device memory delays the engine's other calls until it
+/// returns. Connect once per thread for independent traffic.
 #[allow(non_camel_case_types)]
 #[derive(Debug)]
 pub struct ferry_engine {
@@ -112,17 +121,39 @@ pub struct ferry_engine_stats {
     pub lora_cache_bytes: u64,
 }
 
+/// Where an engine handle's engine runs.
+#[derive(Debug)]
+pub(crate) enum Mode {
+    InProcess(Engine),
+    Daemon(Arc<Remote>),
+}
+
 /// What a `ferry_engine *` points to.
 #[derive(Debug)]
 pub(crate) struct EngineHandle {
-    pub(crate) engine: Engine,
+    pub(crate) mode: Mode,
     /// Addresses of the live `ferry_lease` handles this engine handed out (and owns).
     leases: Mutex<HashSet<usize>>,
+    /// In-process: the views created through this handle (`ferry_view_remove` removes only
+    /// those). In daemon mode the daemon keeps this list per connection.
+    views: Mutex<HashSet<u64>>,
 }
 
 impl EngineHandle {
+    fn new(mode: Mode) -> Box<EngineHandle> {
+        Box::new(EngineHandle {
+            mode,
+            leases: Mutex::new(HashSet::new()),
+            views: Mutex::new(HashSet::new()),
+        })
+    }
+
     pub(crate) fn leases(&self) -> MutexGuard<'_, HashSet<usize>> {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn views(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.views.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -280,15 +311,58 @@ pub unsafe extern "C" fn ferry_engine_open(
         // SAFETY: the caller guarantees `config`, when non-NULL, is a valid config.
         let config = unsafe { ptr::read(config) }.copied().unwrap_or_else(config_default);
         let engine = Engine::new(engine_config(&config)?)?;
-        let handle = Box::new(EngineHandle { engine, leases: Mutex::new(HashSet::new()) });
-        out.write(ptr::engine_into_raw(handle));
+        out.write(ptr::engine_into_raw(EngineHandle::new(Mode::InProcess(engine))));
+        Ok(())
+    })
+}
+
+/// Connects to ferryd, the ferry daemon, at the Unix socket `socket_path` (NULL: the default
+/// socket, `$XDG_RUNTIME_DIR/ferry/ferryd.sock`, else `/run/ferry/ferryd.sock` for root, else
+/// `/tmp/ferry-$UID/ferryd.sock`), and returns an engine in daemon mode through `*out`.
+///
+/// Every call on the engine is then the same as for an in-process engine, served by the
+/// daemon: its device, budget and policies, models shared with its other clients (its stats
+/// count all of them). Tensor addresses point into the daemon's host arena, mapped read-only
+/// into this process once per engine. Differences: model and LoRA paths must lie under one of
+/// the daemon's model roots (relative paths are made absolute here first), and opening the
+/// same files twice on one engine gives the same model id. What the engine holds (models,
+/// views, leases) is given back by the daemon when the engine is closed or this process ends.
+///
+/// On failure `*out` is set to NULL. Errors: `FERRY_ERR_NULL_ARGUMENT` (`out` NULL),
+/// `FERRY_ERR_INVALID_ARGUMENT` (a path the kernel cannot take for a socket, e.g. longer than
+/// 107 bytes), `FERRY_ERR_DISCONNECTED` (no daemon answers at the socket),
+/// `FERRY_ERR_NOT_SHAREABLE` (the daemon streams to a CUDA device, whose memory the protocol
+/// cannot share yet: use `ferry_engine_open`), `FERRY_ERR_NOT_PERMITTED` (the daemon does not
+/// serve this process), `FERRY_ERR_UNSUPPORTED` (no common protocol version). Thread-safe.
+///
+/// # Safety
+///
+/// `socket_path` must be NULL or a NUL-terminated string; `out` NULL or valid for a write of a
+/// pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_connect(
+    socket_path: *const c_char,
+    out: *mut *mut ferry_engine,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller guarantees `out`, when non-NULL, is valid for a write.
+        let out = unsafe { ptr::out(out) }.ok_or_else(|| FfiError::null("out"))?;
+        out.write(core::ptr::null_mut());
+        // SAFETY: the caller guarantees `socket_path` is NULL or a NUL-terminated string.
+        let socket = match unsafe { ptr::cstr(socket_path) } {
+            Some(c) => path_of(c)?,
+            None => ferry::server::default_socket_path(),
+        };
+        let remote = Remote::connect(&socket)?;
+        out.write(ptr::engine_into_raw(EngineHandle::new(Mode::Daemon(Arc::new(remote)))));
         Ok(())
     })
 }
 
 /// Closes an engine: releases and frees every lease still held on it (their `ferry_lease *`
 /// become invalid), closes its models, waits for copies in flight, frees its device memory.
-/// NULL is allowed (does nothing).
+/// In daemon mode: frees the leases, unmaps the arena and closes the connection, after which
+/// the daemon gives back what the engine held. NULL is allowed (does nothing).
 ///
 /// Not thread-safe with respect to the engine: no other call may use `engine` (or one of its
 /// leases) during or after this one.
@@ -336,12 +410,17 @@ pub unsafe extern "C" fn ferry_model_open(
                 ptr::out(model_out).ok_or_else(|| FfiError::null("model_out"))?,
             )
         };
-        out.write(h.engine.open_model(path_of(path)?)?);
+        let path = path_of(path)?;
+        out.write(match &h.mode {
+            Mode::InProcess(e) => e.open_model(path)?,
+            Mode::Daemon(r) => r.open_model(&path)?,
+        });
         Ok(())
     })
 }
 
-/// Closes a model (or a view): its layers leave the device and its memory is returned.
+/// Closes a model (or a view): its layers leave the device and its memory is returned. In
+/// daemon mode the engine stops using it; the daemon closes it once no client uses it.
 ///
 /// Errors: `FERRY_ERR_NOT_FOUND` (unknown id), `FERRY_ERR_BUSY` (a layer is leased, or views
 /// of it are open). Thread-safe.
@@ -357,7 +436,14 @@ pub unsafe extern "C" fn ferry_model_close(
     boundary::call(|| {
         // SAFETY: the caller guarantees `engine` is NULL or live.
         let h = unsafe { engine_arg(engine) }?;
-        Ok(h.engine.close_model(model)?)
+        match &h.mode {
+            Mode::InProcess(e) => {
+                e.close_model(model)?;
+                h.views().remove(&model);
+            }
+            Mode::Daemon(r) => r.close_model(model)?,
+        }
+        Ok(())
     })
 }
 
@@ -395,7 +481,11 @@ pub unsafe extern "C" fn ferry_set_residency(
             Some(c) => Some(c.to_str().map_err(|_| FfiError::invalid("component is not UTF-8"))?),
         };
         let spec = policy_spec(policy, lookahead, threshold_bytes, threshold_fraction)?;
-        Ok(h.engine.set_residency(model, component, spec)?)
+        match &h.mode {
+            Mode::InProcess(e) => e.set_residency(model, component, spec)?,
+            Mode::Daemon(r) => r.set_residency(model, component, protocol::Policy::from(spec))?,
+        }
+        Ok(())
     })
 }
 
@@ -424,12 +514,17 @@ pub unsafe extern "C" fn ferry_layer_count(
                 ptr::out(out).ok_or_else(|| FfiError::null("out"))?,
             )
         };
-        let m = h.engine.model(model)?;
-        let c = m.component(component).ok_or_else(|| EngineError::UnknownComponent {
-            model,
-            component: component.to_string(),
-        })?;
-        out.write(c.layers.len());
+        out.write(match &h.mode {
+            Mode::InProcess(e) => {
+                let m = e.model(model)?;
+                let c = m.component(component).ok_or_else(|| EngineError::UnknownComponent {
+                    model,
+                    component: component.to_string(),
+                })?;
+                c.layers.len()
+            }
+            Mode::Daemon(r) => r.layer_count(model, component)?,
+        });
         Ok(())
     })
 }
@@ -461,7 +556,10 @@ pub unsafe extern "C" fn ferry_layer_index(
                 ptr::out(out).ok_or_else(|| FfiError::null("out"))?,
             )
         };
-        out.write(h.engine.layer_index(model, component, name)?);
+        out.write(match &h.mode {
+            Mode::InProcess(e) => e.layer_index(model, component, name)?,
+            Mode::Daemon(r) => r.layer_index(model, component, name)?,
+        });
         Ok(())
     })
 }
@@ -482,11 +580,16 @@ pub unsafe extern "C" fn ferry_prefetch(
     boundary::call(|| {
         // SAFETY: the caller's contract above covers each pointer.
         let (h, component) = unsafe { (engine_arg(engine)?, str_arg(component, "component")?) };
-        Ok(h.engine.prefetch(model, component, layer)?)
+        match &h.mode {
+            Mode::InProcess(e) => e.prefetch(model, component, layer)?,
+            Mode::Daemon(r) => r.prefetch(model, component, layer)?,
+        }
+        Ok(())
     })
 }
 
-/// Stores the engine's counters in `*out`. Errors: `FERRY_ERR_NULL_ARGUMENT`. Thread-safe.
+/// Stores the engine's counters in `*out` (in daemon mode, the daemon's: every client's work
+/// counts). Errors: `FERRY_ERR_NULL_ARGUMENT`. Thread-safe.
 ///
 /// # Safety
 ///
@@ -501,7 +604,10 @@ pub unsafe extern "C" fn ferry_stats(
         // SAFETY: the caller's contract above covers each pointer.
         let (h, out) =
             unsafe { (engine_arg(engine)?, ptr::out(out).ok_or_else(|| FfiError::null("out"))?) };
-        let s = h.engine.stats();
+        let s = match &h.mode {
+            Mode::InProcess(e) => protocol::StatsReply::from(&e.stats()),
+            Mode::Daemon(r) => r.stats()?,
+        };
         out.write(ferry_engine_stats {
             acquires: s.acquires,
             hits: s.hits,
@@ -522,7 +628,8 @@ pub unsafe extern "C" fn ferry_stats(
 /// Creates a view: model `model` seen through a stack of `n` LoRA files (`lora_paths[i]` at
 /// strength `strengths[i]`, applied in order) with `mode` (a `ferry_lora_mode`). The view has
 /// its own model id (stored in `*view_out`), used like any model id; layers the stack does not
-/// touch are shared with the base. Close it with `ferry_model_close` before the base.
+/// touch are shared with the base. Remove it with `ferry_view_remove` (or `ferry_model_close`)
+/// before closing the base.
 ///
 /// Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_INVALID_ARGUMENT` (n == 0, unknown mode,
 /// non-finite strength, the base is itself a view), `FERRY_ERR_NOT_FOUND`,
@@ -565,8 +672,48 @@ pub unsafe extern "C" fn ferry_view_create(
                 .ok_or_else(|| FfiError::null(&format!("lora_paths[{i}]")))?;
             stack.push((path_of(c)?, s));
         }
-        let (view, _report) = h.engine.create_view(model as ModelId, &stack, mode)?;
+        let view = match &h.mode {
+            Mode::InProcess(e) => {
+                let (view, _report) = e.create_view(model as ModelId, &stack, mode)?;
+                h.views().insert(view);
+                view
+            }
+            Mode::Daemon(r) => r.create_view(model, &stack, mode.into())?,
+        };
         out.write(view);
+        Ok(())
+    })
+}
+
+/// Removes a view made by `ferry_view_create` on this engine: the base is seen without the
+/// stack again (its layers were never changed: backup mode keeps the file's bytes, fuse mode
+/// drops its cache).
+///
+/// Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND` (`view` is not a view created on
+/// this engine, e.g. a model id, or removed already), `FERRY_ERR_BUSY` (a layer is leased
+/// through the view). Thread-safe.
+///
+/// # Safety
+///
+/// `engine` must be NULL or a live engine.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_view_remove(engine: *const ferry_engine, view: u64) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller guarantees `engine` is NULL or live.
+        let h = unsafe { engine_arg(engine) }?;
+        match &h.mode {
+            Mode::InProcess(e) => {
+                if !h.views().contains(&view) {
+                    return Err(FfiError::new(
+                        ferry_status::FERRY_ERR_NOT_FOUND,
+                        format!("{view} is not a view created on this engine"),
+                    ));
+                }
+                e.close_model(view)?;
+                h.views().remove(&view);
+            }
+            Mode::Daemon(r) => r.remove_view(view)?,
+        }
         Ok(())
     })
 }

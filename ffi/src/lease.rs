@@ -2,13 +2,17 @@
 
 use core::ffi::{c_char, c_void};
 use std::ffi::CString;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ferry::Dtype;
 use ferry::device::{Backend, ClientDone};
-use ferry::engine::{Lease, TensorView};
+use ferry::engine::Lease;
+use ferry::protocol::Leased;
 
-use crate::engine::{engine_arg, ferry_engine, str_arg};
+use crate::engine::{Mode, engine_arg, ferry_engine, str_arg};
 use crate::error::{FfiError, Result};
+use crate::remote::Remote;
 use crate::{boundary, cuda, ferry_status, ptr};
 
 /// The most dimensions a `ferry_tensor_desc` describes.
@@ -105,26 +109,109 @@ pub struct ferry_tensor_desc {
     pub shape: [u64; FERRY_MAX_RANK],
 }
 
+/// One tensor of a leased layer, as handed to C.
+#[derive(Debug)]
+struct LeasedTensor {
+    /// The local name as a C string (interior NULs replaced).
+    name: CString,
+    dtype: Dtype,
+    shape: Vec<u64>,
+    /// The address C reads the bytes at.
+    addr: u64,
+    len: u64,
+}
+
+fn c_name(name: &str) -> CString {
+    CString::new(name.replace('\0', "\u{fffd}")).unwrap_or_default()
+}
+
+/// Whose lease it is.
+#[derive(Debug)]
+enum Held {
+    InProcess(Lease),
+    /// A lease the daemon holds for this connection.
+    Daemon {
+        remote: Arc<Remote>,
+        model: u64,
+        id: u64,
+        ready: AtomicBool,
+    },
+}
+
 /// What a `ferry_lease *` points to.
 #[derive(Debug)]
 pub(crate) struct LeaseHandle {
-    lease: Lease,
-    /// The tensors' names as C strings, in `lease.tensors()` order.
-    names: Vec<CString>,
+    held: Held,
+    layer: String,
+    /// In file header order, as the engine (or the daemon) listed them.
+    tensors: Vec<LeasedTensor>,
 }
 
 impl LeaseHandle {
-    fn desc(&self, i: usize) -> Result<ferry_tensor_desc> {
-        let (t, name): (&TensorView, &CString) =
-            match (self.lease.tensors().get(i), self.names.get(i)) {
-                (Some(t), Some(n)) => (t, n),
-                _ => {
-                    return Err(FfiError::new(
-                        ferry_status::FERRY_ERR_NOT_FOUND,
-                        format!("tensor index {i} is out of range ({} tensors)", self.names.len()),
-                    ));
-                }
+    fn in_process(lease: Lease) -> LeaseHandle {
+        let tensors = lease
+            .tensors()
+            .iter()
+            .map(|t| LeasedTensor {
+                name: c_name(&t.name),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                addr: t.addr,
+                len: t.len,
+            })
+            .collect();
+        LeaseHandle { layer: lease.layer().to_string(), tensors, held: Held::InProcess(lease) }
+    }
+
+    /// A daemon's lease, its tensors placed in the arena mapping. A description that does not
+    /// fit the mapping (or names an unknown dtype) is refused, releasing the lease.
+    fn daemon(remote: &Arc<Remote>, model: u64, leased: Leased) -> Result<LeaseHandle> {
+        let (base, arena_len) = remote.arena();
+        let mut tensors = Vec::with_capacity(leased.tensors.len());
+        for t in &leased.tensors {
+            let dtype = Dtype::parse(&t.dtype);
+            let end = t.arena_offset.checked_add(t.len).filter(|&end| end <= arena_len);
+            let (Some(dtype), Some(_)) = (dtype, end) else {
+                // Give the lease back; should that fail too, the daemon frees it when the
+                // connection ends.
+                let _ = remote.release(model, leased.lease);
+                return Err(FfiError::new(
+                    ferry_status::FERRY_ERR_INTERNAL,
+                    format!(
+                        "ferryd described tensor {:?} of layer {:?} as {} bytes of dtype {:?} at \
+                         arena offset {}, which this side cannot use (the arena holds {arena_len} \
+                         bytes); the lease was given back",
+                        t.name, leased.layer, t.len, t.dtype, t.arena_offset
+                    ),
+                ));
             };
+            tensors.push(LeasedTensor {
+                name: c_name(&t.name),
+                dtype,
+                shape: t.shape.clone(),
+                addr: base + t.arena_offset,
+                len: t.len,
+            });
+        }
+        Ok(LeaseHandle {
+            held: Held::Daemon {
+                remote: Arc::clone(remote),
+                model,
+                id: leased.lease,
+                ready: AtomicBool::new(leased.ready),
+            },
+            layer: leased.layer,
+            tensors,
+        })
+    }
+
+    fn desc(&self, i: usize) -> Result<ferry_tensor_desc> {
+        let t = self.tensors.get(i).ok_or_else(|| {
+            FfiError::new(
+                ferry_status::FERRY_ERR_NOT_FOUND,
+                format!("tensor index {i} is out of range ({} tensors)", self.tensors.len()),
+            )
+        })?;
         let mut shape = [0u64; FERRY_MAX_RANK];
         shape.get_mut(..t.shape.len()).map(|s| s.copy_from_slice(&t.shape)).ok_or_else(|| {
             FfiError::new(
@@ -137,7 +224,7 @@ impl LeaseHandle {
             )
         })?;
         Ok(ferry_tensor_desc {
-            name: ptr::owned_cstr(name),
+            name: ptr::owned_cstr(&t.name),
             device_ptr: t.addr,
             byte_len: t.len,
             dtype: dtype_code(t.dtype) as u32,
@@ -163,7 +250,8 @@ unsafe fn lease<'a>(p: *const ferry_lease) -> Result<&'a LeaseHandle> {
 /// Returns as soon as the layer's copy is under way, without waiting for it. Before reading
 /// the tensors either call `ferry_lease_wait` (host sync), or, on CUDA, pass the `CUstream`
 /// your kernels run on as `cuda_stream`: the stream is then made to wait (on the device) for
-/// the copy, and the host does not block. On the host backend `cuda_stream` must be NULL.
+/// the copy, and the host does not block. On the host backend `cuda_stream` must be NULL, and
+/// so in daemon mode (which serves host-backend daemons only).
 ///
 /// Blocks (up to the configured acquire timeout) only when every layer that could make room
 /// is leased. Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND` (model, component, or
@@ -191,25 +279,34 @@ pub unsafe extern "C" fn ferry_acquire(
         out.write(core::ptr::null_mut());
         // SAFETY: the caller's contract above covers each pointer.
         let (h, component) = unsafe { (engine_arg(engine)?, str_arg(component, "component")?) };
-        let on_cuda = h.engine.device_info().backend == Backend::Cuda;
-        if !cuda_stream.is_null() && !on_cuda {
-            return Err(FfiError::invalid(
-                "cuda_stream must be NULL on the host backend (use ferry_lease_wait)",
-            ));
-        }
-        let lease = h.engine.acquire(model, component, layer)?;
-        if !cuda_stream.is_null()
-            && let Some(event) = lease.ready_event()?.cuda_event()
-        {
-            // On failure `lease` is dropped here, which releases it.
-            cuda::stream_wait(cuda_stream, event)?;
-        }
-        let names = lease
-            .tensors()
-            .iter()
-            .map(|t| CString::new(t.name.replace('\0', "\u{fffd}")).unwrap_or_default())
-            .collect();
-        let (p, addr) = ptr::lease_into_raw(Box::new(LeaseHandle { lease, names }));
+        let handle = match &h.mode {
+            Mode::InProcess(e) => {
+                let on_cuda = e.device_info().backend == Backend::Cuda;
+                if !cuda_stream.is_null() && !on_cuda {
+                    return Err(FfiError::invalid(
+                        "cuda_stream must be NULL on the host backend (use ferry_lease_wait)",
+                    ));
+                }
+                let lease = e.acquire(model, component, layer)?;
+                if !cuda_stream.is_null()
+                    && let Some(event) = lease.ready_event()?.cuda_event()
+                {
+                    // On failure `lease` is dropped here, which releases it.
+                    cuda::stream_wait(cuda_stream, event)?;
+                }
+                LeaseHandle::in_process(lease)
+            }
+            Mode::Daemon(r) => {
+                if !cuda_stream.is_null() {
+                    return Err(FfiError::invalid(
+                        "cuda_stream must be NULL in daemon mode: the daemon's device is host \
+                         memory (use ferry_lease_wait)",
+                    ));
+                }
+                LeaseHandle::daemon(r, model, r.acquire(model, component, layer)?)?
+            }
+        };
+        let (p, addr) = ptr::lease_into_raw(Box::new(handle));
         h.leases().insert(addr);
         out.write(p);
         Ok(())
@@ -217,9 +314,10 @@ pub unsafe extern "C" fn ferry_acquire(
 }
 
 /// Blocks until the lease's layer is entirely on the device (the time counts as stall).
+/// In daemon mode a layer the daemon reported ready costs no round trip.
 ///
 /// Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_TRUNCATED` (the file was truncated while
-/// mapped), `FERRY_ERR_DEVICE`. The lease stays held either way.
+/// mapped), `FERRY_ERR_DEVICE`, `FERRY_ERR_DISCONNECTED`. The lease stays held either way.
 ///
 /// # Safety
 ///
@@ -229,7 +327,16 @@ pub unsafe extern "C" fn ferry_lease_wait(lease: *const ferry_lease) -> ferry_st
     boundary::call(|| {
         // SAFETY: the caller guarantees `lease` is NULL or held.
         let l = unsafe { self::lease(lease) }?;
-        Ok(l.lease.wait_ready()?)
+        match &l.held {
+            Held::InProcess(lease) => lease.wait_ready()?,
+            Held::Daemon { remote, id, ready, .. } => {
+                if !ready.load(Ordering::Acquire) {
+                    remote.wait_ready(*id)?;
+                    ready.store(true, Ordering::Release);
+                }
+            }
+        }
+        Ok(())
     })
 }
 
@@ -247,7 +354,7 @@ pub unsafe extern "C" fn ferry_lease_tensor_count(
         // SAFETY: the caller's contract above covers each pointer.
         let (l, out) =
             unsafe { (self::lease(lease)?, ptr::out(out).ok_or_else(|| FfiError::null("out"))?) };
-        out.write(l.names.len());
+        out.write(l.tensors.len());
         Ok(())
     })
 }
@@ -298,10 +405,10 @@ pub unsafe extern "C" fn ferry_lease_tensor_by_name(
                 ptr::out(out).ok_or_else(|| FfiError::null("out"))?,
             )
         };
-        let i = l.names.iter().position(|n| n.as_c_str() == name).ok_or_else(|| {
+        let i = l.tensors.iter().position(|t| t.name.as_c_str() == name).ok_or_else(|| {
             FfiError::new(
                 ferry_status::FERRY_ERR_NOT_FOUND,
-                format!("layer {:?} has no tensor {:?}", l.lease.layer(), name.to_string_lossy()),
+                format!("layer {:?} has no tensor {:?}", l.layer, name.to_string_lossy()),
             )
         })?;
         out.write(l.desc(i)?);
@@ -318,7 +425,10 @@ pub unsafe extern "C" fn ferry_lease_tensor_by_name(
 /// On `FERRY_OK` the lease is freed and the pointer must not be used again. On failure the
 /// lease is untouched and still held (e.g. `FERRY_ERR_INVALID_ARGUMENT` for a stream on the
 /// host backend, `FERRY_ERR_DEVICE` if the device refused to wait for the stream: synchronise
-/// and release again with NULL).
+/// and release again with NULL). In daemon mode `FERRY_ERR_DISCONNECTED` means the daemon is
+/// gone, and with it the lease's hold on the layer; the handle (its descriptors, and the
+/// bytes at its addresses, which nothing overwrites any more) stays valid until
+/// `ferry_engine_close` frees it.
 ///
 /// The engine tracks the leases it handed out, so a lease of another engine, or one already
 /// released, is refused with `FERRY_ERR_NOT_FOUND` without touching it (the other engine's
@@ -343,7 +453,10 @@ pub unsafe extern "C" fn ferry_release(
         if lease.is_null() {
             return Err(FfiError::null("lease"));
         }
-        let on_cuda = h.engine.device_info().backend == Backend::Cuda;
+        let on_cuda = match &h.mode {
+            Mode::InProcess(e) => e.device_info().backend == Backend::Cuda,
+            Mode::Daemon(_) => false,
+        };
         if !cuda_stream.is_null() && !on_cuda {
             return Err(FfiError::invalid("cuda_stream must be NULL on the host backend"));
         }
@@ -361,16 +474,29 @@ pub unsafe extern "C" fn ferry_release(
         // SAFETY: `addr` was in this engine's set, so it is a live lease from `lease_into_raw`;
         // having removed it, this thread is the only one that may free it.
         let l = unsafe { ptr::lease_ref(lease) }.ok_or_else(|| FfiError::null("lease"))?;
-        let recorded = if cuda_stream.is_null() {
-            None
-        } else {
-            Some(cuda::Recorded::on(cuda_stream).map_err(restore)?)
-        };
-        let done = recorded.as_ref().map_or(ClientDone::Now, cuda::Recorded::client_done);
-        h.engine
-            .release_id(l.lease.model(), l.lease.id(), done)
-            .map_err(|e| restore(FfiError::from(e)))?;
-        drop(recorded);
+        match (&h.mode, &l.held) {
+            (Mode::InProcess(e), Held::InProcess(lease)) => {
+                let recorded = if cuda_stream.is_null() {
+                    None
+                } else {
+                    Some(cuda::Recorded::on(cuda_stream).map_err(restore)?)
+                };
+                let done = recorded.as_ref().map_or(ClientDone::Now, cuda::Recorded::client_done);
+                e.release_id(lease.model(), lease.id(), done)
+                    .map_err(|e| restore(FfiError::from(e)))?;
+                drop(recorded);
+            }
+            (Mode::Daemon(r), Held::Daemon { model, id, .. }) => {
+                r.release(*model, *id).map_err(restore)?;
+            }
+            // Each engine's set holds only the leases it made, in its own mode.
+            _ => {
+                return Err(restore(FfiError::new(
+                    ferry_status::FERRY_ERR_INTERNAL,
+                    "the lease was made in another mode than this engine's",
+                )));
+            }
+        }
         // SAFETY: as above; `l` is not used past this point.
         drop(unsafe { ptr::lease_from_addr(addr) });
         Ok(())

@@ -200,3 +200,8 @@ pub(crate) fn cuda_event(raw: u64) -> cudarc::driver::sys::CUevent {
 pub(crate) fn cuda_event_raw(ev: cudarc::driver::sys::CUevent) -> u64 {
     ev as usize as u64
 }
+
+/// The address of the first byte at `p`, as C sees a device pointer (`uint64_t`).
+pub(crate) fn addr(p: *const u8) -> u64 {
+    p as usize as u64
+}

@@ -1,12 +1,18 @@
 /*
- * In-process engine, end to end: built and run by tests/c_abi.rs on the host backend.
+ * The engine end to end, in either mode: built and run by tests/c_abi.rs on the host backend.
  *
- * usage: engine MODEL.safetensors EXPECTED.bin MANIFEST.txt
+ * usage: engine MODEL.safetensors EXPECTED.bin MANIFEST.txt [SOCKET]
+ *
+ * Without SOCKET the engine is in-process (ferry_engine_open); with it, the engine is a
+ * connection to the ferryd listening there (ferry_connect), which must have been started with
+ * a 1 MiB budget and MODEL under a model root. Everything after opening the engine is the same
+ * code for both modes.
  *
  * EXPECTED.bin holds every tensor's bytes; MANIFEST.txt has one line per tensor:
  *     <layer> <offset in EXPECTED.bin> <byte length> <dtype> <rank> <dim>... <name>
  * The program runs two sequential passes over the layers of component "model" and compares
- * every byte it reads through device_ptr (a plain pointer on the host backend) with the file.
+ * every byte it reads through device_ptr (a plain pointer on the host backend; in daemon
+ * mode a pointer into the daemon's arena mapped here) with the file.
  */
 
 #include <stdint.h>
@@ -123,11 +129,18 @@ static int check_layer(ferry_engine *engine, uint64_t model, size_t layer) {
   return 0;
 }
 
+/* Opens the engine: in-process with `config`, or connected to the daemon at `socket`. */
+static ferry_status open_engine(const char *socket, const ferry_engine_config *config,
+                                ferry_engine **out) {
+  return socket != NULL ? ferry_connect(socket, out) : ferry_engine_open(config, out);
+}
+
 int main(int argc, char **argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: %s MODEL EXPECTED.bin MANIFEST.txt\n", argv[0]);
+  if (argc != 4 && argc != 5) {
+    fprintf(stderr, "usage: %s MODEL EXPECTED.bin MANIFEST.txt [SOCKET]\n", argv[0]);
     return 2;
   }
+  const char *socket = argc == 5 ? argv[4] : NULL;
   if (load(argv[2], argv[3]) != 0) return 1;
 
   size_t layers = 0;
@@ -149,7 +162,7 @@ int main(int argc, char **argv) {
   config.acquire_timeout_ms = 5000;
 
   ferry_engine *engine = NULL;
-  CHECK_OK(ferry_engine_open(&config, &engine));
+  CHECK_OK(open_engine(socket, &config, &engine));
   CHECK(engine != NULL);
   CHECK(ferry_last_error()[0] == '\0');
 
@@ -195,15 +208,15 @@ int main(int argc, char **argv) {
   ferry_engine_close(engine);
 
   /* A second engine: open, close a model cleanly, close. */
-  CHECK_OK(ferry_engine_open(&config, &engine));
+  CHECK_OK(open_engine(socket, &config, &engine));
   CHECK_OK(ferry_model_open(engine, argv[1], &model));
   CHECK_OK(ferry_model_close(engine, model));
   CHECK_FAILS(ferry_model_close(engine, model), FERRY_ERR_NOT_FOUND);
   ferry_engine_close(engine);
 
   free(expected);
-  printf("engine.c: %zu layers x %d passes, %llu bytes streamed, peak %llu of %llu: passed\n",
-         layers, passes, (unsigned long long)stats.bytes_streamed,
+  printf("engine.c (%s): %zu layers x %d passes, %llu bytes streamed, peak %llu of %llu: passed\n",
+         socket != NULL ? "daemon mode" : "in-process", layers, passes, (unsigned long long)stats.bytes_streamed,
          (unsigned long long)stats.peak_device_bytes, (unsigned long long)stats.budget);
   return 0;
 }

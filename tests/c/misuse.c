@@ -35,6 +35,8 @@ static int null_arguments(ferry_engine *e, uint64_t m, ferry_lease *lease, const
 
   CHECK_FAILS(ferry_engine_config_default(NULL), N);
   CHECK_FAILS(ferry_engine_open(&config, NULL), N);
+  CHECK_FAILS(ferry_connect("/nonexistent/ferryd.sock", NULL), N);
+  CHECK_FAILS(ferry_view_remove(NULL, m), N);
 
   CHECK_FAILS(ferry_model_open(NULL, path, &id), N);
   CHECK_FAILS(ferry_model_open(e, NULL, &id), N);
@@ -103,7 +105,9 @@ int main(int argc, char **argv) {
 
   CHECK(strcmp(ferry_status_str(FERRY_ERR_BUSY), "FERRY_ERR_BUSY") == 0);
   CHECK(strcmp(ferry_status_str(FERRY_ERR_MODEL_FAILED), "FERRY_ERR_MODEL_FAILED") == 0);
-  CHECK(strcmp(ferry_status_str(FERRY_ERR_MODEL_FAILED + 1), "FERRY_ERR_UNKNOWN") == 0);
+  CHECK(strcmp(ferry_status_str(FERRY_ERR_DISCONNECTED), "FERRY_ERR_DISCONNECTED") == 0);
+  CHECK(strcmp(ferry_status_str(FERRY_ERR_LIMIT_EXCEEDED), "FERRY_ERR_LIMIT_EXCEEDED") == 0);
+  CHECK(strcmp(ferry_status_str(FERRY_ERR_LIMIT_EXCEEDED + 1), "FERRY_ERR_UNKNOWN") == 0);
   CHECK(ferry_last_error()[0] == '\0');
 
   /* Bad configurations. */
@@ -157,6 +161,9 @@ int main(int argc, char **argv) {
   float strengths[1] = {1.0f};
   CHECK_FAILS(ferry_view_create(e, m, paths, strengths, 1, 9, &view), INV);
   CHECK_FAILS(ferry_view_create(e, m, paths, strengths, 1, FERRY_LORA_FUSE, &view), FERRY_ERR_IO);
+  /* Only views are removed as views: a model id, or an unknown id, is refused. */
+  CHECK_FAILS(ferry_view_remove(e, m), NF);
+  CHECK_FAILS(ferry_view_remove(e, 4242), NF);
   /* A stream on the host backend is refused; the lease stays held. */
   int not_a_stream = 0;
   CHECK_FAILS(ferry_acquire(e, m, "model", 1, &not_a_stream, &other), INV);

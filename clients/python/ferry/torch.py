@@ -1,26 +1,894 @@
-"""PyTorch integration: NOT DONE YET.
+"""PyTorch integration: a ``torch.nn.Module``'s weights streamed through ferryd.
 
-The plan is to attach a model's layers to a ``torch.nn.Module`` so that each forward pass
-acquires the layer's lease and reads its weights from the mapped arena. Only this stub exists:
+Importing this module needs PyTorch; the protocol client (:class:`ferry.Client`) does not.
 
-* importing ``ferry.torch`` without PyTorch installed raises :class:`ImportError` saying so;
-* with PyTorch installed, :func:`attach` raises :class:`NotImplementedError`.
+>>> import torch, ferry.torch
+>>> with ferry.torch.empty_weights():                # parameters on "meta", buffers real
+...     net = MyNet().eval()
+>>> att = ferry.torch.attach(net, "/srv/models/net.safetensors", policy="sequential")
+>>> with torch.no_grad():
+...     y = net(x)                                    # each layer acquired just before its forward
+>>> att.close()
+
+How it works:
+
+* A :class:`Session` is one ferry model (or a LoRA view of it) served to this process: it opens
+  the model, sets its residency policy and, if asked, applies a LoRA stack (``apply_lora``),
+  then serves every layer through the view.
+* :meth:`Session.attach` binds one ferry *component* to one module. Each ferry tensor name is
+  mapped to a module parameter or buffer name (``strip`` a leading part of ferry's name, add a
+  ``prefix``, or any ``rename`` function), shapes and dtypes are checked, and each layer gets a
+  forward pre-hook and a forward hook on the smallest submodule holding all of its tensors (a
+  ferry layer such as ``down_blocks.1`` or ``model.layers.3`` is one such submodule). Tied
+  weights (one tensor at two module paths) are served at both, and their other owner is hooked
+  too.
+* Before that submodule's forward, the layer is acquired, waited for, and its tensors are put in
+  place of the parameters (``requires_grad=False``); after its forward (also when it raises) the
+  parameters are replaced by placeholders again and only then is the lease released, so the
+  module never keeps a pointer into memory ferryd may reuse. A tensor in the forward's output
+  that still lies in ferry's memory (a module returning a view of its own weight) is cloned
+  first. A layer entered twice (a submodule called from within itself, or hooked at two places)
+  is acquired once.
+* The placeholders are ``meta`` tensors (the default: any use outside a hooked forward fails
+  loudly) or, with ``placeholder="cpu"``, zero-stride CPU tensors of one element, for code that
+  asks a module for its ``device`` (diffusers pipelines do). Either way the module's own copy of
+  the weights is dropped at attach.
+
+Backends (the piece that turns a lease into tensors is :func:`tensor_source`):
+
+* **host**: tensors are zero-copy views of ferryd's arena, mapped read-only
+  (``torch.frombuffer`` with the tensor's dtype, ``BF16`` and ``F16`` included). PyTorch cannot
+  mark a tensor read-only: the mapping is ``PROT_READ``, so code that writes into a served
+  weight crashes the process rather than corrupting ferry's memory. Forward passes do not write
+  weights; a BatchNorm in training mode would update its running statistics, so that is refused
+  with :class:`FerryTorchError` before the forward.
+* **cuda**: not available. Protocol version 1 gives arena offsets, which mean nothing in another
+  process without a shareable handle to ferryd's device memory and its ready events (the
+  ``CUDA_IPC`` feature bit is reserved for that; no message carries one yet). Attaching to a
+  ferryd on the CUDA backend raises :class:`CudaSharingUnavailable` before anything is changed.
+
+Layers nest: a layer hooked on a module that contains other hooked modules (a bare parameter
+of the root, such as ``logit_scale``, is served around the root's whole forward) stays leased
+while the inner layers come and go, so the policy must be able to hold that many layers at once
+(``sequential`` with ``lookahead=0`` holds one, and ferryd answers ``Timeout`` after its
+acquire timeout).
+
+Limits: run forwards under ``torch.no_grad()`` or ``torch.inference_mode()`` (autograd may keep
+a weight for a backward pass past the forward's end); one forward at a time per client (a
+:class:`ferry.Client` has one request in flight); attach after ``module.to(...)``/``.half()``,
+never move an attached module; ``state_dict()`` of an attached module holds placeholders; a
+weight read outside its submodule's forward (a parent calling ``F.linear(x, self.fc.weight)``)
+is a placeholder there.
 """
 
 import importlib
 
 try:
-    importlib.import_module("torch")
+    torch = importlib.import_module("torch")
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "ferry.torch needs PyTorch (pip install torch); note that the torch integration of "
-        "the ferry client is not implemented yet, only the protocol client (ferry.Client) is"
+        "ferry.torch needs PyTorch (pip install torch); the protocol client ferry.Client "
+        "works without it"
     ) from e
 
+import contextlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import (
+    Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
+)
 
-def attach(*args, **kwargs):
-    """Would stream a ``torch.nn.Module``'s weights through ferryd. Not implemented yet."""
-    raise NotImplementedError(
-        "ferry.torch.attach is not done yet: use ferry.Client, Lease.view() / Lease.array() "
-        "and copy the bytes into tensors yourself"
-    )
+from . import errors
+from . import messages as m
+from .client import Client, Lease, PolicyArg
+
+nn = torch.nn
+
+__all__ = [
+    "Attachment", "CudaSharingUnavailable", "FerryTorchError", "Session", "attach",
+    "attach_pipeline", "empty_weights", "name_mapper", "tensor_source", "torch_dtype",
+]
+
+ModelArg = Union[str, "os.PathLike[str]", m.ModelOpened]
+LoraStack = Sequence[Tuple[Union[str, int], float]]
+NameMap = Callable[[str], Optional[str]]
+
+
+class FerryTorchError(errors.FerryError):
+    """A module and a ferry model do not fit together (a name, shape or dtype), or an attached
+    module is used in a way ferry cannot serve. Raised by the client (``code`` is ``None``)."""
+
+    name = "torch"
+
+
+class CudaSharingUnavailable(FerryTorchError):
+    """ferryd runs on the CUDA backend, whose memory this client cannot reach yet."""
+
+    name = "cuda_sharing_unavailable"
+
+
+# ---- dtypes --------------------------------------------------------------------------------
+
+# safetensors dtype -> torch attribute. F4 and F6_* are packed below a byte per element, which a
+# torch tensor over the same bytes cannot express with the file's shape: refused by name.
+_TORCH_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+    "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
+    "BF16": "bfloat16", "F32": "float32", "F64": "float64", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype name (``BF16`` -> ``torch.bfloat16``)."""
+    attr = _TORCH_DTYPES.get(name)
+    if attr is None:
+        raise FerryTorchError(f"safetensors dtype {name} has no torch dtype ferry can serve")
+    dt = getattr(torch, attr, None)
+    if not isinstance(dt, torch.dtype):
+        raise FerryTorchError(
+            f"safetensors dtype {name} needs torch.{attr}, which torch {torch.__version__} lacks")
+    return dt
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ---- tensor sources: leases -> torch tensors -----------------------------------------------
+
+
+class _HostArena:
+    """Host backend: each tensor is a zero-copy view of the arena mapped read-only."""
+
+    def __init__(self, client: Client):
+        self.arena = client.map_arena()
+        if self.arena.len > 0:
+            self.base = self._frombuffer(self.arena.view[0:1], torch.uint8).data_ptr()
+        else:
+            self.base = 0
+        self.end = self.base + self.arena.len
+
+    @staticmethod
+    def _frombuffer(buf: memoryview, dtype: "torch.dtype") -> "torch.Tensor":
+        # torch warns that it cannot honour a read-only buffer; ferry relies on PROT_READ for
+        # that instead (module docs), and never writes through these tensors.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable",
+                                    category=UserWarning)
+            return torch.frombuffer(buf, dtype=dtype)
+
+    def tensor(self, lease: Lease, desc: m.TensorDesc, dtype: "torch.dtype",
+               shape: Sequence[int]) -> "torch.Tensor":
+        itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+        if _numel(shape) * itemsize != desc.len:
+            raise FerryTorchError(
+                f"tensor {desc.name}: {desc.len} bytes for shape {list(shape)} of {desc.dtype}")
+        if desc.len == 0:
+            return torch.empty(list(shape), dtype=dtype)
+        buf = lease.view(desc)  # waits until ready, checks the range against the arena
+        return self._frombuffer(buf, dtype).view(list(shape))
+
+    def owns(self, t: "torch.Tensor") -> bool:
+        """Whether ``t``'s memory lies in the arena (a served weight or a view of one)."""
+        if t.device.type != "cpu" or t.layout != torch.strided:
+            return False
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return False
+        return self.base <= ptr < self.end
+
+
+class _CudaArena:
+    """CUDA backend: not available, and said so at once.
+
+    What is missing is in the protocol, not here: version 1 sends arena offsets, and another
+    process can only use them with a shareable handle to ferryd's device memory (the arena
+    comes from ``cuMemAlloc`` so that ``cuIpcGetMemHandle`` can export it) plus the lease's
+    ready event and a way to hand back a done event. The ``CUDA_IPC`` feature bit is reserved
+    for those. Once a message carries them, this class opens the handle once, builds each
+    tensor over ``base + arena_offset`` (``__cuda_array_interface__`` or ``torch.as_strided``),
+    makes the current stream wait for the ready event, and records a done event before release.
+    """
+
+    def __init__(self, client: Client):
+        raise CudaSharingUnavailable(
+            f"ferryd CUDA sharing not available: ferryd at {client.path} runs on the CUDA "
+            f"backend ({client.device.name or 'a GPU'}), and protocol version {client.version} "
+            "has no way to share its device memory with another process (the CUDA_IPC "
+            "feature is reserved, no message uses it yet); run ferryd with --device host, or "
+            "use ferry in-process through its C ABI")
+
+
+_SOURCES = {"host": _HostArena, "cuda": _CudaArena}
+
+
+def tensor_source(client: Client) -> Any:
+    """What turns ``client``'s leases into torch tensors, by the server's device backend.
+    Raises :class:`CudaSharingUnavailable` on the CUDA backend."""
+    cls = _SOURCES.get(client.device.backend)
+    if cls is None:
+        raise FerryTorchError(f"ferryd's device backend {client.device.backend!r} is unknown "
+                              "to this client")
+    return cls(client)
+
+
+# ---- building modules without weights ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def empty_weights() -> Iterator[None]:
+    """Modules built inside get their parameters on the ``meta`` device (no memory), while
+    their buffers stay real: buffers a file does not hold (``position_ids``, rotary tables) are
+    computed at construction and ferry cannot serve them. (``torch.device("meta")`` would make
+    those meta too; :meth:`Session.attach` refuses a module left with such tensors.)"""
+    register = nn.Module.register_parameter
+
+    def on_meta(self: "nn.Module", name: str, param: Optional["nn.Parameter"]) -> None:
+        register(self, name, param)
+        p = self._parameters.get(name)
+        if p is not None and not p.is_meta:
+            kwargs = dict(p.__dict__)
+            kwargs["requires_grad"] = p.requires_grad
+            self._parameters[name] = type(p)(p.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+# ---- names ---------------------------------------------------------------------------------
+
+
+def name_mapper(prefix: str = "", strip: str = "",
+                rename: Optional[NameMap] = None) -> NameMap:
+    """ferry tensor name (local to its component) -> module parameter/buffer name, or
+    ``None`` for a tensor that is not the module's. ``strip`` is removed from the front (a
+    tensor without it is not the module's), then ``prefix`` added; ``rename`` replaces both."""
+    if rename is not None:
+        if prefix or strip:
+            raise ValueError("give rename, or prefix/strip, not both")
+        return rename
+
+    def mapped(name: str) -> Optional[str]:
+        if strip:
+            if not name.startswith(strip):
+                return None
+            name = name[len(strip):]
+        return prefix + name
+
+    return mapped
+
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def _within(path: str, root: str) -> bool:
+    return root == "" or path == root or path.startswith(root + ".")
+
+
+def _common_module(paths: Iterable[str]) -> str:
+    """The deepest module path that is, or holds, every path given."""
+    common: Optional[List[str]] = None
+    for p in paths:
+        parts = p.split(".") if p else []
+        if common is None:
+            common = parts
+            continue
+        n = 0
+        while n < len(common) and n < len(parts) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(common or [])
+
+
+# ---- binding -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    """One place a served tensor goes: ``owner._parameters[attr]`` or ``owner._buffers[attr]``."""
+
+    owner: "nn.Module"
+    attr: str
+    parameter: bool
+    path: str  # the owner's module path
+
+    def set(self, t: "torch.Tensor") -> None:
+        if self.parameter:
+            self.owner._parameters[self.attr] = t  # type: ignore[assignment]
+        else:
+            self.owner._buffers[self.attr] = t
+
+
+@dataclass
+class _Served:
+    """A ferry tensor and every place it goes (several for tied weights: one object each time,
+    so the tie holds for the served tensor and for the placeholder alike)."""
+
+    desc: m.TensorDesc
+    dtype: "torch.dtype"
+    shape: List[int]
+    slots: List[_Slot]
+    placeholder: "torch.Tensor"
+
+    def put(self, t: "torch.Tensor") -> None:
+        param = None
+        for slot in self.slots:
+            if slot.parameter:
+                param = param if param is not None else nn.Parameter(t, requires_grad=False)
+                slot.set(param)
+            else:
+                slot.set(t)
+
+    def clear(self) -> None:
+        for slot in self.slots:
+            slot.set(self.placeholder if slot.parameter else self.placeholder.data)
+
+
+@dataclass
+class _Layer:
+    component: str
+    index: int
+    name: str
+    served: Dict[str, _Served] = field(default_factory=dict)
+    norms: List[Tuple[str, "nn.Module"]] = field(default_factory=list)  # BatchNorm owners
+    depth: int = 0
+    lease: Optional[Lease] = None
+
+
+def _placeholder(kind: str, dtype: "torch.dtype", shape: Sequence[int]) -> "torch.Tensor":
+    """A parameter standing in for a served tensor between forwards (its ``.data`` for
+    buffers): ``meta``, or ``cpu`` with the right shape over one zero element."""
+    if kind == "meta":
+        t = torch.empty(list(shape), dtype=dtype, device="meta")
+    else:
+        t = torch.zeros((), dtype=dtype).expand(list(shape))
+    return nn.Parameter(t, requires_grad=False)
+
+
+class Attachment:
+    """One ferry component bound to one module (see :meth:`Session.attach`)."""
+
+    def __init__(self, session: "Session", module: "nn.Module", component: str,
+                 mapper: NameMap, strict: bool, check_dtypes: bool, placeholder: str):
+        if placeholder not in ("meta", "cpu"):
+            raise ValueError(f"placeholder must be 'meta' or 'cpu', not {placeholder!r}")
+        self.session = session
+        self.module = module
+        self.component = component
+        self.layers: List[_Layer] = []
+        #: ferry tensors the mapping gave no module name (``None``), by layer
+        self.foreign: List[str] = []
+        #: ferry tensors mapped to a name the module lacks (only kept when ``strict=False``)
+        self.missing: List[str] = []
+        #: ferry tensors whose module tensor another ferry tensor already serves (tied names)
+        self.duplicates: List[str] = []
+        #: module parameters and buffers ferry does not serve (they keep their own values)
+        self.unserved: List[str] = []
+        self.hooked: List[str] = []
+        self._hooks: List[Any] = []
+        self._frames = threading.local()
+        self._closed = False
+        self._owns_session = False
+        summary = session.opened.component(component)
+        descs = session._tensor_lists(component, len(summary.layers))
+        self._bind(summary, descs, mapper, strict, check_dtypes, placeholder)
+
+    # -- attach ------------------------------------------------------------------------------
+
+    def _bind(self, summary: m.ComponentSummary, descs: List[List[m.TensorDesc]],
+              mapper: NameMap, strict: bool, check_dtypes: bool, placeholder: str) -> None:
+        module = self.module
+        modules = dict(module.named_modules(remove_duplicate=False))
+        # every place a tensor sits: name -> (owner, attr, is parameter, owner path)
+        places: Dict[str, Tuple["nn.Module", str, bool, str]] = {}
+        aliases: Dict[int, List[str]] = {}  # id(tensor) -> every name it has
+        tensors: Dict[str, "torch.Tensor"] = {}
+        for path, mod in modules.items():
+            for parameter, table in ((True, mod._parameters), (False, mod._buffers)):
+                for attr, t in table.items():
+                    if t is None:
+                        continue
+                    name = f"{path}.{attr}" if path else attr
+                    places[name] = (mod, attr, parameter, path)
+                    tensors[name] = t
+                    aliases.setdefault(id(t), []).append(name)
+
+        problems: List[str] = []
+        taken: Dict[int, str] = {}  # id(module tensor) -> the ferry tensor serving it
+        plan: List[Tuple[_Layer, List[str]]] = []
+        for index, (layer_summary, layer_descs) in enumerate(zip(summary.layers, descs)):
+            layer = _Layer(self.component, index, layer_summary.name)
+            owners: List[str] = []
+            for d in layer_descs:
+                target = mapper(d.name)
+                if target is None:
+                    self.foreign.append(d.name)
+                    continue
+                if target not in places:
+                    if strict:
+                        problems.append(f"{d.name} -> {target}: no such parameter or buffer")
+                    else:
+                        self.missing.append(d.name)
+                    continue
+                try:
+                    dtype = torch_dtype(d.dtype)
+                except FerryTorchError as e:
+                    problems.append(f"{d.name}: {e.message}")
+                    continue
+                mine = tensors[target]
+                shape = [int(x) for x in d.shape]
+                if list(mine.shape) != shape:
+                    problems.append(f"{d.name} -> {target}: ferry's shape {shape}, the "
+                                    f"module's {list(mine.shape)}")
+                    continue
+                if check_dtypes and mine.dtype != dtype:
+                    problems.append(f"{d.name} -> {target}: ferry's dtype {d.dtype} "
+                                    f"({dtype}), the module's {mine.dtype}")
+                    continue
+                if id(mine) in taken:
+                    self.duplicates.append(d.name)
+                    continue
+                taken[id(mine)] = d.name
+                slots = []
+                for alias in aliases[id(mine)]:
+                    owner, attr, parameter, path = places[alias]
+                    slots.append(_Slot(owner, attr, parameter, path))
+                    bn = getattr(nn.modules.batchnorm, "_NormBase", None)
+                    if not parameter and bn is not None and isinstance(owner, bn):
+                        layer.norms.append((path, owner))
+                layer.served[d.name] = _Served(d, dtype, shape, slots,
+                                               _placeholder(placeholder, dtype, shape))
+                owners.append(places[target][3])
+            if layer.served:
+                plan.append((layer, owners))
+        if problems:
+            shown = "; ".join(problems[:10])
+            more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+            raise FerryTorchError(
+                f"component {self.component!r} of model {self.session.model} does not fit "
+                f"{type(module).__name__}: {shown}{more}")
+
+        # Hooks: each layer on the smallest module holding its tensors, plus the owners of
+        # tied names outside it.
+        by_module: Dict[int, Tuple["nn.Module", str, List[_Layer]]] = {}
+        for layer, owners in plan:
+            home = _common_module(owners)
+            # The layer's own name, when it names a module holding all of its tensors, is the
+            # better place: ferry's layers are blocks (`down_blocks.1`), and the tensors' common
+            # module may be a container inside one (`down_blocks.1.resnets`).
+            named = mapper(layer.name)
+            if named is not None and named in modules and _within(home, named):
+                home = named
+            # A container's forward is never called: hook the module that calls its children.
+            while home and isinstance(modules[home], _CONTAINERS):
+                home = _parent(home)
+            homes = [home]
+            for s in layer.served.values():
+                for slot in s.slots:
+                    if not _within(slot.path, home) and slot.path not in homes:
+                        homes.append(slot.path)
+            for path in homes:
+                mod = modules[path]
+                entry = by_module.setdefault(id(mod), (mod, path, []))
+                if layer not in entry[2]:
+                    entry[2].append(layer)
+            self.layers.append(layer)
+
+        served_ids = set(taken)
+        self.unserved = [n for n, t in tensors.items() if id(t) not in served_ids]
+        empty = [n for n in self.unserved if tensors[n].is_meta]
+        if empty:
+            msg = (f"{type(module).__name__} has meta tensors that ferry does not serve (not in "
+                   f"component {self.component!r}): {empty[:10]}; build the module under "
+                   "ferry.torch.empty_weights() so that buffers the file lacks stay real")
+            if strict:
+                raise FerryTorchError(msg)
+            warnings.warn(msg, stacklevel=4)
+        self.foreign = sorted(set(self.foreign))
+        # Nothing has changed so far; from here the module's own weights are dropped.
+        for layer in self.layers:
+            for s in layer.served.values():
+                s.clear()
+        try:
+            for mod, path, layers in by_module.values():
+                self._hooks.append(mod.register_forward_pre_hook(self._pre_hook(layers),
+                                                                 prepend=True))
+                self._hooks.append(mod.register_forward_hook(self._post_hook(layers),
+                                                             always_call=True))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        self.hooked = sorted(path for _, path, _ in by_module.values())
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _stack(self, mod: "nn.Module") -> List[List[_Layer]]:
+        stacks = getattr(self._frames, "stacks", None)
+        if stacks is None:
+            stacks = self._frames.stacks = {}
+        return stacks.setdefault(id(mod), [])
+
+    def _pre_hook(self, layers: List[_Layer]) -> Callable[..., None]:
+        def hook(mod: "nn.Module", args: Any) -> None:
+            # The frame is pushed first: the forward hook (always called, also when this one
+            # raises) pops it and releases whatever was entered.
+            entered: List[_Layer] = []
+            self._stack(mod).append(entered)
+            for layer in layers:
+                for path, norm in layer.norms:
+                    if norm.training and getattr(norm, "track_running_stats", False):
+                        raise FerryTorchError(
+                            f"{path} ({type(norm).__name__}) is in training mode and would "
+                            "write its running statistics into ferry's read-only weights; "
+                            "call .eval() on the module")
+            for layer in layers:
+                self.session._enter(layer)
+                entered.append(layer)
+
+        return hook
+
+    def _post_hook(self, layers: List[_Layer]) -> Callable[..., Any]:
+        def hook(mod: "nn.Module", args: Any, output: Any) -> Any:
+            stack = self._stack(mod)
+            if not stack:
+                return None
+            entered = stack.pop()
+            try:
+                if output is not None:
+                    output = self.session._own(output)
+            finally:
+                self.session._leave(entered)
+            return output
+
+        return hook
+
+    # -- detach ------------------------------------------------------------------------------
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def close(self) -> None:
+        """Removes the hooks (and closes the session if :func:`attach` made it for this
+        module). The module keeps its placeholders: its own weights were dropped at attach.
+        Refused while one of its layers is in use (inside a forward)."""
+        if not self._closed:
+            busy = [layer.name for layer in self.layers if layer.depth > 0]
+            if busy:
+                raise FerryTorchError(f"cannot detach during a forward: layers {busy} are in use")
+            self._remove_hooks()
+            self._closed = True
+        if self._owns_session:
+            self.session.close()
+
+    def detach(self) -> None:
+        """Same as :meth:`close`."""
+        self.close()
+
+    def __enter__(self) -> "Attachment":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Attachment(component={self.component!r}, layers={len(self.layers)}, "
+                f"module={type(self.module).__name__})")
+
+
+# ---- sessions ------------------------------------------------------------------------------
+
+
+class Session:
+    """One ferry model served to this process for torch modules: opens the model (a path under
+    a model root, or an already opened :class:`ferry.messages.ModelOpened`), sets its residency
+    policy, and applies a LoRA stack if one is given (every layer is then served through that
+    view; the model itself is unchanged for other clients).
+
+    ``client``: a :class:`ferry.Client`, a socket path, or ``None`` for ``$FERRY_SOCKET``; a
+    client made here is closed with the session. ``policy``: ``none``, ``component``,
+    ``sequential``, ``balanced``, ``lru`` or a :class:`ferry.messages.Policy` for the whole
+    model (``None`` leaves it as it is), ``lookahead``/``threshold`` as in
+    :meth:`ferry.Client.set_residency`; ``component_policies`` sets some components apart.
+    ``loras``: ``(path, strength)`` pairs; ``lora_mode``: ``backup`` or ``fuse``.
+    """
+
+    def __init__(self, model: ModelArg, client: Union[Client, str, None] = None, *,
+                 policy: Optional[PolicyArg] = "sequential", lookahead: int = 1,
+                 threshold: Union[m.Threshold, int, float, None] = None,
+                 component_policies: Optional[Mapping[str, PolicyArg]] = None,
+                 loras: LoraStack = (), lora_mode: Union[m.LoraMode, str] = "backup"):
+        self._owns_client = not isinstance(client, Client)
+        self.client = client if isinstance(client, Client) else Client(client)
+        self._owns_model = False
+        self.view: Optional[int] = None
+        self.lora_report: Optional[m.ViewCreated] = None
+        self.attachments: List[Attachment] = []
+        self._lock = threading.RLock()
+        self._descs: Dict[str, List[List[m.TensorDesc]]] = {}
+        self._closed = False
+        try:
+            # First, so that a CUDA ferryd fails before anything is opened or changed.
+            self._source = tensor_source(self.client)
+            if isinstance(model, m.ModelOpened):
+                self.opened = model
+            else:
+                self.opened = self.client.open_model(model)
+                self._owns_model = True
+            self.model = self.opened.model
+            if policy is not None:
+                self.client.set_residency(self.model, policy, lookahead=lookahead,
+                                          threshold=threshold)
+            for comp, p in (component_policies or {}).items():
+                self.client.set_residency(self.model, p, component=comp, lookahead=lookahead,
+                                          threshold=threshold)
+            if loras:
+                self._apply(loras, lora_mode)
+        except BaseException:
+            self._teardown()
+            raise
+
+    @property
+    def serving(self) -> int:
+        """The model id layers are acquired from: the LoRA view, else the model."""
+        return self.view if self.view is not None else self.model
+
+    def _apply(self, loras: LoraStack, mode: Union[m.LoraMode, str]) -> None:
+        view = self.client.apply_lora(self.model, list(loras), mode)
+        self.view = view
+        self.lora_report = self.client.last_view
+        unmatched = sum(len(r.unmatched) for r in self.lora_report.loras)
+        if unmatched:
+            names = [n for r in self.lora_report.loras for n in r.unmatched][:5]
+            warnings.warn(f"{unmatched} LoRA adapters match no tensor of model {self.model} "
+                          f"(e.g. {names}); see Session.lora_report", stacklevel=3)
+
+    def set_loras(self, loras: LoraStack, mode: Union[m.LoraMode, str] = "backup") -> None:
+        """Replaces the LoRA stack (an empty one serves the model itself): a new view is made,
+        then the old one removed. Not during a forward."""
+        with self._lock:
+            self._check_idle("change the LoRA stack")
+            old = self.view
+            if loras:
+                self._apply(loras, mode)
+            else:
+                self.view, self.lora_report = None, None
+            if old is not None:
+                self.client.remove_lora(old)
+
+    def _check_idle(self, what: str) -> None:
+        busy = [a.component + ":" + layer.name for a in self.attachments
+                for layer in a.layers if layer.depth > 0]
+        if busy:
+            raise FerryTorchError(f"cannot {what} during a forward: {busy} in use")
+
+    def _tensor_lists(self, component: str, layers: int) -> List[List[m.TensorDesc]]:
+        """Every layer's tensor list. The protocol gives it only with a lease, so each layer is
+        acquired and released at once (without waiting for its bytes); the policy may start
+        loading them. Cached per component."""
+        with self._lock:
+            got = self._descs.get(component)
+            if got is None:
+                got = []
+                for i in range(layers):
+                    lease = self.client.acquire(self.serving, component, i)
+                    got.append(lease.tensors)
+                    lease.release()
+                self._descs[component] = got
+            return got
+
+    def attach(self, module: "nn.Module", component: Optional[str] = None, *, prefix: str = "",
+               strip: str = "", rename: Optional[NameMap] = None, strict: bool = True,
+               check_dtypes: bool = True, placeholder: str = "meta") -> Attachment:
+        """Serves ``component`` (optional when the model has one) to ``module``.
+
+        Names: each ferry tensor name (within its component, e.g. ``down_blocks.0.resnets.0.
+        conv1.weight``) becomes a module name by ``strip``/``prefix`` or ``rename`` (see
+        :func:`name_mapper`). ``strict``: a mapped name the module lacks is an error (else it
+        is skipped and listed in ``Attachment.missing``); a shape, or with ``check_dtypes`` a
+        dtype, that differs is always an error. Build the module in the file's dtype (e.g.
+        under ``torch.device("meta")`` then ``.to(torch.bfloat16)``). ``placeholder``:
+        ``meta`` or ``cpu`` (module docs)."""
+        with self._lock:
+            if self._closed:
+                raise FerryTorchError("this session is closed")
+            names = [c.name for c in self.opened.components]
+            if component is None:
+                if len(names) != 1:
+                    raise FerryTorchError(f"model {self.model} has components {names}: name "
+                                          "the one to attach")
+                component = names[0]
+            elif component not in names:
+                raise FerryTorchError(f"model {self.model} has no component {component!r} "
+                                      f"(it has {names})")
+            for a in self.attachments:
+                if a.module is module and not a._closed:
+                    raise FerryTorchError(f"{type(module).__name__} is already attached "
+                                          f"(component {a.component!r})")
+            att = Attachment(self, module, component, name_mapper(prefix, strip, rename),
+                             strict, check_dtypes, placeholder)
+            self.attachments.append(att)
+            return att
+
+    def attach_pipeline(self, pipe: Any, components: Optional[Sequence[str]] = None,
+                        **kwargs: Any) -> List[Attachment]:
+        """Attaches every ferry component that is a ``torch.nn.Module`` attribute of ``pipe``
+        of the same name (a diffusers pipeline: ``unet``, ``vae``, ``text_encoder``, …), or
+        only ``components``. ``kwargs`` go to :meth:`attach`; ``placeholder`` defaults to
+        ``cpu`` here, since pipelines ask their modules for a device."""
+        kwargs.setdefault("placeholder", "cpu")
+        names = [c.name for c in self.opened.components]
+        wanted = list(components) if components is not None else names
+        out = []
+        for name in wanted:
+            mod = getattr(pipe, name, None)
+            if not isinstance(mod, nn.Module):
+                if components is None:
+                    continue  # a component the pipeline does not have as a module
+                raise FerryTorchError(f"the pipeline has no torch module {name!r}")
+            out.append(self.attach(mod, name, **kwargs))
+        if not out:
+            raise FerryTorchError(f"none of the model's components {names} is a torch module "
+                                  f"of {type(pipe).__name__}")
+        return out
+
+    # -- serving (called by the hooks) -------------------------------------------------------
+
+    def _enter(self, layer: _Layer) -> None:
+        with self._lock:
+            if layer.depth == 0:
+                lease = self.client.acquire(self.serving, layer.component, layer.index)
+                try:
+                    got = {d.name: d for d in lease.tensors}
+                    made = []
+                    for name, s in layer.served.items():
+                        d = got.get(name)
+                        if d is None or d.dtype != s.desc.dtype or list(d.shape) != s.shape:
+                            raise FerryTorchError(
+                                f"layer {lease.layer}: tensor {name} is not as it was at "
+                                "attach")
+                        made.append((s, self._source.tensor(lease, d, s.dtype, s.shape)))
+                except BaseException:
+                    lease._release_quietly()
+                    raise
+                for s, t in made:
+                    s.put(t)
+                layer.lease = lease
+            layer.depth += 1
+
+    def _leave(self, entered: List[_Layer]) -> None:
+        with self._lock:
+            failure: Optional[BaseException] = None
+            for layer in reversed(entered):
+                layer.depth -= 1
+                if layer.depth > 0:
+                    continue
+                # Placeholders first: nothing keeps a pointer into memory ferryd may reuse.
+                for s in layer.served.values():
+                    s.clear()
+                lease, layer.lease = layer.lease, None
+                if lease is not None:
+                    try:
+                        lease.release()
+                    except errors.FerryError as e:
+                        failure = failure or e
+            if failure is not None:
+                raise failure
+
+    def _own(self, x: Any) -> Any:
+        """``x`` with every tensor lying in ferry's memory cloned (module outputs)."""
+        owns = getattr(self._source, "owns", None)
+        if owns is None:
+            return x
+        if isinstance(x, torch.Tensor):
+            return x.clone() if owns(x) else x
+        if isinstance(x, list):
+            for i, v in enumerate(x):
+                x[i] = self._own(v)
+            return x
+        if isinstance(x, tuple):
+            items = [self._own(v) for v in x]
+            if all(a is b for a, b in zip(items, x)):
+                return x
+            return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+        if isinstance(x, dict):
+            for k in list(x.keys()):
+                v = x[k]
+                w = self._own(v)
+                if w is not v:
+                    x[k] = w
+            return x
+        return x
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        for closing in (
+            lambda: self.client.remove_lora(self.view) if self.view is not None else None,
+            lambda: self.client.close_model(self.model) if self._owns_model else None,
+        ):
+            try:
+                closing()
+            except (errors.FerryError, AttributeError):
+                pass
+        self.view = None
+        if self._owns_client:
+            self.client.close()
+
+    def close(self) -> None:
+        """Detaches every module, removes the LoRA view, closes the model if this session
+        opened it, and the client if it made it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._check_idle("close the session")
+            self._closed = True  # first: an attachment that owns this session closes it too
+            for a in self.attachments:
+                a.close()
+            self._teardown()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Session(model={self.model}, view={self.view}, "
+                f"attached={[a.component for a in self.attachments]})")
+
+
+def attach(module: "nn.Module", model: ModelArg, client: Union[Client, str, None] = None, *,
+           component: Optional[str] = None, policy: Optional[PolicyArg] = "sequential",
+           lookahead: int = 1, threshold: Union[m.Threshold, int, float, None] = None,
+           loras: LoraStack = (), lora_mode: Union[m.LoraMode, str] = "backup",
+           prefix: str = "", strip: str = "", rename: Optional[NameMap] = None,
+           strict: bool = True, check_dtypes: bool = True,
+           placeholder: str = "meta") -> Attachment:
+    """Serves one module from ferryd: a :class:`Session` of its own (closed with the returned
+    :class:`Attachment`: ``att.close()`` or ``with``) and :meth:`Session.attach`."""
+    session = Session(model, client, policy=policy, lookahead=lookahead, threshold=threshold,
+                      loras=loras, lora_mode=lora_mode)
+    try:
+        att = session.attach(module, component, prefix=prefix, strip=strip, rename=rename,
+                             strict=strict, check_dtypes=check_dtypes, placeholder=placeholder)
+    except BaseException:
+        session.close()
+        raise
+    att._owns_session = True
+    return att
+
+
+def attach_pipeline(pipe: Any, model: ModelArg, client: Union[Client, str, None] = None, *,
+                    components: Optional[Sequence[str]] = None,
+                    policy: Optional[PolicyArg] = "sequential", lookahead: int = 1,
+                    threshold: Union[m.Threshold, int, float, None] = None,
+                    component_policies: Optional[Mapping[str, PolicyArg]] = None,
+                    loras: LoraStack = (), lora_mode: Union[m.LoraMode, str] = "backup",
+                    **kwargs: Any) -> Session:
+    """Serves a pipeline's modules (a diffusers pipeline folder opened as one ferry model):
+    a :class:`Session` with :meth:`Session.attach_pipeline`. Close the session when done."""
+    session = Session(model, client, policy=policy, lookahead=lookahead, threshold=threshold,
+                      component_policies=component_policies, loras=loras, lora_mode=lora_mode)
+    try:
+        session.attach_pipeline(pipe, components, **kwargs)
+    except BaseException:
+        session.close()
+        raise
+    return session

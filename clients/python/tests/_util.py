@@ -22,3 +22,39 @@ def repo_root() -> str:
         if parent == d:
             raise RuntimeError("cannot find the ferry repository: set FERRY_REPO")
         d = parent
+
+
+# ---- a minimal safetensors writer (an independent writer for ferry's reader) ----------------
+
+_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+def write_safetensors(path, tensors):
+    """Writes ``[(name, dtype, shape, data bytes)]`` as a safetensors file: the header padded
+    with spaces to 8 bytes, tensors packed without gaps, widest dtype first so that every
+    tensor's absolute offset is aligned to its dtype (as the ``safetensors`` package does)."""
+    import json
+    import struct
+
+    order = sorted(tensors, key=lambda t: -_ITEMSIZE[t[1]])  # stable: keeps the given order
+    header = {}
+    offset = 0
+    for name, dtype, shape, data in order:
+        n = 1
+        for d in shape:
+            n *= d
+        if n * _ITEMSIZE[dtype] != len(data):
+            raise ValueError(f"{name}: {len(data)} bytes for {dtype} {list(shape)}")
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, _, _, data in order:
+            f.write(data)

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -180,6 +181,152 @@ class Live(unittest.TestCase):
         with self.assertRaises(ferry.ConnectionLost):
             c.stats()
         c.close()  # idempotent
+
+
+# ---- LoRA views (backup and fuse) against weights computed here --------------------------
+
+
+def _f32(x):
+    return struct.pack("<f", x)
+
+
+def _f16(x):
+    return struct.pack("<e", x)
+
+
+def _bf16(x):
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    if bits & 0xFFFF:
+        raise ValueError(f"{x} is not exact in bf16")  # the values below are chosen to be
+    return struct.pack("<H", bits >> 16)
+
+
+_ENCODE = {"F32": _f32, "F16": _f16, "BF16": _bf16}
+
+
+def _matrix(rows, cols, seed, scale):
+    """Deterministic small multiples of ``scale`` in [-4*scale, 4*scale]."""
+    return [[((seed * 7 + r * 5 + c * 3) % 9 - 4) * scale for c in range(cols)]
+            for r in range(rows)]
+
+
+def _encode(dtype, m):
+    return b"".join(_ENCODE[dtype](x) for row in m for x in row)
+
+
+def _matmul(a, b):
+    return [[sum(a[i][k] * b[k][j] for k in range(len(b))) for j in range(len(b[0]))]
+            for i in range(len(a))]
+
+
+def _plus(w, d, s):
+    return [[x + s * y for x, y in zip(rw, rd)] for rw, rd in zip(w, d)]
+
+
+@unittest.skipUnless(LIVE, "set FERRY_SOCKET, FERRY_MODEL and FERRY_EXPECTED to run")
+class LiveLora(unittest.TestCase):
+    """A base model and two LoRA files (kohya with alpha, PEFT without) written here, applied
+    as a stack through ferryd; every value is a small multiple of a power of two, so the fused
+    weights are exact in every dtype and the comparison is byte for byte."""
+
+    def setUp(self):
+        self.client = ferry.Client(SOCKET, timeout=30)
+        self.addCleanup(self.client.close)
+        # beside FERRY_MODEL, so under ferryd's model root
+        self.dir = tempfile.mkdtemp(prefix="lora-", dir=os.path.dirname(MODEL))
+        self.addCleanup(shutil.rmtree, self.dir)
+        w = {
+            "blocks.0.fc.weight": ("F32", _matrix(4, 3, 1, 0.25)),
+            "blocks.0.fc.bias": ("F32", [[0.5, -0.25, 1.0, 0.0]]),
+            "blocks.1.fc.weight": ("F16", _matrix(4, 4, 2, 0.25)),
+            "blocks.2.fc.weight": ("BF16", _matrix(3, 4, 3, 0.25)),
+            "blocks.3.fc.weight": ("F32", _matrix(2, 2, 4, 0.25)),
+        }
+        self.base = os.path.join(self.dir, "base.safetensors")
+        _util.write_safetensors(self.base, [
+            (k, dt, [len(m[0])] if k.endswith("bias") else [len(m), len(m[0])],
+             _encode(dt, m)) for k, (dt, m) in w.items()])
+        self.original = {k: _encode(dt, m) for k, (dt, m) in w.items()}
+        # kohya: factors in F32, alpha 1 with rank 2 (alpha/rank = 0.5)
+        k0u, k0d = _matrix(4, 2, 5, 0.5), _matrix(2, 3, 6, 0.5)
+        k1u, k1d = _matrix(4, 2, 7, 0.5), _matrix(2, 4, 8, 0.5)
+        self.kohya = os.path.join(self.dir, "kohya.safetensors")
+        _util.write_safetensors(self.kohya, [
+            ("lora_unet_blocks_0_fc.lora_up.weight", "F32", [4, 2], _encode("F32", k0u)),
+            ("lora_unet_blocks_0_fc.lora_down.weight", "F32", [2, 3], _encode("F32", k0d)),
+            ("lora_unet_blocks_0_fc.alpha", "F32", [], _f32(1.0)),
+            ("lora_unet_blocks_1_fc.lora_up.weight", "F32", [4, 2], _encode("F32", k1u)),
+            ("lora_unet_blocks_1_fc.lora_down.weight", "F32", [2, 4], _encode("F32", k1d)),
+            ("lora_unet_blocks_1_fc.alpha", "F32", [], _f32(1.0)),
+        ])
+        # PEFT: factors in F16, no alpha (scale = strength)
+        p1a, p1b = _matrix(2, 4, 9, 0.5), _matrix(4, 2, 10, 0.5)
+        p2a, p2b = _matrix(1, 4, 11, 0.5), _matrix(3, 1, 12, 0.5)
+        self.peft = os.path.join(self.dir, "peft.safetensors")
+        _util.write_safetensors(self.peft, [
+            ("base_model.model.blocks.1.fc.lora_A.weight", "F16", [2, 4], _encode("F16", p1a)),
+            ("base_model.model.blocks.1.fc.lora_B.weight", "F16", [4, 2], _encode("F16", p1b)),
+            ("base_model.model.blocks.2.fc.lora_A.weight", "F16", [1, 4], _encode("F16", p2a)),
+            ("base_model.model.blocks.2.fc.lora_B.weight", "F16", [3, 1], _encode("F16", p2b)),
+        ])
+        sk, sp = 0.5, 1.5  # strengths
+        fused = dict(self.original)
+        m0 = _plus(w["blocks.0.fc.weight"][1], _matmul(k0u, k0d), sk * 0.5)
+        m1 = _plus(w["blocks.1.fc.weight"][1], _matmul(k1u, k1d), sk * 0.5)
+        m1 = _plus(m1, _matmul(p1b, p1a), sp)
+        m2 = _plus(w["blocks.2.fc.weight"][1], _matmul(p2b, p2a), sp)
+        fused["blocks.0.fc.weight"] = _encode("F32", m0)
+        fused["blocks.1.fc.weight"] = _encode("F16", m1)
+        fused["blocks.2.fc.weight"] = _encode("BF16", m2)
+        self.fused = fused
+        self.stack = [(self.kohya, sk), (self.peft, sp)]
+
+    def read_all(self, model_id, opened):
+        got = {}
+        comp = opened.components[0]
+        for i in range(len(comp.layers)):
+            with self.client.acquire(model_id, comp.name, i) as lease:
+                for t in lease.tensors:
+                    got[t.name] = bytes(lease.view(t))
+        return got
+
+    def test_stack_backup_and_fuse_then_removed(self):
+        c = self.client
+        model = c.open_model(self.base)
+        self.addCleanup(c.close_model, model.model)
+        self.assertEqual([x.name for x in model.components[0].layers],
+                         ["blocks.0", "blocks.1", "blocks.2", "blocks.3"])
+        self.assertEqual(self.read_all(model.model, model), self.original)
+        for mode in ("backup", "fuse"):
+            with self.subTest(mode=mode):
+                view = c.apply_lora(model.model, self.stack, mode)
+                reply = c.last_view
+                self.assertNotEqual(view, model.model)
+                self.assertEqual(reply.merged, 3)
+                self.assertEqual([(r.unmatched, r.unrecognised) for r in reply.loras],
+                                 [([], []), ([], [])])
+                got = self.read_all(view, model)
+                for name in self.original:
+                    self.assertEqual(got[name], self.fused[name], name)
+                self.assertNotEqual(self.fused["blocks.1.fc.weight"],
+                                    self.original["blocks.1.fc.weight"])
+                # The base is unchanged while the view exists, and after it is removed.
+                self.assertEqual(self.read_all(model.model, model), self.original)
+                with c.acquire(view, "model", 1):
+                    with self.assertRaises(ferry.Busy):  # its layer is leased
+                        c.remove_lora(view)
+                c.remove_lora(view)
+                self.assertEqual(self.read_all(model.model, model), self.original)
+                with self.assertRaises(ferry.RequestError):
+                    c.acquire(view, "model", 0)
+        with self.assertRaises(errors.UnknownView):
+            c.remove_lora(view)
+        bad = os.path.join(self.dir, "bad.safetensors")
+        with open(bad, "wb") as f:
+            f.write(b"not a safetensors file")
+        with self.assertRaises(errors.BadLora):
+            c.apply_lora(model.model, [(bad, 1.0)])
+        self.assertFalse(c.closed)
 
 
 if os.environ.get("FERRY_SHUTDOWN_MARKER"):

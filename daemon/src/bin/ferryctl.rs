@@ -1,15 +1,15 @@
 //! ferryctl: inspect models and drive ferryd.
 //!
-//! `inspect`, `export` and `bench` work on files; `status`, `models`, `clients`, `stats` and
-//! `load` talk to a running ferryd over its socket ([`ferry::client`]).
+//! `inspect`, `export` and `bench` work on files; `status`, `models`, `clients`, `stats`, `top`
+//! and `load` talk to a running ferryd over its socket ([`ferry::client`]).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use ferry::client::{Client, ClientError};
-use ferry::device::DeviceChoice;
+use ferry::engine::policy::{PolicyChoice, PolicySpec};
 use ferry::protocol::{Policy, StatsReply, Threshold, Welcome, features};
 use ferry::store::{LayerRule, Store};
 use ferry::units::bytes;
@@ -55,32 +55,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Measure streaming on a synthetic model, each figure against a baseline from the same run:
-    /// throughput vs memcpy, copy/compute overlap, balanced vs the minimum (and LRU).
-    Bench {
-        /// Layers of the synthetic model.
-        #[arg(long, default_value_t = 32)]
-        layers: usize,
-        /// MiB per layer.
-        #[arg(long, default_value_t = 16)]
-        layer_mib: usize,
-        /// Timed passes per measurement (the best is kept).
-        #[arg(long, default_value_t = 5)]
-        passes: usize,
-        /// Device backend.
-        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-        device: DeviceChoice,
-        /// Where to write the synthetic model (default: the system's temp dir).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Measure LoRA overhead instead (policy × backup/fuse, first and later passes), on
-        /// layers of DIM×DIM f16 weights.
-        #[arg(long, value_name = "DIM")]
-        lora: Option<usize>,
-    },
+    /// Measure offloading: `bench MODEL` or `bench --synthetic sdxl|flux|llm-7b` runs every
+    /// policy × LoRA mode with simulated compute and prints the table (passes/s, bytes moved,
+    /// peak device bytes and RAM, stalls, copy bandwidth beside a same-run baseline); `--trace`
+    /// writes the timeline, `--plot` a PNG. Without a model: streaming micro-benchmarks
+    /// (throughput vs memcpy, copy/compute overlap, balanced vs the minimum and LRU).
+    Bench(Box<ferry::bench::cli::BenchArgs>),
+    /// A refreshing view of a running ferryd: residency, bytes/s, hit rate, stalls, models and
+    /// clients (`--once` prints one frame).
+    Top(ferry::ctl_top::TopArgs),
     /// Ask a running ferryd for its version, device, granted features and counters. Exits 1
     /// when no daemon answers on the socket (a liveness probe).
     Status {
@@ -116,16 +99,39 @@ enum Command {
         path: PathBuf,
         #[command(flatten)]
         conn: Conn,
-        /// Residency policy to set on the whole model.
-        #[arg(long, value_enum)]
-        policy: Option<PolicyName>,
-        /// Layers loaded ahead of the one in use (sequential; default 1).
+        /// Residency policy to set on the whole model: none, component, sequential, balanced,
+        /// lru, or a preset: lowvram (= sequential), medvram or model (= component). (A model
+        /// whose policy is never set gets ferryd's default, normally auto.)
+        #[arg(long, value_name = "POLICY")]
+        policy: Option<PolicyChoice>,
+        /// Layers loaded ahead of the one in use (sequential, lowvram; default 1).
         #[arg(long, value_name = "N")]
         lookahead: Option<u32>,
         /// Device bytes the resident set may use, as BYTES or a FRACTION of device memory
         /// in [0, 1] (balanced and lru; default 0.75).
         #[arg(long, value_name = "BYTES|FRACTION")]
         threshold: Option<String>,
+        /// Stream every layer once (acquire, wait until it is on the device, release) with a
+        /// progress bar: warms the page cache and loads what the policy keeps resident.
+        #[arg(long)]
+        warm: bool,
+    },
+    /// Check LoRA files against a model in ferryd: create a view of MODEL through the stack and
+    /// report what matched, every adapter module that matched nothing, and tensors of adapter
+    /// kinds ferry does not apply. The view closes when ferryctl exits.
+    Lora {
+        /// The model (under one of ferryd's --model-root directories).
+        model: PathBuf,
+        /// A LoRA (under a model root) and its strength, PATH[:STRENGTH] (default 1.0); repeat
+        /// to stack.
+        #[arg(long = "lora", value_name = "PATH[:STRENGTH]", required = true)]
+        loras: Vec<String>,
+        /// backup (merged as layers stream, originals restored bit-exactly) or fuse (merged
+        /// once and cached).
+        #[arg(long, default_value = "backup", value_parser = ["backup", "fuse"])]
+        mode: String,
+        #[command(flatten)]
+        conn: Conn,
     },
 }
 
@@ -139,15 +145,6 @@ struct Conn {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum PolicyName {
-    None,
-    Component,
-    Sequential,
-    Balanced,
-    Lru,
 }
 
 fn main() -> ExitCode {
@@ -169,46 +166,13 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Models { conn } => models(&conn),
         Command::Clients { conn } => clients(&conn),
         Command::Stats { conn, prometheus } => stats(&conn, prometheus),
-        Command::Load { path, conn, policy, lookahead, threshold } => {
+        Command::Load { path, conn, policy, lookahead, threshold, warm } => {
             let policy = build_policy(policy, lookahead, threshold.as_deref())?;
-            load(&conn, &path, policy)
+            load(&conn, &path, policy, warm)
         }
-        Command::Bench { layers, layer_mib, passes, device, dir, json, lora } => {
-            if layers == 0 || layer_mib == 0 {
-                return Err("--layers and --layer-mib must be at least 1".into());
-            }
-            let layer_bytes = layer_mib
-                .checked_mul(1 << 20)
-                .ok_or_else(|| format!("--layer-mib {layer_mib} is too large"))?;
-            let cfg = ferry::bench::BenchConfig {
-                layers,
-                layer_bytes,
-                dir: dir.unwrap_or_else(std::env::temp_dir),
-                device,
-                passes,
-            };
-            if let Some(dim) = lora {
-                if dim == 0 || dim > 16384 {
-                    return Err(format!("--lora {dim}: the layer size must be 1..=16384"));
-                }
-                let rows = ferry::bench::lora_table(&cfg, dim).map_err(|e| e.to_string())?;
-                let text = if json {
-                    serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())? + "\n"
-                } else {
-                    ferry::bench::render_lora(&rows, layers, dim)
-                };
-                let _ = std::io::stdout().lock().write_all(text.as_bytes());
-                return Ok(());
-            }
-            let report = ferry::bench::run(&cfg).map_err(|e| e.to_string())?;
-            let text = if json {
-                serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n"
-            } else {
-                ferry::bench::render(&report)
-            };
-            let _ = std::io::stdout().lock().write_all(text.as_bytes());
-            Ok(())
-        }
+        Command::Lora { model, loras, mode, conn } => lora_check(&conn, &model, &loras, &mode),
+        Command::Bench(args) => ferry::bench::cli::run(*args),
+        Command::Top(args) => ferry::ctl_top::run(args),
     }
 }
 
@@ -438,8 +402,10 @@ fn parse_threshold(s: &str) -> Result<Threshold, String> {
     }
 }
 
+/// The wire policy for `--policy` (names and presets parsed by [`PolicyChoice`], as ferryd's
+/// `--default-policy` is) with its `--lookahead` / `--threshold`.
 fn build_policy(
-    name: Option<PolicyName>,
+    name: Option<PolicyChoice>,
     lookahead: Option<u32>,
     threshold: Option<&str>,
 ) -> Result<Option<Policy>, String> {
@@ -449,20 +415,35 @@ fn build_policy(
         }
         return Ok(None);
     };
-    if lookahead.is_some() && name != PolicyName::Sequential {
-        return Err("--lookahead applies only to --policy sequential".into());
+    // The protocol carries concrete policies only: a preset is sent as the policy it names.
+    let PolicyChoice::Spec { spec, .. } = name else {
+        return Err("--policy auto cannot be sent to ferryd (the protocol has no auto policy \
+                    yet); a model whose policy was never set already gets ferryd's default"
+            .into());
+    };
+    if lookahead.is_some() && !matches!(spec, PolicySpec::Sequential { .. }) {
+        return Err(format!(
+            "--lookahead applies only to --policy sequential or lowvram, not {name} ({})",
+            spec.name()
+        ));
     }
-    if threshold.is_some() && !matches!(name, PolicyName::Balanced | PolicyName::Lru) {
-        return Err("--threshold applies only to --policy balanced or lru".into());
+    if threshold.is_some() && !matches!(spec, PolicySpec::Balanced { .. } | PolicySpec::Lru { .. })
+    {
+        return Err(format!(
+            "--threshold applies only to --policy balanced or lru, not {name} ({})",
+            spec.name()
+        ));
     }
     let threshold =
         threshold.map(parse_threshold).transpose()?.unwrap_or(Threshold::Fraction(0.75));
-    Ok(Some(match name {
-        PolicyName::None => Policy::None,
-        PolicyName::Component => Policy::Component,
-        PolicyName::Sequential => Policy::Sequential { lookahead: lookahead.unwrap_or(1) },
-        PolicyName::Balanced => Policy::Balanced { threshold },
-        PolicyName::Lru => Policy::Lru { threshold },
+    Ok(Some(match spec {
+        PolicySpec::None => Policy::None,
+        PolicySpec::Component => Policy::Component,
+        PolicySpec::Sequential { lookahead: default } => Policy::Sequential {
+            lookahead: lookahead.unwrap_or(u32::try_from(default).unwrap_or(u32::MAX)),
+        },
+        PolicySpec::Balanced { .. } => Policy::Balanced { threshold },
+        PolicySpec::Lru { .. } => Policy::Lru { threshold },
     }))
 }
 
@@ -678,7 +659,7 @@ const LOAD_CAVEAT: &str = "ferryd closes a model when the last client holding it
 a model opened by `ferryctl load` stays open only while another client holds it, or when \
 ferryd preloads it (`ferryd --preload PATH`).";
 
-fn load(conn: &Conn, path: &Path, policy: Option<Policy>) -> Result<(), String> {
+fn load(conn: &Conn, path: &Path, policy: Option<Policy>, warm: bool) -> Result<(), String> {
     // ferryd resolves the path itself, from its own working directory.
     let abs = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let (mut c, socket) = conn.connect()?;
@@ -689,6 +670,7 @@ fn load(conn: &Conn, path: &Path, policy: Option<Policy>) -> Result<(), String> 
     if let Some(p) = policy {
         c.set_residency(opened.model, None, p).map_err(&err)?;
     }
+    let warmed = if warm { Some(warm_up(&mut c, &opened, conn.json).map_err(&err)?) } else { None };
     let info = c.list_models().map_err(&err)?.into_iter().find(|m| m.model == opened.model);
     let _ = c.close();
     let stays = if was_open {
@@ -704,6 +686,7 @@ fn load(conn: &Conn, path: &Path, policy: Option<Policy>) -> Result<(), String> 
             "model": opened.model,
             "already_open": was_open,
             "policy": policy,
+            "warmed_bytes": warmed,
             "info": info,
             "components": opened.components,
             "note": format!("{LOAD_CAVEAT} {stays}."),
@@ -723,6 +706,9 @@ fn load(conn: &Conn, path: &Path, policy: Option<Policy>) -> Result<(), String> 
     if let Some(p) = &policy {
         t.push_str(&format!("policy: {}\n", policy_text(Some(p))));
     }
+    if let Some(b) = warmed {
+        t.push_str(&format!("warmed: {} streamed through the device\n", bytes(b)));
+    }
     for comp in &opened.components {
         t.push_str(&format!("\n{} ({} layers)\n", comp.name, comp.layers.len()));
         let rows: Vec<Vec<String>> = comp
@@ -736,6 +722,115 @@ fn load(conn: &Conn, path: &Path, policy: Option<Policy>) -> Result<(), String> 
         t.push_str(&table(&["#", "LAYER", "TENSORS", "BYTES"], &rows));
     }
     t.push_str(&format!("\nnote: {LOAD_CAVEAT}\n      {stays}.\n"));
+    out(&t);
+    Ok(())
+}
+
+/// Streams every layer of `opened` once, in pipeline order (acquire, wait until ready,
+/// release), with a progress bar on stderr (hidden for `--json` or when stderr is not a
+/// terminal). Returns the bytes streamed.
+fn warm_up(
+    c: &mut Client,
+    opened: &ferry::protocol::ModelOpened,
+    quiet: bool,
+) -> Result<u64, ClientError> {
+    use ferry::protocol::{Acquire, Message, Release, WaitReady};
+    let total: u64 = opened.components.iter().flat_map(|c| &c.layers).map(|l| l.bytes).sum();
+    let bar =
+        if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:24!} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut done = 0u64;
+    for comp in &opened.components {
+        for (i, layer) in comp.layers.iter().enumerate() {
+            bar.set_message(format!("{}/{}", comp.name, layer.name));
+            let acquire = Acquire {
+                model: opened.model,
+                component: comp.name.clone(),
+                layer: u32::try_from(i).unwrap_or(u32::MAX),
+            };
+            let leased = match c.call(acquire.into(), &[])? {
+                Message::Leased(l) => l,
+                other => return Err(unexpected_reply("leased", &other)),
+            };
+            if !leased.ready {
+                c.call(WaitReady { lease: leased.lease }.into(), &[])?;
+            }
+            c.call(Release { model: opened.model, lease: leased.lease }.into(), &[])?;
+            done += layer.bytes;
+            bar.set_position(done);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(done)
+}
+
+fn unexpected_reply(expected: &str, got: &ferry::protocol::Message) -> ClientError {
+    ClientError::Protocol(ferry::protocol::ProtocolError::UnexpectedMessage {
+        kind: got.kind(),
+        reason: format!("expected {expected}"),
+    })
+}
+
+/// `ferryctl lora`: creates a view through the stack and reports what matching found.
+fn lora_check(conn: &Conn, model: &Path, loras: &[String], mode: &str) -> Result<(), String> {
+    use ferry::protocol::{LoraMode, LoraRef, LoraSource};
+    let abs = std::path::absolute(model).map_err(|e| format!("{}: {e}", model.display()))?;
+    let mut stack = Vec::with_capacity(loras.len());
+    let mut files = Vec::with_capacity(loras.len());
+    for spec in loras {
+        let (path, scale) = parse_lora(spec)?;
+        let path = std::path::absolute(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = path.to_str().ok_or_else(|| format!("{}: not UTF-8", path.display()))?;
+        stack.push(LoraRef { source: LoraSource::Path(text.to_string()), scale });
+        files.push((text.to_string(), scale));
+    }
+    let mode = if mode == "fuse" { LoraMode::Fuse } else { LoraMode::Backup };
+    let (mut c, socket) = conn.connect()?;
+    let err = ctx(&socket);
+    let opened = c.open_model(&abs).map_err(|e| format!("open {}: {e}", abs.display()))?;
+    let view = c
+        .apply_lora(opened.model, stack, mode, &[])
+        .map_err(|e| format!("apply LoRA to {}: {e}", abs.display()))?;
+    let _ = c.remove_lora(view.view).map_err(&err);
+    let _ = c.close();
+    if conn.json {
+        let reports: Vec<serde_json::Value> = files
+            .iter()
+            .zip(&view.loras)
+            .map(|((f, s), r)| {
+                serde_json::json!({
+                    "file": f, "strength": s,
+                    "unmatched": r.unmatched, "unrecognised": r.unrecognised,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "model": abs.display().to_string(),
+            "merged_tensors": view.merged,
+            "loras": reports,
+        });
+        return to_json(&v).map(|t| out(&t));
+    }
+    let mut t = format!("{}: {} tensor(s) receive a delta\n", abs.display(), view.merged);
+    for ((f, s), r) in files.iter().zip(&view.loras) {
+        t.push_str(&format!(
+            "\n{f} (strength {s}): {} unmatched, {} unrecognised\n",
+            r.unmatched.len(),
+            r.unrecognised.len()
+        ));
+        for u in &r.unmatched {
+            t.push_str(&format!("  unmatched: {u}\n"));
+        }
+        for u in &r.unrecognised {
+            t.push_str(&format!("  unrecognised: {u}\n"));
+        }
+    }
     out(&t);
     Ok(())
 }

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use ferry::config::FerrydConfig;
 use ferry::device::{self, DeviceChoice, DeviceConfig};
+use ferry::engine::policy::PolicyChoice;
 use ferry::engine::{Engine, EngineConfig};
 use ferry::server::{Server, ServerConfig};
 use ferry::service;
@@ -35,6 +36,14 @@ struct Args {
     /// Bytes of "device memory" the host backend offers (default 4 GiB).
     #[arg(long)]
     host_memory: Option<u64>,
+    /// Residency policy of models whose client sets none: auto (sequential on a device with at
+    /// most --auto-sequential-max bytes, else balanced), none, component, sequential, balanced,
+    /// lru, or a preset: lowvram (= sequential), medvram or model (= component). Default auto.
+    #[arg(long, value_name = "POLICY")]
+    default_policy: Option<PolicyChoice>,
+    /// Under auto: the most device memory, in bytes, that still gets sequential (default 4 GiB).
+    #[arg(long, value_name = "BYTES")]
+    auto_sequential_max: Option<u64>,
     /// Models to open at start (validated, then kept mapped); may be repeated.
     #[arg(long, value_name = "PATH")]
     preload: Vec<PathBuf>,
@@ -70,6 +79,8 @@ fn merge(mut args: Args, file: FerrydConfig) -> Args {
     args.device = args.device.or(file.device);
     args.budget = args.budget.or(file.budget);
     args.host_memory = args.host_memory.or(file.host_memory);
+    args.default_policy = args.default_policy.or(file.default_policy);
+    args.auto_sequential_max = args.auto_sequential_max.or(file.auto_sequential_max);
     args.socket = args.socket.or(file.socket);
     args.log = args.log.or(file.log);
     args.max_clients = args.max_clients.or(file.max_clients);
@@ -145,6 +156,10 @@ fn main() -> ExitCode {
             ..DeviceConfig::default()
         },
         budget: args.budget,
+        default_policy: args.default_policy.unwrap_or_default(),
+        auto_sequential_max: args
+            .auto_sequential_max
+            .unwrap_or(ferry::engine::policy::choice::AUTO_SEQUENTIAL_MAX),
         ..EngineConfig::default()
     }) {
         Ok(e) => e,
@@ -161,6 +176,11 @@ fn main() -> ExitCode {
         budget = engine.stats().budget,
         mapped_reads = dev.mapped_reads,
         "device ready"
+    );
+    info!(
+        asked = %args.default_policy.unwrap_or_default(),
+        policy = %engine.default_policy(),
+        "default residency policy"
     );
 
     let mut preloaded = Vec::new();

@@ -36,6 +36,18 @@
 //! the device's shared state, so the primary context outlives all of them whatever the drop
 //! order, and each synchronises the copy stream before releasing memory a copy may still use.
 //!
+//! # LoRA on the device
+//!
+//! LoRA backup mode adds each adapter's delta to the weight on the device, after the weight's
+//! copy, with one `cublasGemmEx` per adapter on the copy stream (beta = 1, so the GEMM
+//! accumulates into the weight in place; f16 / bf16 weights with f32 compute). cuBLAS is
+//! loaded at run time like libcuda (cudarc's `cublas` feature) and only when first needed; a
+//! machine whose driver loads but has no libcublas keeps the CPU merge
+//! ([`CudaDevice::device_gemm`] is false). The one handle is bound to the copy stream and
+//! serialised by a mutex (configuring a shared handle from several threads is not safe;
+//! enqueueing a GEMM takes microseconds). The factors live in [`CudaBuffer`]s: plain
+//! `cuMemAlloc` memory outside the arena, tracked so GEMM operands can be range-checked.
+//!
 //! # Not done (yet)
 //!
 //! - VMM export (`cuMemCreate` + `CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR` fds over
@@ -46,14 +58,16 @@
 //! - Multiple copy streams / priorities, and hugepage-backed staging.
 
 use std::ffi::{CStr, c_char, c_void};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{CudaContext, CudaStream, DriverError, sys};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    Arena, ArenaInner, Backend, BackendOps, ClientDone, DeviceConfig, DeviceError, DeviceInfo,
-    Event, EventInner, HostBuffer, HostBufferInner, Registration, RegistrationInner,
+    Arena, ArenaInner, Backend, BackendOps, ClientDone, DeviceBuffer, DeviceBufferInner,
+    DeviceConfig, DeviceError, DeviceInfo, Event, EventInner, GemmAccumulate, GemmType, HostBuffer,
+    HostBufferInner, Registration, RegistrationInner,
 };
 
 /// Most recycled events kept per device; more are destroyed when dropped.
@@ -95,6 +109,8 @@ struct Shared {
     events: Mutex<Vec<RawEvent>>,
     /// Live arenas as (base, len), for `read_back`'s range check.
     arenas: Mutex<Vec<(u64, u64)>>,
+    /// Live device buffers (LoRA factors) as (base, len), for GEMM range checks.
+    buffers: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Shared {
@@ -116,6 +132,10 @@ impl Shared {
 
     fn arena_contains(&self, addr: u64, len: u64) -> bool {
         ranges_contain(&self.arenas.lock().unwrap_or_else(PoisonError::into_inner), addr, len)
+    }
+
+    fn buffer_contains(&self, addr: u64, len: u64) -> bool {
+        ranges_contain(&self.buffers.lock().unwrap_or_else(PoisonError::into_inner), addr, len)
     }
 }
 
@@ -210,6 +230,8 @@ pub struct CudaDevice {
     info: DeviceInfo,
     shared: Arc<Shared>,
     page_size: usize,
+    /// cuBLAS, created on first use; `Err` (logged once) when it cannot be loaded or created.
+    blas: OnceLock<Result<Mutex<Blas>, String>>,
 }
 
 impl CudaDevice {
@@ -249,6 +271,7 @@ impl CudaDevice {
             stream,
             events: Mutex::new(Vec::new()),
             arenas: Mutex::new(Vec::new()),
+            buffers: Mutex::new(Vec::new()),
         });
         let ctx = &shared.ctx;
 
@@ -303,7 +326,7 @@ impl CudaDevice {
             mapped_reads,
             "CUDA device opened"
         );
-        Ok(CudaDevice { info, shared, page_size })
+        Ok(CudaDevice { info, shared, page_size, blas: OnceLock::new() })
     }
 }
 
@@ -604,6 +627,229 @@ impl BackendOps for CudaDevice {
         drop(arenas);
         r.result().map_err(cuda_err("cuMemcpyHtoD"))
     }
+
+    fn device_gemm(&self) -> bool {
+        self.blas().is_ok()
+    }
+
+    fn alloc_device_buffer(&self, bytes: u64) -> Result<DeviceBuffer, DeviceError> {
+        let oom =
+            |reason: String| DeviceError::OutOfMemory { what: "device buffer", bytes, reason };
+        if bytes == 0 {
+            return Err(oom("a device buffer cannot be empty".into()));
+        }
+        let len =
+            usize::try_from(bytes).map_err(|_| oom("larger than the address space".into()))?;
+        let _bound = bind(&self.shared.ctx)?;
+        // SAFETY: a plain allocation of `len` bytes in the current (our) context; it is filled
+        // with `DeviceBuffer::write` before anything reads it.
+        let ptr = match unsafe { cudarc::driver::result::malloc_sync(len) } {
+            Ok(p) => p,
+            Err(
+                e @ DriverError(
+                    sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
+                    | sys::CUresult::CUDA_ERROR_INVALID_VALUE,
+                ),
+            ) => return Err(oom(describe(e))),
+            Err(e) => return Err(cuda_err("cuMemAlloc")(e)),
+        };
+        self.shared.buffers.lock().unwrap_or_else(PoisonError::into_inner).push((ptr, bytes));
+        Ok(DeviceBuffer {
+            addr: ptr,
+            len: bytes,
+            inner: DeviceBufferInner::Cuda(CudaBuffer { ptr, shared: Arc::clone(&self.shared) }),
+        })
+    }
+
+    unsafe fn gemm_accumulate(&self, g: &GemmAccumulate) -> Result<(), DeviceError> {
+        let args = col_major(g).ok_or(DeviceError::Unsupported(
+            "run a GEMM of these types or sizes (cublasGemmEx takes 32-bit dimensions)",
+        ))?;
+        if g.m == 0 || g.n == 0 || g.k == 0 {
+            return Ok(());
+        }
+        // Operands must lie in memory of this device: A and B in a device buffer (or the arena),
+        // C in the arena. The sizes cannot overflow: col_major checked they fit i32s.
+        let bytes = |rows: u64, cols: u64, t: GemmType| rows * cols * t.size();
+        let inside = |addr, len| {
+            self.shared.buffer_contains(addr, len) || self.shared.arena_contains(addr, len)
+        };
+        for (addr, len) in [(g.a, bytes(g.m, g.k, g.ab)), (g.b, bytes(g.k, g.n, g.ab))] {
+            if !inside(addr, len) {
+                return Err(DeviceError::OutOfRange { addr, len });
+            }
+        }
+        let c_len = bytes(g.m, g.n, g.c_type);
+        if !self.shared.arena_contains(g.c, c_len) {
+            return Err(DeviceError::OutOfRange { addr: g.c, len: c_len });
+        }
+        let blas = self
+            .blas()
+            .map_err(|reason| DeviceError::Cuda { call: "cublasCreate", message: reason })?;
+        let blas = blas.lock().unwrap_or_else(PoisonError::into_inner);
+        let _bound = bind(&self.shared.ctx)?;
+        let (alpha32, beta32) = (g.alpha as f32, 1f32);
+        let (alpha64, beta64) = (g.alpha, 1f64);
+        let (alpha, beta): (*const c_void, *const c_void) =
+            if args.compute == blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_64F {
+                ((&raw const alpha64).cast(), (&raw const beta64).cast())
+            } else {
+                ((&raw const alpha32).cast(), (&raw const beta32).cast())
+            };
+        // SAFETY: the handle is live (owned by `blas`, used under its mutex) and bound to our
+        // copy stream, so the GEMM runs after every copy enqueued before it (the weight's own
+        // copy in particular); A, B and C lie in live device memory of this context (checked
+        // above; the caller keeps them allocated until an event after this call completes);
+        // the leading dimensions describe dense row-major matrices (see `col_major`); alpha and
+        // beta are host scalars of the compute type (pointer mode host, the default) that
+        // cuBLAS reads before returning.
+        let status = unsafe {
+            blas_sys::cublasGemmEx(
+                blas.handle,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                args.m,
+                args.n,
+                args.k,
+                alpha,
+                args.a as usize as *const c_void,
+                args.ab,
+                args.lda,
+                args.b as usize as *const c_void,
+                args.ab,
+                args.ldb,
+                beta,
+                args.c as usize as *mut c_void,
+                args.c_type,
+                args.ldc,
+                args.compute,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        status
+            .result()
+            .map_err(|e| DeviceError::Cuda { call: "cublasGemmEx", message: format!("{e:?}") })
+    }
+}
+
+impl CudaDevice {
+    /// cuBLAS on the copy stream, created on first use (module docs).
+    fn blas(&self) -> Result<&Mutex<Blas>, String> {
+        self.blas
+            .get_or_init(|| {
+                Blas::new(&self.shared).map(Mutex::new).inspect_err(|e| {
+                    info!(error = %e, "cuBLAS unavailable: LoRA deltas are merged on the CPU");
+                })
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
+/// A cuBLAS handle bound to the copy stream.
+#[derive(Debug)]
+struct Blas {
+    handle: blas_sys::cublasHandle_t,
+    shared: Arc<Shared>,
+}
+
+// SAFETY: a cuBLAS handle may be used from any thread; `Blas` is only used under a mutex, so
+// one thread at a time configures or enqueues on it.
+unsafe impl Send for Blas {}
+
+impl Blas {
+    fn new(shared: &Arc<Shared>) -> Result<Blas, String> {
+        // cudarc panics on the first call into a library it cannot load: ask first.
+        // SAFETY: only tries to dlopen libcublas by its usual names; runs no cuBLAS call.
+        if !unsafe { blas_sys::is_culib_present() } {
+            return Err("libcublas could not be loaded".into());
+        }
+        let _bound = bind(&shared.ctx).map_err(|e| e.to_string())?;
+        let mut handle: blas_sys::cublasHandle_t = std::ptr::null_mut();
+        // SAFETY: `handle` is a valid out-pointer; the handle is created for the current
+        // (our primary) context.
+        unsafe { blas_sys::cublasCreate_v2(&mut handle) }
+            .result()
+            .map_err(|e| format!("cublasCreate: {e:?}"))?;
+        let blas = Blas { handle, shared: Arc::clone(shared) };
+        // SAFETY: the handle was just created; the stream is ours and lives as long as
+        // `shared`, which the handle's owner holds.
+        unsafe {
+            blas_sys::cublasSetStream_v2(
+                handle,
+                shared.stream.cu_stream() as blas_sys::cudaStream_t,
+            )
+        }
+        .result()
+        .map_err(|e| format!("cublasSetStream: {e:?}"))?;
+        Ok(blas)
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // GEMMs still queued use the handle's workspace.
+        self.shared.sync_before_free("the cuBLAS handle");
+        let Ok(_bound) = bind(&self.shared.ctx).inspect_err(|e| warn!(error = %e, "cuBLAS drop"))
+        else {
+            return;
+        };
+        // SAFETY: the handle is owned by this value and destroyed exactly once; nothing is
+        // queued on it any more (the stream was drained above).
+        if let Err(e) = unsafe { blas_sys::cublasDestroy_v2(self.handle) }.result() {
+            warn!(error = ?e, "cublasDestroy failed");
+        }
+    }
+}
+
+/// `cublasGemmEx` arguments for a row-major [`GemmAccumulate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ColMajor {
+    m: i32,
+    n: i32,
+    k: i32,
+    a: u64,
+    lda: i32,
+    b: u64,
+    ldb: i32,
+    c: u64,
+    ldc: i32,
+    ab: blas_sys::cudaDataType,
+    c_type: blas_sys::cudaDataType,
+    compute: blas_sys::cublasComputeType_t,
+}
+
+/// cuBLAS is column-major. A row-major `[r, c]` matrix with row stride `c` is the column-major
+/// `[c, r]` matrix (its transpose) with leading dimension `c`, and `C = A B` is `Cᵀ = Bᵀ Aᵀ`:
+/// so the row-major GEMM is the column-major one with `m' = n`, `n' = m`, `A' = B` (ld `n`),
+/// `B' = A` (ld `k`), `C' = C` (ld `n`), and no transposes. `None` for a type pair cuBLAS
+/// does not offer as `C += A B` or a dimension beyond `i32`.
+fn col_major(g: &GemmAccumulate) -> Option<ColMajor> {
+    use blas_sys::cublasComputeType_t::{CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_64F};
+    use blas_sys::cudaDataType::{CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, CUDA_R_64F};
+    let (ab, c_type, compute) = match (g.ab, g.c_type) {
+        (GemmType::F16, GemmType::F16) => (CUDA_R_16F, CUDA_R_16F, CUBLAS_COMPUTE_32F),
+        (GemmType::BF16, GemmType::BF16) => (CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F),
+        (GemmType::F32, GemmType::F32) => (CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F),
+        (GemmType::F64, GemmType::F64) => (CUDA_R_64F, CUDA_R_64F, CUBLAS_COMPUTE_64F),
+        _ => return None,
+    };
+    let dim = |x: u64| i32::try_from(x.max(1)).ok();
+    let (m, n, k) = (dim(g.m)?, dim(g.n)?, dim(g.k)?);
+    Some(ColMajor {
+        m: n,
+        n: m,
+        k,
+        a: g.b,
+        lda: n,
+        b: g.a,
+        ldb: k,
+        c: g.c,
+        ldc: n,
+        ab,
+        c_type,
+        compute,
+    })
 }
 
 impl CudaDevice {
@@ -731,6 +977,53 @@ impl Drop for PinnedAlloc {
         // it any more (the stream was drained above).
         if let Err(e) = unsafe { sys::cuMemFreeHost(self.ptr) }.result() {
             error!(error = %describe(e), "cuMemFreeHost failed");
+        }
+    }
+}
+
+/// A `cuMemAlloc` allocation outside the arena behind a [`DeviceBuffer`] (LoRA factors).
+/// Freed (after the copy stream drains: GEMMs may still read it) on drop.
+#[derive(Debug)]
+pub struct CudaBuffer {
+    ptr: sys::CUdeviceptr,
+    shared: Arc<Shared>,
+}
+
+impl CudaBuffer {
+    /// Synchronous upload of `src` to device address `dst` (inside this buffer: the caller,
+    /// `DeviceBuffer::write`, checked the range).
+    pub(crate) fn write(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let _bound = bind(&self.shared.ctx)?;
+        // SAFETY: `dst..dst+len` lies in this live allocation (checked by the caller); `src` is
+        // a Rust slice of exactly `len` readable bytes; the copy is synchronous, and nothing
+        // on the device reads this range while the buffer is being filled.
+        unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) }
+            .result()
+            .map_err(cuda_err("cuMemcpyHtoD"))
+    }
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        {
+            let mut buffers = self.shared.buffers.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(i) = buffers.iter().position(|&(b, _)| b == self.ptr) {
+                buffers.swap_remove(i);
+            }
+        }
+        self.shared.sync_before_free("a device buffer");
+        let Ok(_bound) =
+            bind(&self.shared.ctx).inspect_err(|e| error!(error = %e, "freeing a device buffer"))
+        else {
+            return;
+        };
+        // SAFETY: `ptr` came from cuMemAlloc in our context, is freed exactly once here, and no
+        // GEMM reads it any more (the stream was drained above).
+        if let Err(e) = unsafe { sys::cuMemFree_v2(self.ptr) }.result() {
+            error!(error = %describe(e), "cuMemFree of a device buffer failed");
         }
     }
 }
@@ -876,6 +1169,70 @@ mod tests {
         assert_eq!(cuda.len(), 4 << 20);
         let handle = cuda.ipc_handle().unwrap();
         assert!(handle.iter().any(|&b| b != 0), "an IPC handle is not all zeros");
+    }
+
+    /// `cublasGemmEx` with no transposes, as documented (column-major, `C = αAB + βC`), over
+    /// host vectors: `a`, `b`, `c` are whole memories and the "pointers" are element indices.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_gemm_ex(args: &ColMajor, alpha: f64, a: &[f64], b: &[f64], c: &mut [f64]) {
+        let (m, n, k) = (args.m as usize, args.n as usize, args.k as usize);
+        let (lda, ldb, ldc) = (args.lda as usize, args.ldb as usize, args.ldc as usize);
+        let (a0, b0, c0) = (args.a as usize, args.b as usize, args.c as usize);
+        for j in 0..n {
+            for i in 0..m {
+                let mut sum = 0.0;
+                for l in 0..k {
+                    sum += a[a0 + i + l * lda] * b[b0 + l + j * ldb];
+                }
+                c[c0 + i + j * ldc] += alpha * sum;
+            }
+        }
+    }
+
+    #[test]
+    fn row_major_gemms_map_to_column_major_cublas_arguments() {
+        // Row-major A [m,k], B [k,n], C [m,n] with C at an offset (a row slice of a weight),
+        // A and B in one "buffer" memory.
+        let (m, n, k) = (3u64, 5u64, 2u64);
+        let a: Vec<f64> = (0..m * k).map(|i| i as f64 + 1.0).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| (i as f64) * 0.5 - 1.0).collect();
+        let mut memory = vec![0.0; 100];
+        memory[7..7 + a.len()].copy_from_slice(&a);
+        memory[40..40 + b.len()].copy_from_slice(&b);
+        let weight: Vec<f64> = (0..(m + 2) * n).map(|i| i as f64 * 0.25).collect();
+        let g = GemmAccumulate {
+            m,
+            n,
+            k,
+            alpha: 0.75,
+            a: 7,
+            b: 40,
+            c: n, // the weight's rows 1..=3
+            ab: GemmType::F64,
+            c_type: GemmType::F64,
+        };
+        let args = col_major(&g).expect("supported");
+        let mut got = weight.clone();
+        reference_gemm_ex(&args, g.alpha, &memory, &memory, &mut got);
+        let mut want = weight.clone();
+        for i in 0..m as usize {
+            for j in 0..n as usize {
+                let dot: f64 =
+                    (0..k as usize).map(|l| a[i * k as usize + l] * b[l * n as usize + j]).sum();
+                want[(i + 1) * n as usize + j] += 0.75 * dot;
+            }
+        }
+        assert_eq!(got, want);
+        assert_eq!((args.lda, args.ldb, args.ldc), (5, 2, 5));
+
+        // Types: the four same-type pairs; anything mixed, or too large, is refused.
+        for t in [GemmType::F16, GemmType::BF16, GemmType::F32, GemmType::F64] {
+            assert!(col_major(&GemmAccumulate { ab: t, c_type: t, ..g }).is_some(), "{t:?}");
+        }
+        assert!(
+            col_major(&GemmAccumulate { ab: GemmType::F32, c_type: GemmType::F16, ..g }).is_none()
+        );
+        assert!(col_major(&GemmAccumulate { n: 1 << 31, ..g }).is_none());
     }
 
     #[test]

@@ -187,6 +187,7 @@ impl HostDevice {
 
 fn copy_engine(rx: &Receiver<Copy>, completion: &Completion) {
     while let Ok(c) = rx.recv() {
+        let _t = crate::trace::span_bytes("copy", "copy", c.len as u64); // timeline (if on)
         // SAFETY: `copy_h2d_async`'s contract: `src..src+len` is readable and unchanged and
         // `dst..dst+len` is writable arena memory until this copy's event completes, which
         // happens only after `complete` below; the two ranges never overlap (file mapping or

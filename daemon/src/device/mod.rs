@@ -12,6 +12,11 @@
 //!
 //! The engine allocates one **arena** per device (its whole budget) and sub-allocates layers
 //! in it; device addresses are `u64` (a `CUdeviceptr` on CUDA, a pointer on host).
+//!
+//! **Device merges** (LoRA backup mode): a backend may offer [`BackendOps::gemm_accumulate`],
+//! `C += alpha · A @ B` enqueued on the copy stream (cuBLAS on CUDA), with the factors in a
+//! [`DeviceBuffer`] outside the arena. The host backend does not: there LoRA deltas are merged
+//! on the CPU and written with [`BackendOps::write_sync`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -69,6 +74,8 @@ pub enum DeviceError {
     OutOfRange { addr: u64, len: u64 },
     #[error("the device's copy engine stopped: {0}")]
     Stopped(String),
+    #[error("this device cannot {0}")]
+    Unsupported(&'static str),
 }
 
 impl DeviceError {
@@ -170,6 +177,24 @@ impl HostBuffer {
     pub fn as_ptr(&self) -> *const u8 {
         self.ptr
     }
+    /// Host memory this buffer holds: its length, rounded up to whole pages when pinned
+    /// (page-locked memory is page-granular).
+    pub fn footprint(&self) -> u64 {
+        match &self.inner {
+            HostBufferInner::Host(_) => self.len as u64,
+            HostBufferInner::Cuda(_) => (self.len as u64).next_multiple_of(4096),
+        }
+    }
+    /// The buffer's bytes. Only for buffers no copy is writing, which is all of them: copies
+    /// only read host buffers.
+    pub fn as_slice(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr..ptr+len` is memory this buffer owns; writes need `&mut self`, so none
+        // can happen while this borrow lives (the device only reads it).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
     /// Copies `src` into the buffer at `at`, touching no other byte: earlier bytes of the
     /// buffer may still be read by copies in flight, so no `&mut [u8]` over the whole buffer is
     /// ever formed. Returns `false` (copying nothing) if the range does not fit.
@@ -182,6 +207,74 @@ impl HostBuffer {
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) };
         true
     }
+}
+
+/// Device memory outside the arena, owned by whoever allocated it (LoRA factors on CUDA);
+/// freed on drop, after the copy stream has finished with it.
+#[derive(Debug)]
+pub struct DeviceBuffer {
+    /// Device address of the first byte.
+    pub addr: u64,
+    pub len: u64,
+    pub(crate) inner: DeviceBufferInner,
+}
+
+#[derive(Debug)]
+pub(crate) enum DeviceBufferInner {
+    Cuda(cuda::CudaBuffer),
+}
+
+impl DeviceBuffer {
+    /// Copies `src` to the buffer at byte `at`, synchronously. Nothing may be reading that
+    /// range on the device meanwhile (the buffer is filled before any GEMM reads it).
+    pub fn write(&mut self, at: u64, src: &[u8]) -> Result<(), DeviceError> {
+        let len = src.len() as u64;
+        if at.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(DeviceError::OutOfRange { addr: self.addr.saturating_add(at), len });
+        }
+        match &self.inner {
+            DeviceBufferInner::Cuda(b) => b.write(self.addr + at, src),
+        }
+    }
+}
+
+/// Element types of a device GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmType {
+    F16,
+    BF16,
+    F32,
+    F64,
+}
+
+impl GemmType {
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            GemmType::F16 | GemmType::BF16 => 2,
+            GemmType::F32 => 4,
+            GemmType::F64 => 8,
+        }
+    }
+}
+
+/// `C ← alpha · A @ B + C` (beta = 1), enqueued on the copy stream after everything enqueued
+/// before it. Row-major and dense: `A [m, k]`, `B [k, n]`, `C [m, n]`.
+///
+/// `A` and `B` have type `ab`, `C` type `c`; the pairs offered are (F16, F16), (BF16, BF16),
+/// (F32, F32) with f32 arithmetic (`alpha` rounded to f32) and (F64, F64) in f64. 16-bit `C` is
+/// rounded once per GEMM, from the f32 result.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmAccumulate {
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub alpha: f64,
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+    pub ab: GemmType,
+    pub c_type: GemmType,
 }
 
 /// A point on a device's copy stream: done when every copy enqueued before it has completed.
@@ -306,6 +399,30 @@ pub(crate) trait BackendOps: Send + Sync + fmt::Debug {
     /// Writes host bytes to device memory, synchronously, after everything queued so far
     /// (LoRA backup mode overwrites a layer's adapted tensors once its copy has landed).
     fn write_sync(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError>;
+
+    /// Whether [`BackendOps::gemm_accumulate`] works here (CUDA with cuBLAS loadable). The
+    /// host backend merges LoRA deltas on the CPU instead.
+    fn device_gemm(&self) -> bool {
+        false
+    }
+
+    /// Allocates `bytes` of device memory outside the arena (LoRA factors for device merges).
+    fn alloc_device_buffer(&self, bytes: u64) -> Result<DeviceBuffer, DeviceError> {
+        let _ = bytes;
+        Err(DeviceError::Unsupported("allocate device buffers"))
+    }
+
+    /// Enqueues `g` on the copy stream ([`GemmAccumulate`]).
+    ///
+    /// # Safety
+    ///
+    /// `A`, `B` and `C` must lie in live memory of this device (a [`DeviceBuffer`] or the
+    /// arena) that stays allocated until an event recorded after this call completes, and no
+    /// copy or client may write `C`'s range meanwhile. Backends check the ranges too.
+    unsafe fn gemm_accumulate(&self, g: &GemmAccumulate) -> Result<(), DeviceError> {
+        let _ = g;
+        Err(DeviceError::Unsupported("run GEMMs"))
+    }
 }
 
 /// A mapping registered with the device; unregistered on drop.
@@ -406,6 +523,26 @@ impl Device {
 
     pub fn write_sync(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError> {
         self.ops().write_sync(dst, src)
+    }
+
+    /// See [`BackendOps::device_gemm`].
+    pub fn device_gemm(&self) -> bool {
+        self.ops().device_gemm()
+    }
+
+    /// See [`BackendOps::alloc_device_buffer`].
+    pub fn alloc_device_buffer(&self, bytes: u64) -> Result<DeviceBuffer, DeviceError> {
+        self.ops().alloc_device_buffer(bytes)
+    }
+
+    /// See [`BackendOps::gemm_accumulate`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`BackendOps::gemm_accumulate`].
+    pub unsafe fn gemm_accumulate(&self, g: &GemmAccumulate) -> Result<(), DeviceError> {
+        // SAFETY: the caller upholds the contract, which is the same.
+        unsafe { self.ops().gemm_accumulate(g) }
     }
 }
 

@@ -42,7 +42,9 @@ use self::alloc::{Allocator, align_up};
 pub use self::error::EngineError;
 use self::lora_view::{LoraMode, LoraState};
 use self::pipeline::{Job, Piece, Pipeline, ReadySignal};
-use self::policy::{Action, LayerIdx, Policy, PolicySpec, Residency, ScopeLayer, Threshold, View};
+use self::policy::{
+    Action, LayerIdx, Policy, PolicyChoice, Residency, Resolved, ScopeLayer, Threshold, View,
+};
 use self::runtime::ModelRuntime;
 use crate::device::{Arena, ClientDone, Device, DeviceChoice, DeviceConfig, DeviceInfo, Event};
 use crate::store::{Dtype, Model, Store};
@@ -67,8 +69,11 @@ pub struct EngineConfig {
     pub io_threads: usize,
     /// How long an acquire waits for leased layers to be released before failing.
     pub acquire_timeout: Duration,
-    /// The policy of a model whose client never set one.
-    pub default_policy: PolicySpec,
+    /// The policy of a model whose client never set one (default `auto`).
+    pub default_policy: PolicyChoice,
+    /// Under `auto`, devices with at most this many bytes of memory get `sequential`, larger
+    /// ones `balanced` (default 4 GiB).
+    pub auto_sequential_max: u64,
     /// Host memory for fused LoRA layers (fuse mode). Default: a quarter of the RAM this
     /// process may use (cgroup limits included).
     pub fuse_cache_bytes: Option<u64>,
@@ -84,9 +89,36 @@ impl Default for EngineConfig {
             staging_slot_bytes: 16 << 20,
             io_threads: 2,
             acquire_timeout: Duration::from_secs(30),
-            default_policy: PolicySpec::Balanced { threshold: Threshold::default() },
+            default_policy: PolicyChoice::Auto,
+            auto_sequential_max: policy::choice::AUTO_SEQUENTIAL_MAX,
             fuse_cache_bytes: None,
         }
+    }
+}
+
+/// A model's residency policies, resolved ([`Engine::policies`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelPolicies {
+    /// The policy of every component without its own.
+    pub model: Resolved,
+    /// Components with a policy of their own, in pipeline order.
+    pub components: Vec<(String, Resolved)>,
+    /// Whether a client set the model-wide policy (else it is the engine's default).
+    pub set: bool,
+    /// Whether the policies are in force (memory reserved): after a policy was set or a layer
+    /// acquired.
+    pub active: bool,
+}
+
+/// `balanced (auto: device 80.0 GiB > 4.0 GiB; threshold 75% of device)`, then
+/// `; vae: sequential (lookahead 1)` for each component with its own.
+impl std::fmt::Display for ModelPolicies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.model)?;
+        for (c, r) in &self.components {
+            write!(f, "; {c}: {r}")?;
+        }
+        Ok(())
     }
 }
 
@@ -292,6 +324,8 @@ impl Scope {
         }
         match self.placed.get_mut(i).and_then(Option::take) {
             Some(p) => {
+                let at = self.members.get(i).copied();
+                crate::trace::layer_instant("evict", p.runtime.model(), at); // timeline (if on)
                 self.pending.push(Pending::of(p));
                 self.residency[i] = Residency::Absent;
                 bump(&counters.evictions, 1);
@@ -302,10 +336,15 @@ impl Scope {
     }
 
     /// Finds room for `bytes` in the region: reclaiming settled memory, waiting for copies into
-    /// evicted memory, and, if the free bytes are there but not in one piece, evicting unleased
-    /// layers that sit where a hole could be (layers the policy keeps for good last). `None`
-    /// when leased layers stand in the way: the caller waits for a release.
-    fn place(&mut self, bytes: u64, counters: &Counters) -> Option<u64> {
+    /// evicted memory, and, with `make_hole`, if the free bytes are there but not in one piece,
+    /// evicting unleased layers that sit where a hole could be (layers the policy keeps for good
+    /// last). `None` when leased layers stand in the way (the caller waits for a release), or,
+    /// without `make_hole`, when the free bytes are not in one piece.
+    ///
+    /// Hole evictions happen behind the policy's back, so only the load a client is waiting for
+    /// may make them: a prefetch that made one could evict the very layer being acquired, and
+    /// that client would then wait for a release that never comes.
+    fn place(&mut self, bytes: u64, make_hole: bool, counters: &Counters) -> Option<u64> {
         loop {
             reclaim(&mut self.alloc, &mut self.pending, false, counters);
             if let Some(off) = self.alloc.alloc(bytes) {
@@ -315,6 +354,9 @@ impl Scope {
             if !self.pending.is_empty() {
                 reclaim(&mut self.alloc, &mut self.pending, true, counters);
                 continue;
+            }
+            if !make_hole {
+                return None;
             }
             let victims = self.hole_victims(bytes)?;
             for v in victims {
@@ -371,10 +413,11 @@ impl Scope {
 #[derive(Debug)]
 struct ModelState {
     runtime: Arc<ModelRuntime>,
-    /// The policy for components without their own; `None` until set (or first acquire).
-    model_spec: Option<PolicySpec>,
+    /// The policy for components without their own; `None` until set (the engine's default
+    /// then applies).
+    model_spec: Option<PolicyChoice>,
     /// Components (by index) with a policy of their own.
-    overrides: BTreeMap<usize, PolicySpec>,
+    overrides: BTreeMap<usize, PolicyChoice>,
     scopes: Vec<Scope>,
     /// [component][layer] → (scope, index in scope).
     locate: Vec<Vec<Option<(usize, usize)>>>,
@@ -610,6 +653,17 @@ impl Engine {
     /// its id. Nothing is copied and nothing reserved until a policy is set or a layer acquired.
     pub fn open_model(&self, path: impl AsRef<Path>) -> Result<ModelId, EngineError> {
         let model = self.inner.store.open(path)?;
+        Ok(self.add_model(model))
+    }
+
+    /// [`Engine::open_model`] from a descriptor the caller opened: a `.safetensors` file or a
+    /// model folder (whose files must all lie inside it); `name` labels it in messages.
+    pub fn open_model_file(&self, file: std::fs::File, name: &str) -> Result<ModelId, EngineError> {
+        let model = self.inner.store.open_file(file, name)?;
+        Ok(self.add_model(model))
+    }
+
+    fn add_model(&self, model: Arc<Model>) -> ModelId {
         let locate = model.components().iter().map(|c| vec![None; c.layers.len()]).collect();
         // Registration can pin whole files (seconds on CUDA): done before taking the lock.
         let id = {
@@ -629,7 +683,7 @@ impl Engine {
             view_of: None,
         };
         self.lock().models.insert(id, state);
-        Ok(id)
+        id
     }
 
     /// The model behind an id.
@@ -671,12 +725,14 @@ impl Engine {
     /// The scopes of the model are rebuilt: its layers leave the device and the new policies
     /// reserve their regions and load what they keep resident. Fails, changing nothing, if the
     /// budget cannot serve the new policies or if a layer of the model is leased or pinned.
+    /// `spec` is a [`policy::PolicySpec`] or a [`PolicyChoice`] (a preset, or `auto`).
     pub fn set_residency(
         &self,
         model: ModelId,
         component: Option<&str>,
-        spec: PolicySpec,
+        spec: impl Into<PolicyChoice>,
     ) -> Result<(), EngineError> {
+        let spec = spec.into();
         let mut guard = self.lock();
         let st = &mut *guard;
         let ms = st.models.get(&model).ok_or(EngineError::UnknownModel(model))?;
@@ -700,8 +756,8 @@ impl Engine {
         &self,
         st: &mut State,
         model: ModelId,
-        model_spec: Option<PolicySpec>,
-        overrides: BTreeMap<usize, PolicySpec>,
+        model_spec: Option<PolicyChoice>,
+        overrides: BTreeMap<usize, PolicyChoice>,
     ) -> Result<(), EngineError> {
         let device_total = self.inner.device.info().total_memory;
         let default_spec = self.inner.config.default_policy;
@@ -723,7 +779,7 @@ impl Engine {
         for p in &st.pending {
             trial.free(p.offset, p.bytes);
         }
-        let mut groups: Vec<(Option<usize>, PolicySpec, Vec<usize>)> = Vec::new();
+        let mut groups: Vec<(Option<usize>, PolicyChoice, Vec<usize>)> = Vec::new();
         let rest: Vec<usize> =
             (0..m.components().len()).filter(|c| !overrides.contains_key(c)).collect();
         if !rest.is_empty() {
@@ -733,6 +789,8 @@ impl Engine {
             groups.push((Some(c), spec, vec![c]));
         }
         let mut scopes = Vec::with_capacity(groups.len());
+        // What each scope's policy resolved to (presets, `auto`), logged once committed.
+        let mut decided: Vec<(String, Resolved)> = Vec::with_capacity(groups.len());
         let mut locate: Vec<Vec<Option<(usize, usize)>>> =
             m.components().iter().map(|c| vec![None; c.layers.len()]).collect();
         for (only, spec, comps) in groups {
@@ -759,7 +817,9 @@ impl Engine {
             for (idx, &(c, li)) in members.iter().enumerate() {
                 locate[c][li] = Some((si, idx));
             }
-            let mut policy = spec.build(device_total);
+            let resolved = self.resolve(spec);
+            decided.push((name.clone(), resolved));
+            let mut policy = resolved.spec.build(device_total);
             let quota = policy
                 .plan(&meta, trial.largest_free())
                 .map_err(|source| EngineError::Policy { scope: name.clone(), source })?;
@@ -799,10 +859,47 @@ impl Engine {
         ms.scopes = scopes;
         for si in 0..ms.scopes.len() {
             let actions = ms.scopes[si].ask(|p, v| p.initial(v));
-            self.apply(&mut ms, si, &actions);
+            self.apply(&mut ms, si, &actions, None);
         }
         st.models.insert(model, ms);
+        for (scope, resolved) in decided {
+            tracing::info!(%scope, policy = %resolved, "residency policy");
+        }
         Ok(())
+    }
+
+    /// The concrete policy `choice` stands for on this engine's device (`auto` decided from
+    /// the device's total memory and `auto_sequential_max`).
+    pub fn resolve(&self, choice: PolicyChoice) -> Resolved {
+        let total = self.inner.device.info().total_memory;
+        choice.resolve(total, self.inner.config.auto_sequential_max)
+    }
+
+    /// The policy of a model whose client sets none, resolved on this device.
+    pub fn default_policy(&self) -> Resolved {
+        self.resolve(self.inner.config.default_policy)
+    }
+
+    /// The residency policies of a model, resolved (with the preset or `auto` reason): the
+    /// whole model's, then each component's own. Known before the first acquire, which is
+    /// when the engine reserves memory for them.
+    pub fn policies(&self, model: ModelId) -> Result<ModelPolicies, EngineError> {
+        let st = self.lock();
+        let ms = st.models.get(&model).ok_or(EngineError::UnknownModel(model))?;
+        let m = ms.runtime.model();
+        let components = ms
+            .overrides
+            .iter()
+            .filter_map(|(&c, &choice)| {
+                Some((m.components().get(c)?.name.clone(), self.resolve(choice)))
+            })
+            .collect();
+        Ok(ModelPolicies {
+            model: self.resolve(ms.model_spec.unwrap_or(self.inner.config.default_policy)),
+            components,
+            set: ms.model_spec.is_some(),
+            active: !ms.scopes.is_empty(),
+        })
     }
 
     /// Makes sure `model` has scopes (the default policy on first use) and finds a layer.
@@ -892,7 +989,7 @@ impl Engine {
                 hit = s.residency[idx] != Residency::Absent;
             }
             let actions = s.ask(|p, v| p.on_acquire(idx, v));
-            self.apply(ms, si, &actions);
+            self.apply(ms, si, &actions, Some(idx));
             if ms.scopes[si].residency[idx] != Residency::Absent {
                 break (si, idx);
             }
@@ -901,10 +998,23 @@ impl Engine {
             if waited >= timeout {
                 return Err(EngineError::Timeout { layer: format!("{component}/{layer}"), waited });
             }
+            // Only a release (or an eviction) can make room, and each one wakes us. With no
+            // lease in the scope nothing will: that would be a policy bug, so say so and ask
+            // again shortly instead of sleeping until the timeout.
+            let mut wait = timeout - waited;
+            if ms.scopes[si].lease_count() == 0 {
+                tracing::warn!(
+                    scope = %ms.scopes[si].name,
+                    layer = idx,
+                    ?actions,
+                    "acquired layer not loaded although nothing is leased; retrying"
+                );
+                wait = wait.min(Duration::from_millis(5));
+            }
             guard = self
                 .inner
                 .changed
-                .wait_timeout(guard, timeout - waited)
+                .wait_timeout(guard, wait)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         };
@@ -912,6 +1022,7 @@ impl Engine {
         bump(if hit { &counters.hits } else { &counters.misses }, 1);
         if !first {
             bump(&counters.stall_ns, start.elapsed().as_nanos() as u64);
+            crate::trace::complete("stall", "waiting for device memory", start); // timeline
         }
         let st = &mut *guard;
         let id = st.next_id;
@@ -1039,7 +1150,7 @@ impl Engine {
         }
         s.sweep();
         let actions = s.ask(|p, v| p.on_release(rec.index, v));
-        self.apply(ms, rec.scope, &actions);
+        self.apply(ms, rec.scope, &actions, None);
     }
 
     /// Applies a LoRA stack (`(file, strength)`, in order) to a model, replacing any stack it
@@ -1196,7 +1307,7 @@ impl Engine {
         let s = &mut ms.scopes[si];
         s.sweep();
         let actions = s.ask(|p, v| p.on_prefetch(idx, v));
-        self.apply(ms, si, &actions);
+        self.apply(ms, si, &actions, None);
         Ok(())
     }
 
@@ -1301,7 +1412,7 @@ impl Engine {
     /// layers in the way) are skipped: for the acquired layer the caller waits for a release;
     /// for a prefetch, nothing is lost. An eviction the contract forbids (a leased layer) stops
     /// the list, since the loads after it counted on the room.
-    fn apply(&self, ms: &mut ModelState, si: usize, actions: &[Action]) {
+    fn apply(&self, ms: &mut ModelState, si: usize, actions: &[Action], target: Option<LayerIdx>) {
         let counters = &self.inner.counters;
         let runtime = &ms.runtime;
         let lora = &ms.lora;
@@ -1321,7 +1432,9 @@ impl Engine {
                     }
                     let (ci, li) = scope.members[i];
                     let bytes = scope.meta[i].bytes;
-                    let Some(offset) = scope.place(bytes, counters) else { continue };
+                    let Some(offset) = scope.place(bytes, target == Some(i), counters) else {
+                        continue;
+                    };
                     let model = runtime.model();
                     let layer = &model.components()[ci].layers[li];
                     let dst = self.inner.arena_base + scope.region + offset;
@@ -1362,6 +1475,7 @@ impl Engine {
                     scope.residency[i] = Residency::Loading;
                     bump(&counters.loads, 1);
                     bump(&counters.bytes_streamed, layer.bytes);
+                    crate::trace::layer_instant("load", model, Some((ci, li))); // timeline
                 }
             }
         }

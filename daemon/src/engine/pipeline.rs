@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use crossbeam::channel::{Receiver, Sender, bounded, unbounded};
 
 use super::error::EngineError;
-use super::lora_view::{LoraMode, LoraState};
+use super::lora_view::{FuseBudget, Fused, LoraMode, LoraState};
 use super::runtime::ModelRuntime;
 use crate::device::{Device, DeviceError, Event, HostBuffer};
 
@@ -153,6 +153,8 @@ struct Shared {
     free_tx: Sender<usize>,
     free_rx: Receiver<usize>,
     slot_bytes: usize,
+    /// Host memory held by every LoRA fuse cache of the engine (filled by the I/O threads).
+    fuse_budget: Arc<FuseBudget>,
 }
 
 impl Pipeline {
@@ -174,7 +176,14 @@ impl Pipeline {
             // Cannot fail: the channel has room for every slot.
             let _ = free_tx.send(i);
         }
-        let shared = Arc::new(Shared { device, slots: ring, free_tx, free_rx, slot_bytes });
+        let shared = Arc::new(Shared {
+            device,
+            slots: ring,
+            free_tx,
+            free_rx,
+            slot_bytes,
+            fuse_budget: FuseBudget::new(),
+        });
         let (tx, rx) = unbounded::<Job>();
         let mut threads = Vec::new();
         for i in 0..io_threads.max(1) {
@@ -230,6 +239,8 @@ impl Drop for Pipeline {
 
 /// Runs a job and says how it ended.
 fn outcome(shared: &Shared, job: &Job) -> ReadyState {
+    let pieces = job.pieces.iter().map(|p| (p.tensor, p.len));
+    let _t = crate::trace::layer_span("io", job.runtime.model(), pieces); // timeline (if on)
     match run(shared, job) {
         Ok(e) => ReadyState::Recorded(e),
         // Copies queued before the failure still land: their memory is reusable only after
@@ -255,14 +266,15 @@ fn run(shared: &Shared, job: &Job) -> Result<Event, EngineError> {
         finish_slot(shared, f)?;
     }
     result?;
-    // LoRA backup mode: the originals have been queued; once they land, the adapted tensors
-    // are overwritten on the device (write_sync waits for everything queued before it).
+    // LoRA backup mode: the originals have been queued; the adapted tensors change once they
+    // land: GEMMs queued behind the copies on a device that has them, else a CPU merge written
+    // synchronously (write_sync waits for everything queued before it).
     for piece in &job.pieces {
         if let Some(lora) = job.lora_for(piece)
             && lora.mode == LoraMode::Backup
         {
-            let merged = lora.merged(piece.tensor)?;
-            shared.device.write_sync(piece.dst, &merged)?;
+            let _t = crate::trace::span_bytes("lora", "LoRA merge + write (backup)", piece.len);
+            lora.apply_backup(piece.tensor, piece.dst, &shared.device)?;
         }
     }
     let event = shared.device.record()?;
@@ -288,9 +300,23 @@ fn copy_pieces<'a>(
         if let Some(lora) = job.lora_for(piece)
             && lora.mode == LoraMode::Fuse
         {
-            // The fused bytes are plain host memory: through the staging ring.
-            let fused = lora.merged(piece.tensor)?;
-            stage(shared, &fused, piece.dst, filling)?;
+            let t = crate::trace::span_bytes("lora", "LoRA fused bytes (fuse)", piece.len);
+            let fused = lora.fused(piece.tensor, &shared.device, &shared.fuse_budget)?;
+            drop(t);
+            match fused {
+                Fused::Cached(buf) => {
+                    if buf.len() as u64 != piece.len {
+                        let e = DeviceError::Stopped("fused tensor of the wrong length".into());
+                        return Err(e.into());
+                    }
+                    // SAFETY: the buffer is a staging allocation of this device (pinned on
+                    // CUDA), held by the stack's cache, which waits for the device's copies
+                    // before freeing it; `dst` lies in this layer's reserved arena range.
+                    unsafe { shared.device.copy_h2d_async(buf.as_ptr(), piece.dst, buf.len())? };
+                }
+                // Did not fit the cache: plain memory, through the staging ring.
+                Fused::Uncached(bytes) => stage(shared, &bytes, piece.dst, filling)?,
+            }
             continue;
         }
         if rt.mapped_reads(piece.file) {
@@ -327,6 +353,7 @@ fn stage<'a>(
         };
         let n = (src.len() - done).min(shared.slot_bytes - f.used);
         let at = f.used;
+        let _t = crate::trace::span_bytes("io", "stage", n as u64); // timeline (if on)
         if !f.slot.buf.write_at(at, &src[done..done + n]) {
             return Err(DeviceError::Stopped("staging slot overflow".into()).into());
         }
@@ -350,6 +377,7 @@ fn take_slot(shared: &Shared) -> Result<Filling<'_>, EngineError> {
     let slot = shared.slots[index].lock().unwrap_or_else(PoisonError::into_inner);
     // The previous copies out of this slot must be done before it is overwritten. This waits
     // on the I/O thread, never on a client's path.
+    let _t = crate::trace::span("io", "wait for a staging slot"); // timeline (if on)
     if let Some(last) = &slot.last
         && let Err(e) = last.wait()
     {

@@ -273,11 +273,14 @@ fn forget_unguarded_poison(start: usize, end: usize) {
     let high = POISON_HIGH.load(Ordering::Acquire).min(POISON_CAPACITY);
     for slot in &POISON[..high] {
         let Some((seq, s, e)) = slot.read() else { continue };
-        if s < e && s < end && start < e && !find_guards(s, e, |_, _, _| {}) {
-            if let Some(locked) = slot.try_lock(seq) {
-                slot.write_unlock(locked, 0, 0);
-                POISON_LIVE.fetch_sub(1, Ordering::AcqRel);
-            }
+        if s < e
+            && s < end
+            && start < e
+            && !find_guards(s, e, |_, _, _| {})
+            && let Some(locked) = slot.try_lock(seq)
+        {
+            slot.write_unlock(locked, 0, 0);
+            POISON_LIVE.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -325,12 +328,14 @@ pub fn forget_poisoned(ptr: *const u8, len: usize) -> usize {
     for slot in &POISON[..high] {
         // A slot being written by a handler right now is skipped: its span is fresh poison.
         let Some((seq, s, e)) = slot.read() else { continue };
-        if s < e && s < end && start < e {
-            if let Some(locked) = slot.try_lock(seq) {
-                slot.write_unlock(locked, 0, 0);
-                POISON_LIVE.fetch_sub(1, Ordering::AcqRel);
-                forgotten += 1;
-            }
+        if s < e
+            && s < end
+            && start < e
+            && let Some(locked) = slot.try_lock(seq)
+        {
+            slot.write_unlock(locked, 0, 0);
+            POISON_LIVE.fetch_sub(1, Ordering::AcqRel);
+            forgotten += 1;
         }
     }
     forgotten
@@ -362,11 +367,13 @@ fn find_guards(start: usize, end: usize, mut f: impl FnMut(&Slot, usize, usize))
     let high = GUARDS_HIGH.load(Ordering::Acquire).min(CAPACITY);
     let mut found = false;
     for slot in &GUARDS[..high] {
-        if let Some((seq, s, e)) = slot.read() {
-            if s < e && s < end && start < e {
-                found = true;
-                f(slot, seq, e);
-            }
+        if let Some((seq, s, e)) = slot.read()
+            && s < e
+            && s < end
+            && start < e
+        {
+            found = true;
+            f(slot, seq, e);
         }
     }
     found

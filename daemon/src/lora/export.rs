@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::math::{self, Delta, Factor};
-use super::{LoraError, LoraFile};
+use super::math::{self, Delta, Factor, Patch};
+use super::{LoraError, LoraFile, Rows};
 use crate::store::{Model, SourceKind, TensorId};
 
 /// What was written.
@@ -34,9 +34,18 @@ pub struct ExportReport {
     pub unrecognised: Vec<(PathBuf, Vec<String>)>,
 }
 
-/// For each adapted base tensor, the `(lora, adapter, strength)` deltas it receives, in stack
-/// order.
-pub(crate) type StackDeltas = HashMap<TensorId, Vec<(usize, usize, f32)>>;
+/// One delta a base tensor receives: adapter `adapter` of LoRA `lora` in the stack, at
+/// `strength`, on the tensor's rows `rows` (all of it when `None`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct StackDelta {
+    pub lora: usize,
+    pub adapter: usize,
+    pub strength: f32,
+    pub rows: Option<Rows>,
+}
+
+/// For each adapted base tensor, the deltas it receives, in stack order.
+pub(crate) type StackDeltas = HashMap<TensorId, Vec<StackDelta>>;
 
 /// Largest side file copied along (configs, tokenizers).
 const MAX_SIDE_FILE: u64 = 64 << 20;
@@ -64,8 +73,7 @@ pub fn export_fused(
     Ok(report)
 }
 
-/// Which deltas reach which base tensor: base tensor → `(lora, adapter, strength)` in stack
-/// order. Unmatched adapters and unrecognised tensors go into `report`.
+/// Which deltas reach which base tensor, in stack order. Unmatched adapters and unrecognised tensors go into `report`.
 pub(crate) fn stack_deltas(
     base: &Model,
     loras: &[(LoraFile, f32)],
@@ -75,7 +83,12 @@ pub(crate) fn stack_deltas(
     for (li, (lora, strength)) in loras.iter().enumerate() {
         let matched = super::keys::match_to(lora, base)?;
         for m in &matched.matches {
-            deltas.entry(m.tensor).or_default().push((li, m.adapter, *strength));
+            deltas.entry(m.tensor).or_default().push(StackDelta {
+                lora: li,
+                adapter: m.adapter,
+                strength: *strength,
+                rows: m.rows,
+            });
         }
         let path = lora.model.root().to_path_buf();
         report.unmatched.push((path.clone(), matched.unmatched));
@@ -174,20 +187,20 @@ fn write_file(
     }
 }
 
-/// The merged bytes of base tensor `t` (whose current bytes are `bytes`), given the
-/// `(lora, adapter, strength)` deltas that reach it.
+/// The merged bytes of base tensor `t` (whose current bytes are `bytes`), given the deltas
+/// that reach it.
 pub(crate) fn merge_one(
     base: &Model,
     t: TensorId,
     bytes: &[u8],
     loras: &[(LoraFile, f32)],
-    ds: &[(usize, usize, f32)],
+    ds: &[StackDelta],
 ) -> Result<Vec<u8>, LoraError> {
     let info = &base.tensors()[t];
     let mut list = Vec::with_capacity(ds.len());
-    for &(li, ai, strength) in ds {
-        let lora = &loras[li].0;
-        let a = &lora.adapters[ai];
+    for d in ds {
+        let lora = &loras[d.lora].0;
+        let a = &lora.adapters[d.adapter];
         let factor = |id: TensorId| -> Option<Factor<'_>> {
             let ti = lora.model.tensor(id)?;
             Some(Factor { dtype: ti.dtype, shape: &ti.shape, bytes: lora.model.tensor_bytes(id)? })
@@ -197,17 +210,18 @@ pub(crate) fn merge_one(
             adapter: a.name.clone(),
             missing: what,
         };
-        list.push(Delta {
+        let delta = Delta {
             up: factor(a.up).ok_or_else(|| missing("up"))?,
             down: factor(a.down).ok_or_else(|| missing("down"))?,
             mid: match a.mid {
                 Some(m) => Some(factor(m).ok_or_else(|| missing("mid"))?),
                 None => None,
             },
-            scale: math::scale(strength, a.alpha, a.rank),
-        });
+            scale: math::scale(d.strength, a.alpha, a.rank),
+        };
+        list.push(Patch { delta, rows: d.rows });
     }
-    math::merge(&info.name, Factor { dtype: info.dtype, shape: &info.shape, bytes }, &list)
+    math::merge_patches(&info.name, Factor { dtype: info.dtype, shape: &info.shape, bytes }, &list)
 }
 
 /// Copies the small non-weight files of a folder model (index, model_index.json, configs,

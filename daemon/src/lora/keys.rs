@@ -29,15 +29,41 @@
 //! `[up[0], down[1..]…]`; it must equal the target's shape once trailing 1s are dropped from
 //! both (so a 2-D LoRA fits a 1×1 conv and back), else [`LoraError::ShapeMismatch`].
 //!
-//! Not handled: OpenCLIP text encoders of SD2 / SDXL checkpoints (`model.transformer.resblocks.…`
-//! with fused `in_proj_weight`), and LoRAs written for the diffusers names of Flux / SD3 applied
-//! to a checkpoint-layout transformer (and back); their adapters come back unmatched.
+//! **OpenCLIP text encoders** (SD 2.x `cond_stage_model.model.…`, SDXL's second encoder
+//! `conditioner.embedders.1.model.…`) are indexed under the Hugging Face CLIP names LoRAs use
+//! (kohya `lora_te2_text_model_encoder_layers_N_…`, PEFT `text_encoder_2.text_model.…`), see
+//! [`open_clip_to_hf`]. Their attention keeps q, k and v in one fused `attn.in_proj_weight`
+//! `[3d, d]`: a `q_proj` adapter adds to its rows `0..d`, `k_proj` to `d..2d`, `v_proj` to
+//! `2d..3d` (a [`Match`] with `rows`).
+//!
+//! **Dtypes.** A target whose dtype no merge can write (int8, packed 4-bit `U8`, fp4/fp6, other
+//! fp8 variants) fails the whole match with [`LoraError::UnsupportedDtype`] naming the tensor,
+//! before any shape check (a packed weight's shape says nothing about the module).
+//!
+//! Not handled: LoRAs written for the diffusers names of Flux / SD3 applied to a
+//! checkpoint-layout transformer (and back), and OpenCLIP's `text_projection` (stored
+//! transposed); their adapters come back unmatched.
 
 use std::collections::{HashMap, HashSet};
 
 use super::format::{KOHYA_PREFIXES, split_adapter_name};
-use super::{LoraError, LoraFile, Match, Matched};
-use crate::store::{Model, TensorId};
+use super::{LoraError, LoraFile, Match, Matched, Rows};
+use crate::store::{Dtype, Model, TensorId};
+
+/// What an adapter name reaches: a base tensor, or some rows of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Target {
+    tensor: TensorId,
+    rows: Option<Rows>,
+}
+
+/// Whether a LoRA merge can write tensors of `dtype` ([`super::math`]).
+pub fn mergeable(dtype: Dtype) -> bool {
+    matches!(
+        dtype,
+        Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64 | Dtype::F8_E4M3 | Dtype::F8_E5M2
+    )
+}
 
 /// Matches every adapter of `lora` to the base tensor it adds to (module docs).
 pub fn match_to(lora: &LoraFile, base: &Model) -> Result<Matched, LoraError> {
@@ -45,7 +71,7 @@ pub fn match_to(lora: &LoraFile, base: &Model) -> Result<Matched, LoraError> {
     let mut matched = Matched::default();
     for (i, adapter) in lora.adapters.iter().enumerate() {
         let candidates = index.resolve(&adapter.name);
-        let tensor = match candidates.as_slice() {
+        let target = match candidates.as_slice() {
             [] => {
                 tracing::debug!(adapter = %adapter.name, "LoRA adapter matches no base tensor");
                 matched.unmatched.push(adapter.name.clone());
@@ -55,7 +81,7 @@ pub fn match_to(lora: &LoraFile, base: &Model) -> Result<Matched, LoraError> {
             several => {
                 let names: Vec<&str> = several
                     .iter()
-                    .filter_map(|&t| base.tensor(t))
+                    .filter_map(|t| base.tensor(t.tensor))
                     .map(|t| t.name.as_str())
                     .collect();
                 tracing::warn!(
@@ -67,8 +93,16 @@ pub fn match_to(lora: &LoraFile, base: &Model) -> Result<Matched, LoraError> {
                 continue;
             }
         };
-        check_shape(lora, i, base, tensor)?;
-        matched.matches.push(Match { adapter: i, tensor });
+        if let Some(t) = base.tensor(target.tensor)
+            && !mergeable(t.dtype)
+        {
+            return Err(LoraError::UnsupportedDtype {
+                tensor: t.name.clone(),
+                dtype: t.dtype.to_string(),
+            });
+        }
+        check_shape(lora, i, base, target)?;
+        matched.matches.push(Match { adapter: i, tensor: target.tensor, rows: target.rows });
     }
     if !matched.unmatched.is_empty() {
         const SHOWN: usize = 20;
@@ -107,11 +141,19 @@ fn check_shape(
     lora: &LoraFile,
     adapter: usize,
     base: &Model,
-    target: TensorId,
+    target: Target,
 ) -> Result<(), LoraError> {
     let a = &lora.adapters[adapter];
-    let (target_name, weight) = match base.tensor(target) {
-        Some(t) => (t.name.clone(), t.shape.clone()),
+    let (target_name, weight) = match base.tensor(target.tensor) {
+        Some(t) => match target.rows {
+            // The slice's shape: its rows, and the weight's other dims.
+            Some(rows) => {
+                let mut shape = vec![rows.len];
+                shape.extend(t.shape.iter().skip(1));
+                (format!("{} rows {}..{}", t.name, rows.start, rows.end()), shape)
+            }
+            None => (t.name.clone(), t.shape.clone()),
+        },
         None => (String::new(), Vec::new()),
     };
     let shape_of = |id: TensorId| lora.model.tensor(id).map(|t| t.shape.as_slice());
@@ -170,10 +212,10 @@ const UNET_BLOCKS: &[&str] = &[
 
 /// Every name a LoRA may give the base's modules.
 struct BaseIndex<'m> {
-    /// Full kohya name (`lora_unet_down_blocks_0_…`) → tensors.
-    kohya: HashMap<String, Vec<TensorId>>,
-    /// Dotted module path → (component name, tensor).
-    dotted: HashMap<String, Vec<(&'m str, TensorId)>>,
+    /// Full kohya name (`lora_unet_down_blocks_0_…`) → targets.
+    kohya: HashMap<String, Vec<Target>>,
+    /// Dotted module path → (component name, target).
+    dotted: HashMap<String, Vec<(&'m str, Target)>>,
 }
 
 fn push_unique<T: PartialEq>(v: &mut Vec<T>, x: T) {
@@ -209,7 +251,12 @@ impl<'m> BaseIndex<'m> {
         let mut index = BaseIndex { kohya: HashMap::new(), dotted: HashMap::new() };
         for (id, t) in base.tensors().iter().enumerate() {
             let Some(c) = components.get(t.component) else { continue };
-            let Some(module) = base.local_name(id).and_then(|n| n.strip_suffix(".weight")) else {
+            let Some(local) = base.local_name(id) else { continue };
+            // OpenCLIP modules under their Hugging Face names (possibly row slices).
+            for (module, rows) in open_clip_to_hf(local, &t.shape) {
+                index.insert(&c.name, &module, Target { tensor: id, rows });
+            }
+            let Some(module) = local.strip_suffix(".weight") else {
                 continue;
             };
             if module.is_empty() {
@@ -228,20 +275,25 @@ impl<'m> BaseIndex<'m> {
                     variants.push(rest);
                 }
             }
-            let prefixes = kohya_prefixes(&c.name);
             for v in &variants {
-                let flat = v.replace('.', "_");
-                for p in prefixes {
-                    push_unique(index.kohya.entry(format!("{p}{flat}")).or_default(), id);
-                }
-                push_unique(index.dotted.entry(v.clone()).or_default(), (c.name.as_str(), id));
+                index.insert(&c.name, v, Target { tensor: id, rows: None });
             }
         }
         index
     }
 
-    /// The base tensors an adapter name reaches (module docs); one unless ambiguous or unknown.
-    fn resolve(&self, name: &str) -> Vec<TensorId> {
+    /// Indexes `target` (of component `component`) under dotted module path `module` and its
+    /// kohya names.
+    fn insert(&mut self, component: &'m str, module: &str, target: Target) {
+        let flat = module.replace('.', "_");
+        for p in kohya_prefixes(component) {
+            push_unique(self.kohya.entry(format!("{p}{flat}")).or_default(), target);
+        }
+        push_unique(self.dotted.entry(module.to_string()).or_default(), (component, target));
+    }
+
+    /// The targets an adapter name reaches (module docs); one unless ambiguous or unknown.
+    fn resolve(&self, name: &str) -> Vec<Target> {
         let (module, _) = split_adapter_name(name);
         if KOHYA_PREFIXES.iter().any(|p| module.starts_with(p)) {
             return self.kohya.get(module).cloned().unwrap_or_default();
@@ -261,13 +313,13 @@ impl<'m> BaseIndex<'m> {
         for (components, path) in tries {
             let Some(entries) = self.dotted.get(path) else { continue };
             let mut found = Vec::new();
-            for &(component, id) in entries {
+            for &(component, target) in entries {
                 let accepted = match components {
                     None => true,
                     Some(cs) => component == "model" || cs.contains(&component),
                 };
                 if accepted {
-                    push_unique(&mut found, id);
+                    push_unique(&mut found, target);
                 }
             }
             if !found.is_empty() {
@@ -275,6 +327,46 @@ impl<'m> BaseIndex<'m> {
             }
         }
         Vec::new()
+    }
+}
+
+/// The Hugging Face CLIP names (`text_model.encoder.layers.N.…`) of an OpenCLIP text encoder
+/// tensor, given its local name (`[model.]transformer.resblocks.N.…`) and shape, each with the
+/// rows it covers (`None`: all of it). Empty for anything else.
+///
+/// | OpenCLIP | Hugging Face |
+/// | --- | --- |
+/// | `attn.in_proj_weight` `[3d, d]` rows `0..d`, `d..2d`, `2d..3d` | `self_attn.q_proj`, `k_proj`, `v_proj` |
+/// | `attn.out_proj.weight` | `self_attn.out_proj` |
+/// | `mlp.c_fc.weight` | `mlp.fc1` |
+/// | `mlp.c_proj.weight` | `mlp.fc2` |
+///
+/// These are the renames of diffusers' `convert_open_clip_checkpoint` and kohya's
+/// `sdxl_model_util`; norms, embeddings and `text_projection` take no LoRA and are left out.
+pub fn open_clip_to_hf(local: &str, shape: &[u64]) -> Vec<(String, Option<Rows>)> {
+    let rest = local.strip_prefix("model.").unwrap_or(local);
+    let Some(rest) = rest.strip_prefix("transformer.resblocks.") else { return Vec::new() };
+    let Some((n, module)) = rest.split_once('.') else { return Vec::new() };
+    let Some(n) = parse_index(n) else { return Vec::new() };
+    let layer = format!("text_model.encoder.layers.{n}");
+    match module {
+        "attn.in_proj_weight" => match shape {
+            [rows, _] if rows % 3 == 0 && *rows > 0 => {
+                let d = rows / 3;
+                ["q_proj", "k_proj", "v_proj"]
+                    .iter()
+                    .zip(0u64..)
+                    .map(|(p, i)| {
+                        (format!("{layer}.self_attn.{p}"), Some(Rows { start: i * d, len: d }))
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        },
+        "attn.out_proj.weight" => vec![(format!("{layer}.self_attn.out_proj"), None)],
+        "mlp.c_fc.weight" => vec![(format!("{layer}.mlp.fc1"), None)],
+        "mlp.c_proj.weight" => vec![(format!("{layer}.mlp.fc2"), None)],
+        _ => Vec::new(),
     }
 }
 
@@ -945,6 +1037,204 @@ mod tests {
                 "up_blocks.2.upsamplers.0.conv.weight",
             ]
         );
+    }
+
+    #[test]
+    fn open_clip_names_map_to_hugging_face_names() {
+        let rows = |start, len| Some(Rows { start, len });
+        assert_eq!(
+            open_clip_to_hf("model.transformer.resblocks.11.attn.in_proj_weight", &[30, 10]),
+            [
+                ("text_model.encoder.layers.11.self_attn.q_proj".to_string(), rows(0, 10)),
+                ("text_model.encoder.layers.11.self_attn.k_proj".to_string(), rows(10, 10)),
+                ("text_model.encoder.layers.11.self_attn.v_proj".to_string(), rows(20, 10)),
+            ]
+        );
+        for (local, hf) in [
+            ("transformer.resblocks.0.attn.out_proj.weight", "self_attn.out_proj"),
+            ("model.transformer.resblocks.0.mlp.c_fc.weight", "mlp.fc1"),
+            ("model.transformer.resblocks.0.mlp.c_proj.weight", "mlp.fc2"),
+        ] {
+            assert_eq!(
+                open_clip_to_hf(local, &[4, 4]),
+                [(format!("text_model.encoder.layers.0.{hf}"), None)],
+                "{local}"
+            );
+        }
+        for (local, shape) in [
+            ("model.transformer.resblocks.0.attn.in_proj_weight", &[31, 10][..]),
+            ("model.transformer.resblocks.0.attn.in_proj_weight", &[30][..]),
+            ("model.transformer.resblocks.0.attn.in_proj_bias", &[30][..]),
+            ("model.transformer.resblocks.0.ln_1.weight", &[10][..]),
+            ("model.transformer.resblocks.x.mlp.c_fc.weight", &[4, 4][..]),
+            ("model.token_embedding.weight", &[4, 4][..]),
+            ("text_model.encoder.layers.0.mlp.fc1.weight", &[4, 4][..]),
+        ] {
+            assert!(open_clip_to_hf(local, shape).is_empty(), "{local}");
+        }
+    }
+
+    /// An SDXL checkpoint whose second text encoder is in OpenCLIP layout (d = 6), with a
+    /// CLIP-L first encoder; and an SD 2.x-style OpenCLIP `cond_stage_model.model.`.
+    fn open_clip_bases(dir: &Path) -> (Model, Model) {
+        let te2 = "conditioner.embedders.1.model.transformer.resblocks.0";
+        let mut t = vec![
+            (format!("{te2}.attn.in_proj_weight"), f32s(&[18, 6])),
+            (format!("{te2}.attn.in_proj_bias"), f32s(&[18])),
+            (format!("{te2}.ln_1.weight"), f32s(&[6])),
+        ];
+        t.extend(weights([
+            (format!("{te2}.attn.out_proj"), &[6, 6][..]),
+            (format!("{te2}.mlp.c_fc"), &[24, 6][..]),
+            (format!("{te2}.mlp.c_proj"), &[6, 24][..]),
+            (
+                "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+                    .to_string(),
+                &[6, 6][..],
+            ),
+            ("model.diffusion_model.input_blocks.0.0".to_string(), &[4, 4, 3, 3][..]),
+        ]));
+        let xl = dir.join("xl.safetensors");
+        write_owned(&xl, t);
+        let sd2 = dir.join("sd2.safetensors");
+        write_owned(
+            &sd2,
+            vec![
+                (
+                    "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight".into(),
+                    f32s(&[12, 4]),
+                ),
+                ("model.diffusion_model.input_blocks.0.0.weight".into(), f32s(&[4, 4, 3, 3])),
+            ],
+        );
+        (Model::open(&xl).expect("open xl"), Model::open(&sd2).expect("open sd2"))
+    }
+
+    #[test]
+    fn te2_loras_reach_an_open_clip_base_through_row_slices() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (xl, sd2) = open_clip_bases(dir.path());
+        let mut t = Vec::new();
+        for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            t.extend(factors(
+                &format!("lora_te2_text_model_encoder_layers_0_self_attn_{p}"),
+                KOHYA,
+                &[6, 6],
+            ));
+        }
+        t.extend(factors("lora_te2_text_model_encoder_layers_0_mlp_fc1", KOHYA, &[24, 6]));
+        t.extend(factors("lora_te2_text_model_encoder_layers_0_mlp_fc2", KOHYA, &[6, 24]));
+        t.extend(factors("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", KOHYA, &[6, 6]));
+        // No such layer.
+        t.extend(factors("lora_te2_text_model_encoder_layers_1_self_attn_q_proj", KOHYA, &[6, 6]));
+        let l = lora(dir.path(), t);
+        let m = match_to(&l, &xl).expect("match");
+        let got: Vec<(&str, &str, Option<Rows>)> = m
+            .matches
+            .iter()
+            .map(|x| {
+                let name = xl.tensors()[x.tensor].name.as_str();
+                (
+                    l.adapters[x.adapter].name.as_str(),
+                    name.rsplit_once("resblocks.0.").map_or(name, |(_, r)| r),
+                    x.rows,
+                )
+            })
+            .collect();
+        let rows = |start, len| Some(Rows { start, len });
+        let mut got = got;
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (
+                    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                    "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+                    None
+                ),
+                ("lora_te2_text_model_encoder_layers_0_mlp_fc1", "mlp.c_fc.weight", None),
+                ("lora_te2_text_model_encoder_layers_0_mlp_fc2", "mlp.c_proj.weight", None),
+                (
+                    "lora_te2_text_model_encoder_layers_0_self_attn_k_proj",
+                    "attn.in_proj_weight",
+                    rows(6, 6)
+                ),
+                (
+                    "lora_te2_text_model_encoder_layers_0_self_attn_out_proj",
+                    "attn.out_proj.weight",
+                    None
+                ),
+                (
+                    "lora_te2_text_model_encoder_layers_0_self_attn_q_proj",
+                    "attn.in_proj_weight",
+                    rows(0, 6)
+                ),
+                (
+                    "lora_te2_text_model_encoder_layers_0_self_attn_v_proj",
+                    "attn.in_proj_weight",
+                    rows(12, 6)
+                ),
+            ]
+        );
+        assert_eq!(m.unmatched, ["lora_te2_text_model_encoder_layers_1_self_attn_q_proj"]);
+
+        // PEFT names the same modules.
+        let sub = tempfile::tempdir().expect("tempdir");
+        let l = lora(
+            sub.path(),
+            factors("text_encoder_2.text_model.encoder.layers.0.self_attn.v_proj", PEFT, &[6, 6]),
+        );
+        let m = match_to(&l, &xl).expect("match peft");
+        assert_eq!(m.matches.len(), 1, "{:?}", m.unmatched);
+        assert!(xl.tensors()[m.matches[0].tensor].name.ends_with("attn.in_proj_weight"));
+        assert_eq!(m.matches[0].rows, rows(12, 6));
+
+        // SD 2.x: the one text encoder is OpenCLIP, LoRAs call it lora_te_.
+        let sub = tempfile::tempdir().expect("tempdir");
+        let l = lora(
+            sub.path(),
+            factors("lora_te_text_model_encoder_layers_3_self_attn_k_proj", KOHYA, &[4, 4]),
+        );
+        let m = match_to(&l, &sd2).expect("match sd2");
+        assert_eq!(m.matches.len(), 1, "{:?}", m.unmatched);
+        assert_eq!(m.matches[0].rows, rows(4, 4));
+
+        // A q delta that is not d × d is refused, naming the slice.
+        let sub = tempfile::tempdir().expect("tempdir");
+        let l = lora(
+            sub.path(),
+            factors("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", KOHYA, &[5, 6]),
+        );
+        match match_to(&l, &xl).expect_err("shape") {
+            LoraError::ShapeMismatch { target, delta, weight, .. } => {
+                assert!(target.ends_with("attn.in_proj_weight rows 0..6"), "{target}");
+                assert_eq!((delta, weight), (vec![5, 6], vec![6, 6]));
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn quantized_targets_are_refused_naming_the_tensor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (dtype, name, shape) in [
+            (safetensors::Dtype::I8, "I8", vec![8usize, 4]),
+            (safetensors::Dtype::U8, "U8", vec![16, 1]),
+        ] {
+            let path = dir.path().join(format!("{name}.safetensors"));
+            let n: usize = shape.iter().product();
+            let w = T { dtype, shape: shape.clone(), data: vec![0; n] };
+            write(&path, &[("blocks.0.proj.weight", w), ("blocks.0.proj.bias", f32s(&[8]))]);
+            let base = Model::open(&path).expect("open");
+            let sub = tempfile::tempdir().expect("tempdir");
+            let l = lora(sub.path(), factors("lora_unet_blocks_0_proj", KOHYA, &[8, 4]));
+            match match_to(&l, &base).expect_err("refused") {
+                LoraError::UnsupportedDtype { tensor, dtype: d } => {
+                    assert_eq!((tensor.as_str(), d.as_str()), ("blocks.0.proj.weight", name));
+                }
+                other => panic!("{name}: {other}"),
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,15 @@
 //! Factors may be F16, BF16, F32 or F64 whatever the weight's dtype; F64 factors are rounded to
 //! f32 when the weight is not F64.
 //!
+//! **fp8 weights** (`F8_E4M3`, `F8_E5M2`) are decoded exactly and accumulated in f32 like the
+//! others, then written back with deterministic stochastic rounding seeded by the tensor's name
+//! ([`super::fp8`]): each element becomes one of the two fp8 values around the f32 result, with
+//! probabilities that make the rounding unbiased, so the same merge gives the same bytes in
+//! every run. Round-to-nearest would erase most LoRA deltas on fp8 weights (their steps are
+//! 2⁻³ relative for E4M3). fp8 factors are decoded the same way. Integer and packed weights
+//! (I8, U8, F4, F6) and the other fp8 variants are refused by name
+//! ([`LoraError::UnsupportedDtype`]).
+//!
 //! Error bound: for one output element with `k` accumulated products in all (rank, summed over
 //! the deltas; for a LoCon mid also the mid rank), the f32 result is within about
 //! `(k + 4) · 2⁻²⁴ · m` of the exact value, where `m = |W| + Σ |scale|·Σ|up|·|down|` (with `|mid|`
@@ -20,6 +29,9 @@
 //! such deltas returns `W` bit for bit (NaN payloads included).
 //!
 //! # Shapes
+//!
+//! A [`Patch`] adds its delta to a block of rows of `W` only (the q, k, v thirds of a fused
+//! OpenCLIP `in_proj_weight`): the shapes below then apply to that block.
 //!
 //! - Linear: `W [out, in]`, `up [out, r]`, `down [r, in]`.
 //! - Conv: `W [out, in, kh, kw]`, `up [out, r, 1, 1]`, `down [r, in, kh, kw]` (flattened to
@@ -56,7 +68,8 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use super::LoraError;
+use super::fp8::{self, Fp8};
+use super::{LoraError, Rows};
 use crate::store::Dtype;
 
 /// One tensor, borrowed: a weight or a LoRA factor, with its bytes as stored (little-endian).
@@ -88,6 +101,15 @@ pub struct Delta<'a> {
     pub scale: f32,
 }
 
+/// A delta added to some rows of the weight only (`rows`), or to all of it (`None`): a slice
+/// of a fused weight, such as the q, k and v thirds of an OpenCLIP `in_proj_weight`. The delta
+/// must have the shape of the slice, `[rows.len, W.shape[1..]…]` (trailing 1s aside).
+#[derive(Clone, Copy, Debug)]
+pub struct Patch<'a> {
+    pub delta: Delta<'a>,
+    pub rows: Option<Rows>,
+}
+
 /// The factor a delta is multiplied by: `strength · alpha / rank`, or `strength` when the file
 /// has no alpha (alpha = rank). A rank-0 adapter has an empty delta and gets 0.
 ///
@@ -105,7 +127,19 @@ pub fn scale(strength: f32, alpha: Option<f32>, rank: u64) -> f32 {
 /// `name` is the weight's tensor name, used in errors. See the module docs for shapes and
 /// precision.
 pub fn merge(name: &str, weight: Factor<'_>, deltas: &[Delta<'_>]) -> Result<Vec<u8>, LoraError> {
-    let plan = Plan::new(name, weight, deltas)?;
+    let plan = Plan::new(name, weight, whole(deltas))?;
+    let mut out = vec![0; weight.bytes.len()];
+    plan.run(weight.bytes, &mut out);
+    Ok(out)
+}
+
+/// [`merge`] with deltas that may each cover only some rows of the weight ([`Patch`]).
+pub fn merge_patches(
+    name: &str,
+    weight: Factor<'_>,
+    patches: &[Patch<'_>],
+) -> Result<Vec<u8>, LoraError> {
+    let plan = Plan::new(name, weight, patches.iter().copied())?;
     let mut out = vec![0; weight.bytes.len()];
     plan.run(weight.bytes, &mut out);
     Ok(out)
@@ -119,7 +153,7 @@ pub fn merge_into(
     deltas: &[Delta<'_>],
     out: &mut [u8],
 ) -> Result<(), LoraError> {
-    let plan = Plan::new(name, weight, deltas)?;
+    let plan = Plan::new(name, weight, whole(deltas))?;
     if out.len() != weight.bytes.len() {
         return Err(byte_length(name.to_owned(), weight.dtype, weight.shape, out.len()));
     }
@@ -134,9 +168,14 @@ pub fn merge_in_place(
     deltas: &[Delta<'_>],
 ) -> Result<(), LoraError> {
     let view = Factor { dtype: weight.dtype, shape: weight.shape, bytes: weight.bytes };
-    let plan = Plan::new(name, view, deltas)?;
+    let plan = Plan::new(name, view, whole(deltas))?;
     plan.run_in_place(weight.bytes);
     Ok(())
+}
+
+/// Deltas that cover the whole weight.
+fn whole<'a, 'b>(deltas: &'b [Delta<'a>]) -> impl Iterator<Item = Patch<'a>> + 'b {
+    deltas.iter().map(|&delta| Patch { delta, rows: None })
 }
 
 /// The float types a merge reads and writes.
@@ -146,6 +185,8 @@ enum Float {
     BF16,
     F32,
     F64,
+    /// Decoded exactly; written with deterministic stochastic rounding ([`super::fp8`]).
+    F8(Fp8),
 }
 
 impl Float {
@@ -155,7 +196,7 @@ impl Float {
             Dtype::BF16 => Some(Float::BF16),
             Dtype::F32 => Some(Float::F32),
             Dtype::F64 => Some(Float::F64),
-            _ => None,
+            _ => Fp8::of(dtype).map(Float::F8),
         }
     }
 }
@@ -221,6 +262,9 @@ struct Term<'a> {
     up: Operand<'a>,
     down: Operand<'a>,
     kind: TermKind<'a>,
+    /// The elements of the weight it adds to: `offset..offset + span` (all of it, or whole rows).
+    offset: usize,
+    span: usize,
 }
 
 #[derive(Debug)]
@@ -238,18 +282,24 @@ struct Plan<'a> {
     len: usize,
     /// Deltas that contribute (scale ≠ 0 and a non-empty product).
     terms: Vec<Term<'a>>,
+    /// fp8 stochastic rounding seed: the FNV-1a hash of the weight's name.
+    seed: u64,
 }
 
 impl<'a> Plan<'a> {
-    fn new(name: &str, weight: Factor<'_>, deltas: &[Delta<'a>]) -> Result<Self, LoraError> {
+    fn new(
+        name: &str,
+        weight: Factor<'_>,
+        patches: impl Iterator<Item = Patch<'a>>,
+    ) -> Result<Self, LoraError> {
         let w = check(|| name.to_owned(), weight)?;
         let mut terms = Vec::new();
-        for delta in deltas {
-            if let Some(term) = Term::new(name, weight.shape, delta)? {
+        for patch in patches {
+            if let Some(term) = Term::new(name, weight.shape, w.len, &patch)? {
                 terms.push(term);
             }
         }
-        Ok(Plan { weight: w.float, len: w.len, terms })
+        Ok(Plan { weight: w.float, len: w.len, terms, seed: fp8::seed(name) })
     }
 
     fn run(&self, src: &[u8], out: &mut [u8]) {
@@ -257,10 +307,10 @@ impl<'a> Plan<'a> {
             out.copy_from_slice(src);
         } else if self.weight == Float::F64 {
             let acc = self.accumulate::<f64>(src);
-            encode(&acc, self.weight, out);
+            encode(&acc, self.weight, out, self.seed);
         } else {
             let acc = self.accumulate::<f32>(src);
-            encode(&acc, self.weight, out);
+            encode(&acc, self.weight, out, self.seed);
         }
     }
 
@@ -270,25 +320,54 @@ impl<'a> Plan<'a> {
         }
         if self.weight == Float::F64 {
             let acc = self.accumulate::<f64>(buf);
-            encode(&acc, self.weight, buf);
+            encode(&acc, self.weight, buf, self.seed);
         } else {
             let acc = self.accumulate::<f32>(buf);
-            encode(&acc, self.weight, buf);
+            encode(&acc, self.weight, buf, self.seed);
         }
     }
 
     fn accumulate<T: Acc>(&self, src: &[u8]) -> Vec<T> {
         let mut acc = decode::<T>(Operand { float: self.weight, bytes: src, len: self.len });
         for term in &self.terms {
-            term.add_to(&mut acc);
+            term.add_to(&mut acc[term.offset..term.offset + term.span]);
         }
         acc
     }
 }
 
 impl<'a> Term<'a> {
-    /// Validates one delta against the weight; `None` when it contributes nothing.
-    fn new(name: &str, weight: &[u64], d: &Delta<'a>) -> Result<Option<Self>, LoraError> {
+    /// Validates one delta against the weight (`len` elements of shape `weight`), or against
+    /// its rows `patch.rows`; `None` when it contributes nothing.
+    fn new(
+        name: &str,
+        weight: &[u64],
+        len: usize,
+        patch: &Patch<'a>,
+    ) -> Result<Option<Self>, LoraError> {
+        let d = &patch.delta;
+        // The shape the delta must have, and where it sits in the weight (in elements).
+        let (target, offset) = match patch.rows {
+            None => (weight.to_vec(), 0u64),
+            Some(rows) => {
+                let out_of_range = || LoraError::ShapeMismatch {
+                    adapter: name.to_owned(),
+                    target: format!("{name} rows {}..{}", rows.start, rows.end()),
+                    delta: vec![rows.end()],
+                    weight: weight.to_vec(),
+                };
+                let [n_rows, rest @ ..] = weight else { return Err(out_of_range()) };
+                if rows.start.checked_add(rows.len).is_none_or(|end| end > *n_rows) {
+                    return Err(out_of_range());
+                }
+                let row = numel(rest).ok_or_else(out_of_range)?;
+                let offset = rows.start.checked_mul(row).ok_or_else(out_of_range)?;
+                let mut target = vec![rows.len];
+                target.extend_from_slice(rest);
+                (target, offset)
+            }
+        };
+        let weight = target.as_slice();
         let up = check(|| format!("{name} (LoRA up)"), d.up)?;
         let down = check(|| format!("{name} (LoRA down)"), d.down)?;
         let mid = match d.mid {
@@ -346,6 +425,16 @@ impl<'a> Term<'a> {
         if squeeze(&delta_shape) != squeeze(weight) {
             return Err(mismatch(delta_shape));
         }
+        // Inside the weight's `len` elements: the rows were checked against its shape, whose
+        // element count is `len`.
+        let span = numel(weight).and_then(|n| usize::try_from(n).ok());
+        let offset = usize::try_from(offset).ok();
+        let (Some(span), Some(offset)) = (span, offset) else {
+            return Err(mismatch(delta_shape));
+        };
+        if offset.checked_add(span).is_none_or(|end| end > len) {
+            return Err(mismatch(delta_shape));
+        }
         // The delta has the weight's element count, so every count below fits a usize: check
         // anyway, and treat an overflow as a shape the merge cannot hold.
         let fit = |x: u64| usize::try_from(x).ok();
@@ -381,7 +470,7 @@ impl<'a> Term<'a> {
         if d.scale == 0.0 {
             return Ok(None);
         }
-        Ok(Some(Term { scale: d.scale, up, down, kind }))
+        Ok(Some(Term { scale: d.scale, up, down, kind, offset, span }))
     }
 
     fn add_to<T: Acc>(&self, acc: &mut [T]) {
@@ -627,17 +716,20 @@ fn decode<T: Acc>(t: Operand<'_>) -> Vec<T> {
                 T::from_f64(f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             })
             .collect(),
+        Float::F8(f) => fp8::decode_all(f, b).map(T::from_f32).collect(),
     };
     debug_assert_eq!(v.len(), t.len);
     v
 }
 
-/// Rounds the accumulator once into `out` (round-to-nearest-even).
+/// Rounds the accumulator once into `out` (round-to-nearest-even; fp8: stochastic rounding
+/// seeded by `seed`, see [`super::fp8`]).
 ///
 /// From an f64 accumulator, f16 and bf16 go through f32: f64 → f32 → f16 / bf16 is still a
 /// single correct rounding, since f32 has at least 2p + 2 bits for p = 11 (f16) and 8 (bf16).
-fn encode<T: Acc>(acc: &[T], float: Float, out: &mut [u8]) {
+fn encode<T: Acc>(acc: &[T], float: Float, out: &mut [u8], seed: u64) {
     match float {
+        Float::F8(f) => fp8::encode_all(f, acc.iter().map(|x| x.to_f32()), out, seed),
         Float::F16 => {
             // Blocks, as in `decode`; half's slice conversion rounds to nearest even as
             // `f16::from_f32` does.
@@ -1100,10 +1192,175 @@ mod tests {
                 }
             }
         }
-        // Named in the brief: integers, U8-packed and fp8 in particular.
-        for dtype in [Dtype::I8, Dtype::U8, Dtype::F8_E4M3] {
+        // Named in the brief: int8 and U8-packed weights (and fp8 variants no merge writes).
+        for dtype in [Dtype::I8, Dtype::U8, Dtype::F8_E4M3FNUZ, Dtype::F8_E8M0] {
             let w = Factor { dtype, shape: &[4, 4], bytes: &[0; 16] };
-            assert!(matches!(merge("w", w, &[delta]), Err(LoraError::UnsupportedDtype { .. })));
+            match merge("blocks.0.w", w, &[delta]) {
+                Err(e @ LoraError::UnsupportedDtype { .. }) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("\"blocks.0.w\"") && msg.contains(dtype.as_str()),
+                        "{msg}"
+                    );
+                    if matches!(dtype, Dtype::I8 | Dtype::U8) {
+                        assert!(msg.contains("quantized"), "{msg}");
+                    }
+                }
+                other => panic!("{dtype}: {other:?}"),
+            }
+        }
+    }
+
+    /// A weight of fp8 codes drawn at random among finite values of magnitude ≤ `max`.
+    fn fp8_weight(rng: &mut Rng, f: Fp8, dtype: Dtype, shape: &[u64], max: f32) -> T {
+        let n = shape.iter().product::<u64>() as usize;
+        let mut bytes = Vec::with_capacity(n);
+        while bytes.len() < n {
+            let code = rng.next() as u8;
+            let v = f.decode(code);
+            if v.is_finite() && v.abs() <= max {
+                bytes.push(code);
+            }
+        }
+        let vals = bytes.iter().map(|&b| f64::from(f.decode(b))).collect();
+        T { dtype, shape: shape.to_vec(), vals, bytes }
+    }
+
+    /// The fp8 values either side of `x` (equal when `x` is one).
+    fn fp8_neighbours(f: Fp8, x: f64) -> (f64, f64) {
+        let mags: Vec<f64> = (0..=f.max_code()).map(|c| f64::from(f.decode(c))).collect();
+        let a = x.abs();
+        let i = mags.partition_point(|&v| v <= a).saturating_sub(1);
+        let (lo, hi) =
+            if mags[i] == a { (a, a) } else { (mags[i], mags[(i + 1).min(mags.len() - 1)]) };
+        if x < 0.0 { (-hi, -lo) } else { (lo, hi) }
+    }
+
+    #[test]
+    fn fp8_merges_round_stochastically_within_one_step_and_unbiased() {
+        for (f, dtype) in [(Fp8::E4M3, Dtype::F8_E4M3), (Fp8::E5M2, Dtype::F8_E5M2)] {
+            let mut rng = Rng(81);
+            let w = fp8_weight(&mut rng, f, dtype, &[64, 96], 4.0);
+            let deltas = vec![random_delta(
+                &mut rng,
+                [Dtype::F16, Dtype::F32, Dtype::F32],
+                &[64, 4],
+                &[4, 96],
+                None,
+                0.7,
+            )];
+            let ds: Vec<Delta<'_>> = deltas.iter().map(D::delta).collect();
+            let got = merge("blocks.3.attn.qkv.weight", w.factor(), &ds).expect("fp8 merge");
+            // Deterministic: the same bytes again, from every entry point.
+            assert_eq!(merge("blocks.3.attn.qkv.weight", w.factor(), &ds).expect("again"), got);
+            let mut buf = w.bytes.clone();
+            let place = FactorMut { dtype, shape: &w.shape, bytes: &mut buf };
+            merge_in_place("blocks.3.attn.qkv.weight", place, &ds).expect("in place");
+            assert_eq!(buf, got);
+            // Another name is another seed.
+            assert_ne!(merge("other", w.factor(), &ds).expect("other"), got);
+
+            let (exact, mag, k) = reference(&w, &deltas);
+            let u = f64::from(f32::EPSILON) / 2.0;
+            let (mut sum, mut n) = (0.0, 0usize);
+            for (i, ((&g, &x), &m)) in got.iter().zip(&exact).zip(&mag).enumerate() {
+                let g = f64::from(f.decode(g));
+                let bound = (2 * k + 8) as f64 * u * m;
+                let (lo, hi) = fp8_neighbours(f, x);
+                // One of the two fp8 values around the exact value (the f32 accumulation may
+                // land on the other side of a value the exact one sits on).
+                let ok = g == lo || g == hi || (g - x).abs() <= bound;
+                let (lo2, hi2) = fp8_neighbours(f, x - bound);
+                let (lo3, hi3) = fp8_neighbours(f, x + bound);
+                assert!(
+                    ok || [lo2, hi2, lo3, hi3].contains(&g),
+                    "{dtype}[{i}]: {g} is not next to {x} ({lo}, {hi})"
+                );
+                if hi > lo {
+                    sum += (g - x) / (hi - lo);
+                    n += 1;
+                }
+            }
+            // Each normalised error has mean 0 and |e| < 1 (sd ≤ 1/2): 5 sd of the mean.
+            let mean = sum / n as f64;
+            assert!(mean.abs() < 5.0 * 0.5 / (n as f64).sqrt(), "{dtype}: mean error {mean} steps");
+        }
+    }
+
+    #[test]
+    fn fp8_keeps_small_deltas_on_average_where_nearest_rounding_drops_them() {
+        for (f, dtype) in [(Fp8::E4M3, Dtype::F8_E4M3), (Fp8::E5M2, Dtype::F8_E5M2)] {
+            // W = 1.0 everywhere; the delta adds 0.3 of a step (nearest rounding: always 1.0).
+            let one = f.round(1.0, 0);
+            let step = f64::from(f.decode(one + 1) - 1.0);
+            let (rows, cols) = (128u64, 128u64);
+            let n = (rows * cols) as usize;
+            let w = T { dtype, shape: vec![rows, cols], vals: vec![1.0; n], bytes: vec![one; n] };
+            let ones = |shape: &[u64], v: f64| T {
+                dtype: Dtype::F64,
+                shape: shape.to_vec(),
+                vals: vec![v; shape.iter().product::<u64>() as usize],
+                bytes: to_bytes(Dtype::F64, &vec![v; shape.iter().product::<u64>() as usize]),
+            };
+            let d = D {
+                up: ones(&[rows, 1], 1.0),
+                down: ones(&[1, cols], 0.3 * step),
+                mid: None,
+                scale: 1.0,
+            };
+            let got = merge("w", w.factor(), &[d.delta()]).expect("merge");
+            let ups = got.iter().filter(|&&c| c == one + 1).count();
+            assert_eq!(ups + got.iter().filter(|&&c| c == one).count(), n, "{dtype}: 1.0 or next");
+            // Binomial(n, 0.3): sd = sqrt(n·0.21) ≈ 58.7; 6 sd.
+            let want = 0.3 * n as f64;
+            assert!(
+                (ups as f64 - want).abs() < 6.0 * (n as f64 * 0.21).sqrt(),
+                "{dtype}: {ups} up of {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn row_patches_add_to_their_rows_only() {
+        for &wd in &FLOATS {
+            let mut rng = Rng(31);
+            let w = T::random(&mut rng, wd, &[12, 5], 1.0);
+            let d: Vec<D> = (0..2)
+                .map(|_| random_delta(&mut rng, [Dtype::F32; 3], &[4, 2], &[2, 5], None, 0.9))
+                .collect();
+            let rows = [Rows { start: 0, len: 4 }, Rows { start: 8, len: 4 }];
+            let patches: Vec<Patch<'_>> = d
+                .iter()
+                .zip(rows)
+                .map(|(d, r)| Patch { delta: d.delta(), rows: Some(r) })
+                .collect();
+            let got = merge_patches("w", w.factor(), &patches).expect("patches");
+            let size = (wd.bits() / 8) as usize;
+            let row = 5 * size;
+            // Each patched block is what merging that block alone gives; rows 4..8 are untouched.
+            for (d, r) in d.iter().zip(rows) {
+                let (a, b) = (r.start as usize * row, r.end() as usize * row);
+                let block = Factor { dtype: wd, shape: &[4, 5], bytes: &w.bytes[a..b] };
+                let alone = merge("w", block, &[d.delta()]).expect("block");
+                assert_eq!(&got[a..b], alone.as_slice(), "{wd} rows {r:?}");
+            }
+            assert_eq!(&got[4 * row..8 * row], &w.bytes[4 * row..8 * row], "{wd}: untouched rows");
+        }
+        // Rows outside the weight, and a delta that does not fit its rows, are refused.
+        let mut rng = Rng(32);
+        let w = T::random(&mut rng, Dtype::F32, &[12, 5], 1.0);
+        let d = random_delta(&mut rng, [Dtype::F32; 3], &[4, 2], &[2, 5], None, 1.0);
+        for rows in [Rows { start: 10, len: 4 }, Rows { start: u64::MAX, len: 4 }] {
+            let p = Patch { delta: d.delta(), rows: Some(rows) };
+            let err = merge_patches("w", w.factor(), &[p]).expect_err("out of range");
+            assert!(matches!(err, LoraError::ShapeMismatch { .. }), "{err}");
+        }
+        let p = Patch { delta: d.delta(), rows: Some(Rows { start: 0, len: 6 }) };
+        match merge_patches("w", w.factor(), &[p]).expect_err("wrong slice shape") {
+            LoraError::ShapeMismatch { delta, weight, .. } => {
+                assert_eq!((delta, weight), (vec![4, 5], vec![6, 5]));
+            }
+            other => panic!("{other}"),
         }
     }
 

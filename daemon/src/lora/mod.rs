@@ -6,7 +6,8 @@
 //! - [`keys`] matches adapters to the base model's tensors, by the base's own names (flattened
 //!   with `_` for kohya) plus the original-SD ↔ diffusers UNet naming conversion, and reports
 //!   every adapter that matches nothing.
-//! - [`math`] computes merged weights: f32 accumulation, written in the weight's dtype.
+//! - [`math`] computes merged weights: f32 accumulation, written in the weight's dtype (fp8
+//!   weights with deterministic stochastic rounding, [`fp8`]).
 //!
 //! The engine applies merged layers on the fly (backup and fuse modes); `ferryctl export`
 //! writes a fused model.
@@ -18,6 +19,7 @@ use crate::store::{Model, StoreError, TensorId};
 
 pub mod export;
 pub mod format;
+pub mod fp8;
 pub mod keys;
 pub mod math;
 
@@ -62,6 +64,20 @@ pub struct LoraFile {
     pub unrecognised: Vec<String>,
 }
 
+/// Rows `start..start + len` along a weight's first dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Rows {
+    pub start: u64,
+    pub len: u64,
+}
+
+impl Rows {
+    /// One past the last row (saturating).
+    pub fn end(&self) -> u64 {
+        self.start.saturating_add(self.len)
+    }
+}
+
 /// An adapter matched to a base tensor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Match {
@@ -69,6 +85,9 @@ pub struct Match {
     pub adapter: usize,
     /// The base model's tensor the delta adds to.
     pub tensor: TensorId,
+    /// The rows of `tensor` the delta adds to, when it adapts one slice of a fused weight (the
+    /// q, k or v third of an OpenCLIP `attn.in_proj_weight`); `None`: all of it.
+    pub rows: Option<Rows>,
 }
 
 /// The result of matching a LoRA file to a base model.
@@ -97,10 +116,25 @@ pub enum LoraError {
         "adapter {adapter:?} makes a delta of shape {delta:?} but its target {target:?} is {weight:?}"
     )]
     ShapeMismatch { adapter: String, target: String, delta: Vec<u64>, weight: Vec<u64> },
-    #[error("tensor {tensor:?}: LoRA cannot be applied to {dtype} weights")]
+    #[error("tensor {tensor:?}: LoRA cannot be applied to {dtype} weights{hint}", hint = dtype_hint(dtype))]
     UnsupportedDtype { tensor: String, dtype: String },
     #[error("tensor {tensor:?}: {len} bytes do not hold a {dtype} tensor of shape {shape:?}")]
     ByteLength { tensor: String, dtype: String, shape: Vec<u64>, len: u64 },
     #[error("adapter {adapter:?}: {kind} adapters are not supported yet")]
     UnsupportedAdapter { adapter: String, kind: String },
+}
+
+/// Why a dtype cannot take a LoRA, for the ones people try.
+fn dtype_hint(dtype: &str) -> &'static str {
+    match dtype {
+        "I8" => {
+            " (int8-quantized: the delta would need the weight's quantization scales; \
+             dequantize the model, or apply the LoRA to an unquantized copy)"
+        }
+        "U8" | "F4" | "F6_E2M3" | "F6_E3M2" => {
+            " (packed / 4-bit quantized: the delta cannot be added to packed codes; \
+             dequantize the model, or apply the LoRA to an unquantized copy)"
+        }
+        _ => "",
+    }
 }

@@ -104,6 +104,8 @@ pub enum StoreError {
     EmptyLayerPrefix { path: PathBuf, component: String, prefix: String },
     #[error("{}: model has no component named {component:?}", path.display())]
     UnknownComponent { path: PathBuf, component: String },
+    #[error("{}: a file of the model resolves outside the folder it was opened from ({})", folder.display(), file.display())]
+    OutsideFolder { folder: PathBuf, file: PathBuf },
 }
 
 impl StoreError {

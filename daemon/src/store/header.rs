@@ -175,7 +175,7 @@ fn validate(
         }
         // end <= data_len and data_start + data_len is the file length, so no overflow.
         let offset = data_start + begin;
-        if offset % dtype.alignment() != 0 {
+        if !offset.is_multiple_of(dtype.alignment()) {
             return Err(HeaderError::Misaligned {
                 tensor: t.name,
                 dtype: t.dtype,

@@ -28,6 +28,18 @@
 //! replace the rule with [`LayerRule::Prefixes`]: declared layers in the order given, each tensor
 //! going to the longest prefix it starts with, and any tensor no prefix covers falling back to
 //! the automatic rule after them.
+//!
+//! **Companions** ([`companion_of`]). Quantized checkpoints store, beside a weight, the tensors
+//! needed to read it: scales, zero points, absmax, quant maps. These always travel in their
+//! weight's layer, under either rule, because a runtime cannot use one without the other. A
+//! tensor is a companion when its name is another tensor's name plus more segments (bitsandbytes:
+//! `x.weight` + `x.weight.absmax`, `x.weight.quant_state.bitsandbytes__nf4`; a state dict cannot
+//! otherwise nest a tensor under a tensor), or when its last segment is another tensor's last
+//! segment plus a scale suffix ([`COMPANION_SUFFIXES`]: `text_projection` +
+//! `text_projection_scale`). Companions that are siblings inside a module (`x.weight_scale`,
+//! `x.scales`, `x.qzeros`, `x.SCB`) need no rule: a layer is decided by the module path, which
+//! they share. The rule matters for parameters whose own name decides their layer: `blocks.7`
+//! groups under `blocks`, but `blocks.7.absmax` alone would group under `blocks.7`.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -205,17 +217,65 @@ fn trim_zeros(digits: &[u8]) -> &[u8] {
     &digits[n.min(digits.len().saturating_sub(1))..]
 }
 
+/// Suffixes of a parameter's last segment that name a companion of the parameter without the
+/// suffix (module docs): scales (fp8 `_scale`, DeepSeek-style `_scale_inv`, `_scales`),
+/// bitsandbytes `_absmax`, zero points.
+pub const COMPANION_SUFFIXES: &[&str] =
+    &["_scale", "_scale_inv", "_scales", "_absmax", "_zero_point"];
+
+/// The tensor (by position in `names`) whose layer `names[i]` must share, if it is a companion
+/// of another tensor (module docs); `index` maps every name to its position. Follows chains to
+/// the root (`x_scale.absmax` → `x_scale` → `x`).
+pub fn companion_of(names: &[&str], index: &HashMap<&str, usize>, i: usize) -> Option<usize> {
+    let mut owner = None;
+    let mut cur = i;
+    // Every step moves to a strictly shorter name, so this ends; the bound is belt and braces.
+    for _ in 0..names.len() {
+        match names.get(cur).and_then(|n| direct_owner(n, index)) {
+            Some(o) if o != cur => {
+                owner = Some(o);
+                cur = o;
+            }
+            _ => break,
+        }
+    }
+    owner
+}
+
+/// The tensor `name` is directly a companion of: the shortest other tensor name that is a
+/// dot-prefix of it, else the sibling named without a [`COMPANION_SUFFIXES`] suffix.
+fn direct_owner(name: &str, index: &HashMap<&str, usize>) -> Option<usize> {
+    let nested = name.match_indices('.').find_map(|(d, _)| index.get(&name[..d]));
+    if let Some(&o) = nested {
+        return Some(o);
+    }
+    let (parent, last) = match name.rfind('.') {
+        Some(d) => name.split_at(d + 1),
+        None => ("", name),
+    };
+    COMPANION_SUFFIXES.iter().find_map(|suffix| {
+        let base = last.strip_suffix(suffix).filter(|b| !b.is_empty())?;
+        index.get(format!("{parent}{base}").as_str()).copied()
+    })
+}
+
 /// Groups `names` (local tensor names, by position) into layers: `(layer name, positions)`.
+/// Companions (module docs) go to their owner's layer, in header order among its tensors.
 ///
-/// Returns `Err(prefix)` for a declared prefix that matches no tensor.
+/// Returns `Err(prefix)` for a declared prefix that matches no tensor (companions, which go
+/// where their owner goes, do not count).
 pub fn group<'a>(names: &[&'a str], rule: &LayerRule) -> Result<Vec<(String, Vec<usize>)>, String> {
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let owners: Vec<Option<usize>> =
+        (0..names.len()).map(|i| companion_of(names, &index, i)).collect();
+    let own = |i: &usize| owners[*i].is_none();
     let mut declared: Vec<(String, Vec<usize>)> = Vec::new();
     let mut rest: Vec<usize> = Vec::new();
     match rule {
-        LayerRule::Auto => rest.extend(0..names.len()),
+        LayerRule::Auto => rest.extend((0..names.len()).filter(own)),
         LayerRule::Prefixes(prefixes) => {
             declared = prefixes.iter().map(|p| (p.clone(), Vec::new())).collect();
-            for (i, name) in names.iter().enumerate() {
+            for (i, name) in names.iter().enumerate().filter(|(i, _)| own(i)) {
                 let best = prefixes
                     .iter()
                     .enumerate()
@@ -238,6 +298,23 @@ pub fn group<'a>(names: &[&'a str], rule: &LayerRule) -> Result<Vec<(String, Vec
     let mut auto: Vec<(&str, Vec<usize>)> = auto.into_iter().collect();
     auto.sort_by(|a, b| layer_order(a.0, b.0));
     declared.extend(auto.into_iter().map(|(k, v)| (k.to_string(), v)));
+    if owners.iter().any(Option::is_some) {
+        // Owners are never companions themselves, so each is in exactly one layer by now.
+        let mut layer_of: Vec<Option<usize>> = vec![None; names.len()];
+        for (li, (_, members)) in declared.iter().enumerate() {
+            for &m in members {
+                layer_of[m] = Some(li);
+            }
+        }
+        for (i, owner) in owners.iter().enumerate() {
+            if let Some(li) = owner.and_then(|o| layer_of[o]) {
+                declared[li].1.push(i);
+            }
+        }
+        for (_, members) in &mut declared {
+            members.sort_unstable();
+        }
+    }
     Ok(declared)
 }
 
@@ -381,5 +458,97 @@ mod tests {
             ]
         );
         assert_eq!(group(&names, &LayerRule::Prefixes(vec!["zzz".into()])), Err("zzz".into()));
+    }
+
+    /// The layer name each tensor lands in.
+    fn layer_names(names: &[&str], rule: &LayerRule) -> Vec<(String, Vec<String>)> {
+        let layers = group(names, rule).expect("valid");
+        layers
+            .into_iter()
+            .map(|(l, m)| (l, m.into_iter().map(|i| names[i].to_string()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn quantization_companions_share_their_weights_layer() {
+        let names = [
+            // fp8 with sibling scales (same module: grouped by the module already).
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.mlp.down_proj.weight_scale",
+            "model.layers.0.mlp.down_proj.input_scale",
+            // bitsandbytes nf4: nested under the weight.
+            "model.layers.1.mlp.down_proj.weight",
+            "model.layers.1.mlp.down_proj.weight.absmax",
+            "model.layers.1.mlp.down_proj.weight.quant_map",
+            "model.layers.1.mlp.down_proj.weight.quant_state.bitsandbytes__nf4",
+            // GPTQ.
+            "model.layers.2.self_attn.q_proj.qweight",
+            "model.layers.2.self_attn.q_proj.scales",
+            "model.layers.2.self_attn.q_proj.qzeros",
+            // Parameters whose own name decides their layer: without the companion rule the
+            // nested ones would land in `blocks.7`, `model.0.absmax`, `model.text_projection_scale`.
+            "blocks.7",
+            "blocks.7.absmax",
+            "blocks.7.quant_state.bitsandbytes__nf4",
+            "model.0",
+            "model.0.absmax",
+            "model.text_projection",
+            "model.text_projection_scale",
+            "model.text_projection_scale.absmax",
+            // Not a companion: `logit` is not a tensor.
+            "logit_scale",
+        ];
+        let layers = layer_names(&names, &LayerRule::Auto);
+        let of = |t: &str| layers.iter().find(|(_, m)| m.iter().any(|n| n == t)).unwrap().0.clone();
+        let pairs = [
+            ("model.layers.0.mlp.down_proj.weight_scale", "model.layers.0.mlp.down_proj.weight"),
+            ("model.layers.0.mlp.down_proj.input_scale", "model.layers.0.mlp.down_proj.weight"),
+            ("model.layers.1.mlp.down_proj.weight.absmax", "model.layers.1.mlp.down_proj.weight"),
+            (
+                "model.layers.1.mlp.down_proj.weight.quant_state.bitsandbytes__nf4",
+                "model.layers.1.mlp.down_proj.weight",
+            ),
+            ("model.layers.2.self_attn.q_proj.scales", "model.layers.2.self_attn.q_proj.qweight"),
+            ("blocks.7.absmax", "blocks.7"),
+            ("blocks.7.quant_state.bitsandbytes__nf4", "blocks.7"),
+            ("model.0.absmax", "model.0"),
+            ("model.text_projection_scale", "model.text_projection"),
+            ("model.text_projection_scale.absmax", "model.text_projection"),
+        ];
+        for (companion, weight) in pairs {
+            assert_eq!(of(companion), of(weight), "{companion} vs {weight}");
+        }
+        assert_eq!(of("blocks.7"), "blocks");
+        assert_eq!(of("model.0"), "model.0");
+        assert_eq!(of("logit_scale"), "logit_scale");
+        // No layer made only of companions; every tensor placed once, in header order.
+        let placed: usize = layers.iter().map(|(_, m)| m.len()).sum();
+        assert_eq!(placed, names.len());
+        assert!(!layers.iter().any(|(l, _)| l == "blocks.7" || l == "model.0.absmax"));
+        for (l, m) in group(&names, &LayerRule::Auto).unwrap() {
+            assert!(m.windows(2).all(|w| w[0] < w[1]), "{l}: {m:?}");
+        }
+    }
+
+    #[test]
+    fn companions_follow_their_weight_into_declared_layers() {
+        let names = ["a.0.w", "a.0.w.absmax", "a.1.w", "a.1.w_scale", "b"];
+        let rule = LayerRule::Prefixes(vec!["a.1.".into(), "a.0.".into()]);
+        assert_eq!(
+            layer_names(&names, &rule),
+            vec![
+                ("a.1.".to_string(), vec!["a.1.w".to_string(), "a.1.w_scale".to_string()]),
+                ("a.0.".to_string(), vec!["a.0.w".to_string(), "a.0.w.absmax".to_string()]),
+                ("b".to_string(), vec!["b".to_string()]),
+            ]
+        );
+        // A declared prefix that only a companion starts with matches nothing of its own: the
+        // companion stays with its weight.
+        let names = ["blocks.7", "blocks.7.absmax"];
+        let rule = LayerRule::Prefixes(vec!["blocks.7.".into()]);
+        assert_eq!(group(&names, &rule), Err("blocks.7.".into()));
+        // ... and a prefix that covers the weight takes the companion along.
+        let rule = LayerRule::Prefixes(vec!["blocks.7".into()]);
+        assert_eq!(group(&names, &rule), Ok(vec![("blocks.7".to_string(), vec![0, 1])]));
     }
 }

@@ -44,7 +44,17 @@ impl Store {
 
     /// Opens the model at `path`, or returns the already open model with the same files.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<Arc<Model>, StoreError> {
-        let plan = source::resolve(path.as_ref())?;
+        self.open_plan(source::resolve(path.as_ref())?)
+    }
+
+    /// Opens a model from a descriptor the caller opened (a `.safetensors` file or a model
+    /// folder; see [`source`]'s `resolve_descriptor`); `name` labels it in messages. The same
+    /// files opened by path and by descriptor are one [`Model`] (identity is by inode).
+    pub fn open_file(&self, file: std::fs::File, name: &str) -> Result<Arc<Model>, StoreError> {
+        self.open_plan(source::resolve_descriptor(file, name)?)
+    }
+
+    fn open_plan(&self, plan: source::Plan) -> Result<Arc<Model>, StoreError> {
         let key = Model::key_of(&plan);
         if let Some(model) = self.lookup(&key) {
             return Ok(model);

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -69,6 +70,43 @@ pub(crate) fn resolve(path: &Path) -> Result<Plan, StoreError> {
     let file = OpenedFile::open(&root)?;
     let part = Part { component: None, files: vec![file], index: None };
     Ok(Plan { kind: SourceKind::SingleFile, root, parts: vec![part] })
+}
+
+/// Resolves a model from a descriptor the caller opened: a `.safetensors` file, or a model
+/// folder (single file, sharded, or diffusers). `name` labels it in messages.
+///
+/// The daemon then reads only what the descriptor gives access to: a file is mapped through
+/// the descriptor itself; a folder's files are found through it and must all lie inside it
+/// (symlinks included), so a folder cannot lend access to files outside itself.
+pub(crate) fn resolve_descriptor(file: fs::File, name: &str) -> Result<Plan, StoreError> {
+    let label = PathBuf::from(format!("<descriptor {name}>"));
+    let meta = file.metadata().map_err(|e| StoreError::io(&label, e))?;
+    if meta.is_file() {
+        let identity = super::file::FileIdentity::of(&file, &label)?;
+        let opened = OpenedFile { path: label.clone(), file, identity };
+        let part = Part { component: None, files: vec![opened], index: None };
+        return Ok(Plan { kind: SourceKind::SingleFile, root: label, parts: vec![part] });
+    }
+    if !meta.is_dir() {
+        return Err(StoreError::NotAModel {
+            path: label,
+            reason: "the descriptor is neither a regular file nor a directory".into(),
+        });
+    }
+    // The folder as the descriptor sees it (even if it was renamed or its path is not
+    // reachable from here), through the kernel's link to the open directory.
+    let through = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let root = fs::canonicalize(&through).map_err(|e| StoreError::io(&label, e))?;
+    let plan = resolve_dir(root.clone())?;
+    for part in &plan.parts {
+        for f in &part.files {
+            let real = fs::canonicalize(&f.path).map_err(|e| StoreError::io(&f.path, e))?;
+            if !real.starts_with(&root) {
+                return Err(StoreError::OutsideFolder { folder: root, file: real });
+            }
+        }
+    }
+    Ok(plan)
 }
 
 fn file_name(path: &Path) -> String {

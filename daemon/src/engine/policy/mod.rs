@@ -20,6 +20,7 @@
 use std::fmt;
 
 pub mod balanced;
+pub mod choice;
 pub mod component;
 pub mod lru;
 pub mod none;
@@ -27,6 +28,8 @@ pub mod order;
 pub mod sequential;
 #[cfg(test)]
 mod sim;
+
+pub use self::choice::{Origin, PolicyChoice, Preset, Resolved, UnknownPolicy};
 
 /// Index of a layer within its scope (the order the engine gives: pipeline order of components,
 /// then each component's layer order).
@@ -131,7 +134,8 @@ pub trait Policy: Send + fmt::Debug {
     }
 }
 
-/// Which policy a client asks for, with its parameters.
+/// Which policy a client asks for, with its parameters. A name (with presets and `auto`)
+/// becomes one through [`PolicyChoice`].
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "policy", rename_all = "lowercase")]
 pub enum PolicySpec {

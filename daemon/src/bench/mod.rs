@@ -10,6 +10,15 @@
 //! - **balanced**: bytes moved per pass by `balanced` on a cyclic workload with the model at
 //!   1.5× the threshold, against the minimum (model − resident set), with LRU's bytes on the
 //!   same trace beside it.
+//!
+//! The offload table (every policy × LoRA mode on a real or synthetic model, `ferryctl bench
+//! MODEL | --synthetic ARCH`) is in [`offload`], its models in [`synthetic`], its plot in
+//! [`plot`]; [`cli`] is `ferryctl bench` itself.
+
+pub mod cli;
+pub mod offload;
+pub mod plot;
+pub mod synthetic;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,0 +1,278 @@
+//! End to end: `ferryd` started from its own binary with a config file, two client processes'
+//! worth of connections on one model seeing the same shared device bytes, one of them through a
+//! LoRA view, then a clean SIGTERM.
+//!
+//! Values are chosen so every product and sum is exact in f16 and f32 (small multiples of powers
+//! of two), so the expected merged bytes are computed here exactly, with no tolerance.
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry::Dtype;
+use ferry::client::Client;
+use ferry::protocol::{
+    Acquire, Leased, LoraMode, LoraRef, LoraSource, Message, ModelOpened, Release, WaitReady,
+};
+use ferry_tests::{Tensor, cargo_bin, write_file};
+use half::f16;
+
+const BLOCKS: usize = 4;
+const OUT: usize = 16;
+const IN: usize = 8;
+const RANK: usize = 2;
+
+/// Kills ferryd if the test fails before stopping it.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn f16_tensor(name: &str, shape: &[usize], f: impl Fn(usize) -> f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let data = (0..n).flat_map(|i| f16::from_f32(f(i)).to_le_bytes()).collect();
+    Tensor { name: name.into(), dtype: Dtype::F16, shape: shape.to_vec(), data }
+}
+
+fn f32_tensor(name: &str, shape: &[usize], f: impl Fn(usize) -> f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let data = (0..n).flat_map(|i| f(i).to_le_bytes()).collect();
+    Tensor { name: name.into(), dtype: Dtype::F32, shape: shape.to_vec(), data }
+}
+
+/// Base weight of block `b`: multiples of 1/8 in [-2, 2).
+fn base_value(b: usize, i: usize) -> f32 {
+    ((i * 7 + b * 3) % 32) as f32 / 8.0 - 2.0
+}
+
+/// LoRA factors: `down` (RANK × IN) and `up` (OUT × RANK), values in {-1, -0.5, 0, 0.5, 1}.
+fn down_value(i: usize) -> f32 {
+    ((i % 5) as f32 - 2.0) * 0.5
+}
+fn up_value(i: usize) -> f32 {
+    ((i * 3 % 5) as f32 - 2.0) * 0.5
+}
+
+/// `W + scale · (alpha / rank) · up @ down` for block `b`, as f16 bytes (exact by construction).
+fn merged_bytes(b: usize, scale: f32, alpha: f32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(OUT * IN * 2);
+    for o in 0..OUT {
+        for i in 0..IN {
+            let mut delta = 0.0f32;
+            for r in 0..RANK {
+                delta += up_value(o * RANK + r) * down_value(r * IN + i);
+            }
+            let w = base_value(b, o * IN + i) + scale * (alpha / RANK as f32) * delta;
+            out.extend_from_slice(&f16::from_f32(w).to_le_bytes());
+        }
+    }
+    out
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn acquire(c: &mut Client, model: u64, component: &str, layer: u32) -> Leased {
+    let l = match c.call(Acquire { model, component: component.into(), layer }.into(), &[]) {
+        Ok(Message::Leased(l)) => l,
+        other => panic!("expected leased, got {other:?}"),
+    };
+    if !l.ready {
+        match c.call(WaitReady { lease: l.lease }.into(), &[]) {
+            Ok(Message::Ready(_)) => {}
+            other => panic!("expected ready, got {other:?}"),
+        }
+    }
+    l
+}
+
+fn release(c: &mut Client, model: u64, lease: u64) {
+    match c.call(Release { model, lease }.into(), &[]) {
+        Ok(Message::Ack(_)) => {}
+        other => panic!("expected ack, got {other:?}"),
+    }
+}
+
+fn map_arena(c: &mut Client) -> memmap2::Mmap {
+    let (a, fd) = c.map_arena().expect("map_arena");
+    let file = File::from(fd);
+    // SAFETY: a read-only shared mapping of ferryd's arena memfd; the test reads only bytes of
+    // layers it holds a ready lease on, which ferryd does not write meanwhile.
+    let map = unsafe { memmap2::Mmap::map(&file) }.expect("mmap the arena");
+    assert_eq!(map.len() as u64, a.len);
+    map
+}
+
+/// The (component, layer index) of block `b`'s layer.
+fn block(m: &ModelOpened, b: usize) -> (String, u32) {
+    for c in &m.components {
+        for (i, l) in c.layers.iter().enumerate() {
+            if l.name.ends_with(&format!("blocks.{b}")) || l.name == b.to_string() {
+                return (c.name.clone(), i as u32);
+            }
+        }
+    }
+    panic!("no layer for block {b} in {m:?}");
+}
+
+/// The bytes a lease's only weight tensor has in the arena, and where.
+fn weight_bytes(map: &[u8], l: &Leased) -> (u64, Vec<u8>) {
+    let t = l.tensors.iter().find(|t| t.name.ends_with("weight")).expect("a weight tensor");
+    let at = t.arena_offset as usize;
+    (t.arena_offset, map[at..at + t.len as usize].to_vec())
+}
+
+fn start(dir: &Path) -> Daemon {
+    let root = dir.join("models");
+    let socket = dir.join("ferryd.sock");
+    let config = dir.join("ferryd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device = \"host\"\nhost_memory = 67108864\nsocket = {:?}\nmodel_roots = [{:?}]\n\
+             default_policy = \"balanced\"\nlog = \"warn\"\n",
+            socket.to_str().expect("utf-8"),
+            root.to_str().expect("utf-8"),
+        ),
+    )
+    .expect("config");
+    let child = Command::new(cargo_bin("ferryd"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn ferryd");
+    let mut d = Daemon { child, socket };
+    wait_until("ferryd's socket", Duration::from_secs(30), || {
+        UnixStream::connect(&d.socket).is_ok() || d.child.try_wait().ok().flatten().is_some()
+    });
+    assert!(d.child.try_wait().expect("try_wait").is_none(), "ferryd exited at start");
+    d
+}
+
+#[test]
+fn two_clients_share_device_bytes_and_one_sees_them_through_a_lora_view() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("models");
+    std::fs::create_dir_all(&root).expect("root");
+    let model = root.join("m.safetensors");
+    let blocks: Vec<Tensor> = (0..BLOCKS)
+        .map(|b| f16_tensor(&format!("blocks.{b}.proj.weight"), &[OUT, IN], |i| base_value(b, i)))
+        .collect();
+    write_file(&model, &blocks).expect("model");
+    // A PEFT-layout LoRA touching block 1 only, alpha 4 (so alpha / rank = 2).
+    let lora = root.join("style.safetensors");
+    write_file(
+        &lora,
+        &[
+            f32_tensor("blocks.1.proj.lora_A.weight", &[RANK, IN], down_value),
+            f32_tensor("blocks.1.proj.lora_B.weight", &[OUT, RANK], up_value),
+            f32_tensor("blocks.1.proj.alpha", &[], |_| 4.0),
+        ],
+    )
+    .expect("lora");
+
+    let mut d = start(dir.path());
+    let mut a = Client::connect(&d.socket, "client-a").expect("connect a");
+    let mut b = Client::connect(&d.socket, "client-b").expect("connect b");
+    let ma = a.open_model(&model).expect("a opens");
+    let mb = b.open_model(&model).expect("b opens");
+    assert_eq!(ma.model, mb.model, "one model, shared by both clients");
+    let map_a = map_arena(&mut a);
+    let map_b = map_arena(&mut b);
+
+    // Both clients hold block 0 at once: the same device bytes, equal to the file.
+    let (c0, l0) = block(&ma, 0);
+    let la = acquire(&mut a, ma.model, &c0, l0);
+    let lb = acquire(&mut b, mb.model, &c0, l0);
+    let (off_a, bytes_a) = weight_bytes(&map_a, &la);
+    let (off_b, bytes_b) = weight_bytes(&map_b, &lb);
+    assert_eq!(off_a, off_b, "both clients see one copy on the device");
+    assert_eq!(bytes_a, blocks[0].data);
+    assert_eq!(bytes_b, blocks[0].data);
+    release(&mut a, ma.model, la.lease);
+    release(&mut b, mb.model, lb.lease);
+
+    // Client B looks at the model through a LoRA view (backup mode, strength 0.5).
+    let stack = vec![LoraRef {
+        source: LoraSource::Path(lora.to_str().expect("utf-8").into()),
+        scale: 0.5,
+    }];
+    let v = b.apply_lora(mb.model, stack, LoraMode::Backup, &[]).expect("apply_lora");
+    assert_eq!(v.merged, 1, "{v:?}");
+    assert!(v.loras.iter().all(|r| r.unmatched.is_empty()), "{v:?}");
+
+    // The touched layer: B sees the merged weight, A (on the base, at the same time) the
+    // original, each in its own device memory.
+    let (c1, l1) = block(&ma, 1);
+    let lb = acquire(&mut b, v.view, &c1, l1);
+    let la = acquire(&mut a, ma.model, &c1, l1);
+    let (off_view, bytes_view) = weight_bytes(&map_b, &lb);
+    let (off_base, bytes_base) = weight_bytes(&map_a, &la);
+    assert_ne!(off_view, off_base, "the adapted layer has memory of its own");
+    assert_eq!(bytes_view, merged_bytes(1, 0.5, 4.0), "merged weight");
+    assert_ne!(bytes_view, blocks[1].data, "the LoRA changes the weight");
+    assert_eq!(bytes_base, blocks[1].data, "the base is untouched");
+    release(&mut b, v.view, lb.lease);
+    release(&mut a, ma.model, la.lease);
+
+    // An untouched layer through the view is the base's own copy: shared, not duplicated.
+    let (c2, l2) = block(&ma, 2);
+    let lb = acquire(&mut b, v.view, &c2, l2);
+    let la = acquire(&mut a, ma.model, &c2, l2);
+    let (off_view, bytes_view) = weight_bytes(&map_b, &lb);
+    let (off_base, bytes_base) = weight_bytes(&map_a, &la);
+    assert_eq!(off_view, off_base, "untouched layers are shared between view and base");
+    assert_eq!(bytes_view, blocks[2].data);
+    assert_eq!(bytes_base, blocks[2].data);
+    release(&mut b, v.view, lb.lease);
+    release(&mut a, ma.model, la.lease);
+
+    // Removing the view: the layer comes back bit-exact for B as well.
+    b.remove_lora(v.view).expect("remove_lora");
+    let lb = acquire(&mut b, mb.model, &c1, l1);
+    assert_eq!(weight_bytes(&map_b, &lb).1, blocks[1].data, "bit-exact after removal");
+    release(&mut b, mb.model, lb.lease);
+
+    // B leaves; A keeps working.
+    drop(b);
+    let la = acquire(&mut a, ma.model, &c0, l0);
+    assert_eq!(weight_bytes(&map_a, &la).1, blocks[0].data);
+    release(&mut a, ma.model, la.lease);
+    // B's connection is gone once ferryd has seen its end of stream.
+    wait_until("client-b to be gone", Duration::from_secs(10), || {
+        a.list_clients().expect("clients").iter().all(|c| c.name != "client-b")
+    });
+    drop(a);
+
+    // SIGTERM drains and exits 0.
+    // SAFETY: kill(2) on our own child's pid, which has not been reaped.
+    let rc = unsafe { libc::kill(d.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = d.child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "ferryd did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "ferryd exited with {status}");
+}
