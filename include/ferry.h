@@ -177,6 +177,24 @@ enum ferry_policy
    * A stable resident set within a threshold; the rest streams.
    */
   FERRY_POLICY_BALANCED = 3,
+  /**
+   * Chosen by the engine from the device's memory when the policy is set: sequential
+   * (lookahead 1) on a device of at most 4 GiB (in daemon mode: ferryd's
+   * `auto_sequential_max`), balanced at 75% of the device above.
+   */
+  FERRY_POLICY_AUTO = 4,
+  /**
+   * SD.Next's `lowvram` preset: sequential, lookahead 1.
+   */
+  FERRY_POLICY_LOWVRAM = 5,
+  /**
+   * SD.Next's `medvram` preset: component.
+   */
+  FERRY_POLICY_MEDVRAM = 6,
+  /**
+   * SD.Next's `model` (model offload) preset: component.
+   */
+  FERRY_POLICY_MODEL = 7,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -531,6 +549,10 @@ enum ferry_status ferry_model_close(const struct ferry_engine *engine, uint64_t 
  * by `FERRY_POLICY_SEQUENTIAL` only. `FERRY_POLICY_BALANCED` keeps a resident set within
  * `threshold_bytes` (if non-zero) or `threshold_fraction` of the device's memory (if non-zero,
  * in (0, 1]), or the default 0.75 when both are zero; the other policies ignore both.
+ * `FERRY_POLICY_AUTO` and the presets (`FERRY_POLICY_LOWVRAM`, `FERRY_POLICY_MEDVRAM`,
+ * `FERRY_POLICY_MODEL`) ignore `lookahead` and both thresholds: they resolve to their policy
+ * with its default parameters, exactly as ferryd resolves them (in daemon mode they are sent
+ * to ferryd as `auto` or the preset, and ferryd resolves them against its device).
  *
  * Errors: `FERRY_ERR_INVALID_ARGUMENT` (unknown policy, bad threshold), `FERRY_ERR_NOT_FOUND`
  * (model or component), `FERRY_ERR_BUSY` (a layer of the model is leased),

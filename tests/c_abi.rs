@@ -2,7 +2,8 @@
 //! (and its LeakSanitizer) and UndefinedBehaviorSanitizer, then runs them: `version.c` (the
 //! smoke test), `engine.c` and `lora.c` (the engine end to end, checking bytes against files
 //! written here, once in-process and once in daemon mode against a real `ferryd`),
-//! `misuse.c` (error paths) and `daemon.c` (daemon mode's own failures: bad sockets, a CUDA
+//! `policies.c` (`FERRY_POLICY_AUTO` and the SD.Next presets, in both modes), `misuse.c`
+//! (error paths) and `daemon.c` (daemon mode's own failures: bad sockets, a CUDA
 //! daemon, the daemon killed while engines are open). Also: the example in `clients/c/` in
 //! both modes, and the library installed by `ffi/install.sh` found through pkg-config.
 //!
@@ -302,6 +303,31 @@ fn c_engine_sequential_pass_daemon_mode() {
     let daemon = Ferryd::start(dir.path(), dir.path());
     let out = run(&exe, &[&model, &expected, &manifest, &daemon.socket]);
     assert!(out.contains("engine.c (daemon mode)"), "{out}");
+}
+
+/// tests/c/policies.c in-process: FERRY_POLICY_AUTO and the presets resolve like ferryd's
+/// (lowvram and auto stream through a two-layer budget with evictions, medvram and model need
+/// the whole component and move it at once).
+#[test]
+fn c_auto_and_presets() {
+    let Some(lib_dir) = setup() else { return };
+    let exe = compile(&lib_dir, "policies");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (model, expected, manifest) = write_model(dir.path(), 3);
+    let out = run(&exe, &[&model, &expected, &manifest]);
+    assert!(out.contains("policies.c (in-process)"), "{out}");
+}
+
+/// tests/c/policies.c in daemon mode: auto and the presets sent to ferryd as themselves.
+#[test]
+fn c_auto_and_presets_daemon_mode() {
+    let Some(lib_dir) = setup() else { return };
+    let exe = compile(&lib_dir, "policies");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (model, expected, manifest) = write_model(dir.path(), 3);
+    let daemon = Ferryd::start(dir.path(), dir.path());
+    let out = run(&exe, &[&model, &expected, &manifest, &daemon.socket]);
+    assert!(out.contains("policies.c (daemon mode)"), "{out}");
 }
 
 fn bf16_tensor(name: &str, shape: &[usize], f: impl Fn(usize) -> f32) -> Tensor {

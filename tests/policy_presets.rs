@@ -10,7 +10,7 @@ use ferry::Dtype;
 use ferry::device::{ClientDone, DeviceChoice, DeviceConfig};
 use ferry::engine::policy::{Origin, PolicyChoice, PolicySpec, Preset, Threshold};
 use ferry::engine::{Engine, EngineConfig, ModelId};
-use ferry::protocol::{Policy, Threshold as WireThreshold};
+use ferry::protocol::{Policy, Preset as WirePreset, Threshold as WireThreshold};
 use ferry_tests::{Tensor, cargo_bin, write_file};
 
 const GIB: u64 = 1 << 30;
@@ -324,7 +324,7 @@ fn wire(p: Policy) -> serde_json::Value {
 }
 
 #[test]
-fn ferryctl_sends_presets_as_their_policies() {
+fn ferryctl_sends_presets_and_auto_over_the_protocol() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("models");
     std::fs::create_dir_all(&root).expect("mkdir");
@@ -353,11 +353,13 @@ fn ferryctl_sends_presets_as_their_policies() {
     }
 
     let seq = |lookahead| wire(Policy::Sequential { lookahead });
-    let cases: [(&[&str], serde_json::Value); 8] = [
-        (&["--policy", "lowvram"], seq(1)),
+    let preset = |preset| wire(Policy::Preset { preset });
+    let cases: [(&[&str], serde_json::Value); 9] = [
+        (&["--policy", "lowvram"], preset(WirePreset::LowVram)),
         (&["--policy", "LOWVRAM", "--lookahead", "3"], seq(3)),
-        (&["--policy", "medvram"], wire(Policy::Component)),
-        (&["--policy", "model"], wire(Policy::Component)),
+        (&["--policy", "medvram"], preset(WirePreset::MedVram)),
+        (&["--policy", "model"], preset(WirePreset::Model)),
+        (&["--policy", "auto"], wire(Policy::Auto)),
         (&["--policy", "sequential"], seq(1)),
         (&["--policy", "none"], wire(Policy::None)),
         (
@@ -383,7 +385,7 @@ fn ferryctl_sends_presets_as_their_policies() {
     };
     fails(&["--policy", "medvram", "--lookahead", "2"], 1, &["--lookahead", "medvram"]);
     fails(&["--policy", "lowvram", "--threshold", "0.5"], 1, &["--threshold", "lowvram"]);
-    fails(&["--policy", "auto"], 1, &["auto", "default"]);
+    fails(&["--policy", "auto", "--lookahead", "2"], 1, &["auto", "sequential or balanced"]);
     fails(&["--policy", "turbo"], 2, &["\"turbo\"", "lowvram", "medvram"]);
     // The last policy set stays: lru.
     assert_eq!(

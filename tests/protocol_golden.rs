@@ -1,8 +1,10 @@
 //! Golden byte vectors of the wire protocol (docs/protocol.md), and bad-frame tests.
 //!
 //! `tests/fixtures/protocol/<kind_name>.bin` holds one whole frame (header + body) of every
-//! message kind, for the example values below; `index.json` lists them with their header
-//! fields and field values (as JSON) for clients in other languages. The tests decode each
+//! message kind, for the example values below, and `<kind_name>.<variant>.bin` further frames
+//! of some kinds that show values the main example does not (each `Policy` variant);
+//! `index.json` lists them all with their header fields and field values (as JSON) for clients
+//! in other languages. The tests decode each
 //! committed file and compare it with the example, and re-encode the example and compare
 //! bytes. To rewrite the files after a deliberate protocol change (which is a new protocol
 //! version):
@@ -27,6 +29,9 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/prot
 
 /// One golden vector: a message with the header fields it travels with.
 struct Golden {
+    /// `None` for the main example of a kind; else the suffix of a further example's file
+    /// name (`set_residency.auto.bin`).
+    variant: Option<&'static str>,
     request_id: u64,
     /// Descriptors a real frame of this example carries (flag bit 0 set when > 0).
     fds: usize,
@@ -35,7 +40,77 @@ struct Golden {
 }
 
 fn g(request_id: u64, fds: usize, description: &'static str, m: impl Into<Message>) -> Golden {
-    Golden { request_id, fds, description, message: m.into() }
+    Golden { variant: None, request_id, fds, description, message: m.into() }
+}
+
+/// A further example of a kind, written to `<kind_name>.<variant>.bin`.
+fn gx(
+    variant: &'static str,
+    request_id: u64,
+    description: &'static str,
+    m: impl Into<Message>,
+) -> Golden {
+    Golden { variant: Some(variant), request_id, fds: 0, description, message: m.into() }
+}
+
+/// The further examples: every `Policy` variant the main examples do not show, in
+/// `SetResidency` and in `Models`.
+fn variants() -> Vec<Golden> {
+    let set = |policy| SetResidency { model: 1, component: None, policy };
+    let info = |model, policy| ModelInfo {
+        model,
+        path: format!("/srv/models/m{model}.safetensors"),
+        source: "single_file".into(),
+        total_bytes: 4096,
+        layers: 3,
+        resident_layers: 1,
+        policy: Some(policy),
+        clients: 1,
+    };
+    vec![
+        gx("auto", 6, "The server picks the policy from its device's memory", set(Policy::Auto)),
+        gx(
+            "lowvram",
+            6,
+            "SD.Next's lowvram preset (= sequential, lookahead 1) for all of model 1",
+            set(Policy::Preset { preset: Preset::LowVram }),
+        ),
+        gx(
+            "medvram",
+            6,
+            "SD.Next's medvram preset (= component) for all of model 1",
+            set(Policy::Preset { preset: Preset::MedVram }),
+        ),
+        gx(
+            "model",
+            6,
+            "SD.Next's model-offload preset (= component) for all of model 1",
+            set(Policy::Preset { preset: Preset::Model }),
+        ),
+        gx(
+            "policies",
+            14,
+            "Models whose policies are each of the other variants, reported as they were set",
+            Models {
+                models: vec![
+                    info(1, Policy::None),
+                    info(2, Policy::Component),
+                    info(3, Policy::Lru { threshold: Threshold::Bytes(1 << 20) }),
+                    info(4, Policy::Auto),
+                    info(5, Policy::Preset { preset: Preset::LowVram }),
+                    info(6, Policy::Preset { preset: Preset::MedVram }),
+                    info(7, Policy::Preset { preset: Preset::Model }),
+                ],
+            },
+        ),
+    ]
+}
+
+/// Every vector: the main examples, then the further ones.
+fn all_vectors() -> Vec<Golden> {
+    let mut v = examples();
+    v.extend(variants());
+    v
 }
 
 /// The example value of every kind, in kind order.
@@ -278,8 +353,11 @@ fn examples() -> Vec<Golden> {
     ]
 }
 
-fn file_name(kind: Kind) -> String {
-    format!("{}.bin", kind.name())
+fn file_name(gv: &Golden) -> String {
+    match gv.variant {
+        None => format!("{}.bin", gv.message.kind().name()),
+        Some(v) => format!("{}.{v}.bin", gv.message.kind().name()),
+    }
 }
 
 fn encode(gv: &Golden) -> Vec<u8> {
@@ -294,9 +372,10 @@ fn index_json(examples: &[Golden]) -> String {
             let kind = gv.message.kind();
             let bytes = encode(gv);
             serde_json::json!({
-                "file": file_name(kind),
+                "file": file_name(gv),
                 "kind": kind as u16,
                 "kind_name": kind.name(),
+                "variant": gv.variant,
                 "version": PROTOCOL_VERSION,
                 "flags": if gv.fds > 0 { FLAG_FDS } else { 0 },
                 "fds": gv.fds,
@@ -332,7 +411,10 @@ fn path(name: &str) -> PathBuf {
 fn every_kind_has_exactly_one_example() {
     let kinds: Vec<Kind> = examples().iter().map(|gv| gv.message.kind()).collect();
     assert_eq!(kinds, Kind::ALL, "one example per kind, in kind order");
-    for gv in examples() {
+    assert!(examples().iter().all(|gv| gv.variant.is_none()));
+    let names: BTreeSet<String> = all_vectors().iter().map(file_name).collect();
+    assert_eq!(names.len(), all_vectors().len(), "file names are unique");
+    for gv in all_vectors() {
         let rule = gv.message.kind().fds();
         let ok = match rule {
             FdRule::None => gv.fds == 0,
@@ -345,17 +427,17 @@ fn every_kind_has_exactly_one_example() {
 
 #[test]
 fn golden_vectors_decode_to_their_examples_and_reencode_to_their_bytes() {
-    let examples = examples();
+    let examples = all_vectors();
     if bless() {
         std::fs::create_dir_all(FIXTURES).expect("fixtures dir");
         for gv in &examples {
-            std::fs::write(path(&file_name(gv.message.kind())), encode(gv)).expect("write");
+            std::fs::write(path(&file_name(gv)), encode(gv)).expect("write");
         }
         std::fs::write(path("index.json"), index_json(&examples)).expect("write index");
     }
     for gv in &examples {
         let kind = gv.message.kind();
-        let name = file_name(kind);
+        let name = file_name(gv);
         let bytes = std::fs::read(path(&name))
             .unwrap_or_else(|e| panic!("{name}: {e} (run with FERRY_BLESS=1 to write it)"));
         let (header, message) =
@@ -372,8 +454,7 @@ fn golden_vectors_decode_to_their_examples_and_reencode_to_their_bytes() {
     let index = std::fs::read_to_string(path("index.json")).expect("index.json");
     assert_eq!(index, index_json(&examples), "index.json is stale (FERRY_BLESS=1 rewrites it)");
     // No stray vectors.
-    let expected: BTreeSet<String> =
-        examples.iter().map(|gv| file_name(gv.message.kind())).collect();
+    let expected: BTreeSet<String> = examples.iter().map(file_name).collect();
     let found: BTreeSet<String> = std::fs::read_dir(FIXTURES)
         .expect("fixtures dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -402,6 +483,34 @@ fn the_specs_worked_examples_match_the_vectors() {
         0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xe0, 0x3f,
     ];
     assert_eq!(set, expected);
+}
+
+/// `Auto` and the presets, byte for byte, written out by hand rather than by the encoder:
+/// `model` u64 1, `component` None (tag 0), `Policy` variant index u32 (`Auto` 5, `Preset` 6),
+/// then for `Preset` its `Preset` variant index u32 (`LowVram` 0, `MedVram` 1, `Model` 2).
+#[test]
+fn auto_and_preset_vectors_match_hand_written_bytes() {
+    #[rustfmt::skip]
+    let header = |body_len: u8| -> Vec<u8> {
+        vec![
+            0x46, 0x52, 0x52, 0x59, 0x01, 0x00, 0x13, 0x00, 0x00, 0x00, 0x00, 0x00, body_len, 0, 0, 0,
+            0x06, 0, 0, 0, 0, 0, 0, 0,
+        ]
+    };
+    let model_none = [1u8, 0, 0, 0, 0, 0, 0, 0, 0];
+    let cases: [(&str, &[u8]); 4] = [
+        ("auto", &[5, 0, 0, 0]),
+        ("lowvram", &[6, 0, 0, 0, 0, 0, 0, 0]),
+        ("medvram", &[6, 0, 0, 0, 1, 0, 0, 0]),
+        ("model", &[6, 0, 0, 0, 2, 0, 0, 0]),
+    ];
+    for (name, policy) in cases {
+        let mut expected = header((model_none.len() + policy.len()) as u8);
+        expected.extend_from_slice(&model_none);
+        expected.extend_from_slice(policy);
+        let file = format!("set_residency.{name}.bin");
+        assert_eq!(std::fs::read(path(&file)).expect("vector"), expected, "{file}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -507,13 +616,17 @@ fn every_body_rejection_from_crafted_bytes() {
     b.extend_from_slice(&[0, 0]);
     assert!(matches!(reject(&b), ProtocolError::TrailingBytes { extra: 2, .. }));
 
-    // An enum variant index that does not exist (policy 5), an Option tag of 2, a bool of 2.
+    // An enum variant index that does not exist (policy 7), an Option tag of 2, a bool of 2.
     let mut b = golden(Kind::SetResidency);
     b[HEADER_LEN + 8] = 2;
     assert!(matches!(reject(&b), ProtocolError::Body { kind: Kind::SetResidency, .. }));
     let mut b = golden(Kind::SetResidency);
-    b[HEADER_LEN + 21] = 5;
+    b[HEADER_LEN + 21] = 7;
     assert!(matches!(reject(&b), ProtocolError::Body { .. }));
+    // A preset index that does not exist (3).
+    let mut b = std::fs::read(path("set_residency.lowvram.bin")).expect("lowvram vector");
+    b[HEADER_LEN + 13] = 3;
+    assert!(matches!(reject(&b), ProtocolError::Body { kind: Kind::SetResidency, .. }));
     let mut b = golden(Kind::Leased);
     let ready_at = HEADER_LEN + 8 + 8 + "down_blocks.0.".len();
     assert_eq!(b[ready_at], 0);

@@ -111,6 +111,10 @@ fn policy_text(p: Option<&Policy>) -> String {
         Some(Policy::Sequential { lookahead }) => format!("sequential ({lookahead})"),
         Some(Policy::Balanced { threshold }) => format!("balanced ({})", t(threshold)),
         Some(Policy::Lru { threshold }) => format!("lru ({})", t(threshold)),
+        Some(Policy::Auto) => "auto".into(),
+        Some(Policy::Preset { preset }) => {
+            crate::engine::policy::Preset::from(*preset).name().into()
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry::device::DeviceChoice;
 use ferry::engine::lora_view::LoraMode;
-use ferry::engine::policy::{PolicySpec, Threshold};
+use ferry::engine::policy::{PolicyChoice, PolicySpec, Preset, Threshold};
 use ferry::engine::{Engine, EngineConfig, EngineError, ModelId};
 use ferry::protocol;
 
@@ -60,6 +60,16 @@ pub enum ferry_policy {
     FERRY_POLICY_SEQUENTIAL = 2,
     /// A stable resident set within a threshold; the rest streams.
     FERRY_POLICY_BALANCED = 3,
+    /// Chosen by the engine from the device's memory when the policy is set: sequential
+    /// (lookahead 1) on a device of at most 4 GiB (in daemon mode: ferryd's
+    /// `auto_sequential_max`), balanced at 75% of the device above.
+    FERRY_POLICY_AUTO = 4,
+    /// SD.Next's `lowvram` preset: sequential, lookahead 1.
+    FERRY_POLICY_LOWVRAM = 5,
+    /// SD.Next's `medvram` preset: component.
+    FERRY_POLICY_MEDVRAM = 6,
+    /// SD.Next's `model` (model offload) preset: component.
+    FERRY_POLICY_MODEL = 7,
 }
 
 /// How a LoRA stack is applied (`ferry_view_create`'s `mode`).
@@ -232,17 +242,21 @@ fn engine_config(c: &ferry_engine_config) -> Result<EngineConfig> {
     Ok(config)
 }
 
-fn policy_spec(
+/// The engine's choice for a `ferry_policy` value and its parameters. `lookahead` matters to
+/// `FERRY_POLICY_SEQUENTIAL` only and the thresholds to `FERRY_POLICY_BALANCED` only; every
+/// other policy, `auto` and the presets included, ignores them (they use their defaults), as
+/// the header documents.
+fn policy_choice(
     policy: u32,
     lookahead: u32,
     threshold_bytes: u64,
     threshold_fraction: f64,
-) -> Result<PolicySpec> {
+) -> Result<PolicyChoice> {
     Ok(match policy {
-        p if p == ferry_policy::FERRY_POLICY_NONE as u32 => PolicySpec::None,
-        p if p == ferry_policy::FERRY_POLICY_COMPONENT as u32 => PolicySpec::Component,
+        p if p == ferry_policy::FERRY_POLICY_NONE as u32 => PolicySpec::None.into(),
+        p if p == ferry_policy::FERRY_POLICY_COMPONENT as u32 => PolicySpec::Component.into(),
         p if p == ferry_policy::FERRY_POLICY_SEQUENTIAL as u32 => {
-            PolicySpec::Sequential { lookahead: lookahead as usize }
+            PolicySpec::Sequential { lookahead: lookahead as usize }.into()
         }
         p if p == ferry_policy::FERRY_POLICY_BALANCED as u32 => {
             let threshold = match (threshold_bytes, threshold_fraction) {
@@ -260,8 +274,12 @@ fn policy_spec(
                     ));
                 }
             };
-            PolicySpec::Balanced { threshold }
+            PolicySpec::Balanced { threshold }.into()
         }
+        p if p == ferry_policy::FERRY_POLICY_AUTO as u32 => PolicyChoice::Auto,
+        p if p == ferry_policy::FERRY_POLICY_LOWVRAM as u32 => Preset::LowVram.into(),
+        p if p == ferry_policy::FERRY_POLICY_MEDVRAM as u32 => Preset::MedVram.into(),
+        p if p == ferry_policy::FERRY_POLICY_MODEL as u32 => Preset::Model.into(),
         p => return Err(FfiError::invalid(format!("unknown policy {p} (not a ferry_policy)"))),
     })
 }
@@ -453,6 +471,10 @@ pub unsafe extern "C" fn ferry_model_close(
 /// by `FERRY_POLICY_SEQUENTIAL` only. `FERRY_POLICY_BALANCED` keeps a resident set within
 /// `threshold_bytes` (if non-zero) or `threshold_fraction` of the device's memory (if non-zero,
 /// in (0, 1]), or the default 0.75 when both are zero; the other policies ignore both.
+/// `FERRY_POLICY_AUTO` and the presets (`FERRY_POLICY_LOWVRAM`, `FERRY_POLICY_MEDVRAM`,
+/// `FERRY_POLICY_MODEL`) ignore `lookahead` and both thresholds: they resolve to their policy
+/// with its default parameters, exactly as ferryd resolves them (in daemon mode they are sent
+/// to ferryd as `auto` or the preset, and ferryd resolves them against its device).
 ///
 /// Errors: `FERRY_ERR_INVALID_ARGUMENT` (unknown policy, bad threshold), `FERRY_ERR_NOT_FOUND`
 /// (model or component), `FERRY_ERR_BUSY` (a layer of the model is leased),
@@ -480,10 +502,11 @@ pub unsafe extern "C" fn ferry_set_residency(
             None => None,
             Some(c) => Some(c.to_str().map_err(|_| FfiError::invalid("component is not UTF-8"))?),
         };
-        let spec = policy_spec(policy, lookahead, threshold_bytes, threshold_fraction)?;
+        let choice = policy_choice(policy, lookahead, threshold_bytes, threshold_fraction)?;
         match &h.mode {
-            Mode::InProcess(e) => e.set_residency(model, component, spec)?,
-            Mode::Daemon(r) => r.set_residency(model, component, protocol::Policy::from(spec))?,
+            Mode::InProcess(e) => e.set_residency(model, component, choice)?,
+            // `auto` and presets travel as themselves (`Policy::Auto`, `Policy::Preset`).
+            Mode::Daemon(r) => r.set_residency(model, component, protocol::Policy::from(choice))?,
         }
         Ok(())
     })
@@ -724,18 +747,54 @@ mod tests {
 
     #[test]
     fn policies_are_checked() {
-        assert!(matches!(policy_spec(0, 0, 0, 0.0), Ok(PolicySpec::None)));
-        assert!(matches!(policy_spec(2, 3, 0, 0.0), Ok(PolicySpec::Sequential { lookahead: 3 })));
-        assert!(matches!(
-            policy_spec(3, 0, 10, 0.0),
-            Ok(PolicySpec::Balanced { threshold: Threshold::Bytes(10) })
-        ));
+        let spec = |spec| Ok::<_, ()>(PolicyChoice::from(spec));
+        let ok = |p, l, b, f| policy_choice(p, l, b, f).map_err(|_| ());
+        assert_eq!(ok(0, 0, 0, 0.0), spec(PolicySpec::None));
+        assert_eq!(ok(2, 3, 0, 0.0), spec(PolicySpec::Sequential { lookahead: 3 }));
+        assert_eq!(
+            ok(3, 0, 10, 0.0),
+            spec(PolicySpec::Balanced { threshold: Threshold::Bytes(10) })
+        );
         for (bytes, f) in [(1, 0.5), (0, -0.5), (0, 1.5), (0, f64::NAN)] {
-            let e = policy_spec(3, 0, bytes, f).expect_err("bad threshold");
+            let e = policy_choice(3, 0, bytes, f).expect_err("bad threshold");
             assert_eq!(e.status, ferry_status::FERRY_ERR_INVALID_ARGUMENT);
         }
-        let e = policy_spec(99, 0, 0, 0.0).expect_err("unknown policy");
+        let e = policy_choice(99, 0, 0, 0.0).expect_err("unknown policy");
         assert_eq!(e.status, ferry_status::FERRY_ERR_INVALID_ARGUMENT);
+        let e = policy_choice(8, 0, 0, 0.0).expect_err("one past the last policy");
+        assert_eq!(e.status, ferry_status::FERRY_ERR_INVALID_ARGUMENT);
+    }
+
+    #[test]
+    fn auto_and_presets_map_like_ferryd_and_ignore_parameters() {
+        let cases = [
+            (ferry_policy::FERRY_POLICY_AUTO, PolicyChoice::Auto, protocol::Policy::Auto),
+            (
+                ferry_policy::FERRY_POLICY_LOWVRAM,
+                Preset::LowVram.into(),
+                protocol::Policy::Preset { preset: protocol::Preset::LowVram },
+            ),
+            (
+                ferry_policy::FERRY_POLICY_MEDVRAM,
+                Preset::MedVram.into(),
+                protocol::Policy::Preset { preset: protocol::Preset::MedVram },
+            ),
+            (
+                ferry_policy::FERRY_POLICY_MODEL,
+                Preset::Model.into(),
+                protocol::Policy::Preset { preset: protocol::Preset::Model },
+            ),
+        ];
+        for (p, choice, wire) in cases {
+            // Parameters that do not apply are ignored, even values BALANCED would reject.
+            for (l, b, f) in [(0, 0, 0.0), (7, 4096, 0.5), (1, 0, f64::NAN)] {
+                let got = policy_choice(p as u32, l, b, f).expect("accepted");
+                assert_eq!(got, choice, "{p:?}");
+                // Daemon mode sends what ferryd turns back into the same choice.
+                assert_eq!(protocol::Policy::from(got), wire, "{p:?}");
+                assert_eq!(wire.to_choice(), Ok(choice), "{p:?}");
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 """
 
 from . import errors, messages, wire
-from .client import Arena, Client, Lease, make_policy
+from .client import POLICY_NAMES, Arena, Client, Lease, make_policy
 from .errors import (
     Busy, ConnectionLost, FerryError, NotFound, NotPermitted, ProtocolError, RequestError,
     ServerError, ShuttingDown, Timeout, UnknownComponent, UnknownLayer, UnknownLease,
@@ -20,7 +20,7 @@ from .messages import ModelInfo, ModelOpened, TensorDesc
 __version__ = "0.1.0"
 
 __all__ = [
-    "Arena", "Busy", "Client", "ConnectionLost", "FerryError", "Lease", "ModelInfo",
+    "POLICY_NAMES", "Arena", "Busy", "Client", "ConnectionLost", "FerryError", "Lease", "ModelInfo",
     "ModelOpened", "NotFound", "NotPermitted", "ProtocolError", "RequestError", "ServerError",
     "ShuttingDown", "TensorDesc", "Timeout", "UnknownComponent", "UnknownLayer",
     "UnknownLease", "UnknownModel", "Unsupported", "errors", "make_policy", "messages",

@@ -43,14 +43,32 @@ def _threshold(t: Union[m.Threshold, int, float, None]) -> m.Threshold:
     return m.Fraction(float(t))
 
 
+# Names ``set_residency`` takes for the policies that need no parameters from the client: the
+# server resolves ``auto`` and the presets itself (docs/protocol.md).
+_NAMED = {
+    "auto": m.PolicyAuto,
+    "lowvram": lambda: m.PolicyPreset(m.Preset.LowVram),
+    "medvram": lambda: m.PolicyPreset(m.Preset.MedVram),
+    "model": lambda: m.PolicyPreset(m.Preset.Model),
+}
+POLICY_NAMES = ("none", "component", "sequential", "balanced", "lru") + tuple(_NAMED)
+
+
 def make_policy(policy: PolicyArg, lookahead: int = 1,
                 threshold: Union[m.Threshold, int, float, None] = None) -> m.Policy:
-    """A :class:`ferry.messages.Policy` from a name (``none``, ``component``, ``sequential``,
-    ``balanced``, ``lru``) or an existing one. ``threshold``: an int is bytes, a float a
-    fraction of the device's memory."""
+    """A :class:`ferry.messages.Policy` from a name or an existing one.
+
+    Names (any case, surrounding blanks ignored): ``none``, ``component``, ``sequential``
+    (uses ``lookahead``), ``balanced`` and ``lru`` (use ``threshold``: an int is bytes, a float
+    a fraction of the device's memory); ``auto`` (the server decides from its device's
+    memory); SD.Next's presets ``lowvram`` (= sequential, lookahead 1), ``medvram`` and
+    ``model`` (= component). ``lookahead`` and ``threshold`` are ignored by the policies that
+    do not use them, ``auto`` and the presets included. An unknown name is a ``ValueError``."""
     if isinstance(policy, m.Policy):
         return policy
-    name = policy.lower()
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a name or a ferry.messages.Policy, not {policy!r}")
+    name = policy.strip().lower()
     if name == "none":
         return m.PolicyNone()
     if name == "component":
@@ -61,7 +79,9 @@ def make_policy(policy: PolicyArg, lookahead: int = 1,
         return m.Balanced(_threshold(threshold))
     if name == "lru":
         return m.Lru(_threshold(threshold))
-    raise ValueError(f"unknown policy {policy!r}")
+    if name in _NAMED:
+        return _NAMED[name]()
+    raise ValueError(f"unknown policy {policy!r}: expected one of {', '.join(POLICY_NAMES)}")
 
 
 @dataclass
@@ -342,6 +362,10 @@ class Client:
     def set_residency(self, model: int, policy: PolicyArg, component: Optional[str] = None,
                       lookahead: int = 1,
                       threshold: Union[m.Threshold, int, float, None] = None) -> None:
+        """Sets the residency policy of ``model`` (or of one ``component``): a name (see
+        :func:`make_policy`: the five policies, ``auto``, ``lowvram``, ``medvram``, ``model``)
+        or a :class:`ferry.messages.Policy`. A bad name raises ``ValueError`` before anything
+        is sent."""
         p = make_policy(policy, lookahead, threshold)
         self._call(m.SetResidency(model, component, p), m.Ack)
 

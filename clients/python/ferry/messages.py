@@ -86,7 +86,35 @@ class Lru(Policy):
     threshold: Threshold = wf(Threshold)
 
 
-Policy.VARIANTS = (PolicyNone, PolicyComponent, Sequential, Balanced, Lru)
+class Preset(enum.IntEnum):
+    """SD.Next's offload presets (the ``preset`` of :class:`PolicyPreset`)."""
+
+    LowVram = 0  # = sequential, lookahead 1
+    MedVram = 1  # = component
+    Model = 2  # = component (SD.Next's "model offload")
+
+
+@dataclass
+class PolicyAuto(Policy):
+    """Decided by the server from its device's memory: sequential on small devices, balanced
+    above (the Rust variant ``Auto``)."""
+
+    VARIANT: ClassVar[str] = "Auto"
+
+
+@dataclass
+class PolicyPreset(Policy):
+    """An SD.Next preset, resolved by the server to the policy it names (the Rust variant
+    ``Preset``)."""
+
+    VARIANT: ClassVar[str] = "Preset"
+    preset: Preset = wf(Preset)
+
+
+# In variant-index order: None 0, Component 1, Sequential 2, Balanced 3, Lru 4, Auto 5,
+# Preset 6. New variants are only ever appended.
+Policy.VARIANTS = (PolicyNone, PolicyComponent, Sequential, Balanced, Lru, PolicyAuto,
+                   PolicyPreset)
 
 
 class LoraSource(WireEnum):

@@ -603,7 +603,8 @@ class Session:
 
     ``client``: a :class:`ferry.Client`, a socket path, or ``None`` for ``$FERRY_SOCKET``; a
     client made here is closed with the session. ``policy``: ``none``, ``component``,
-    ``sequential``, ``balanced``, ``lru`` or a :class:`ferry.messages.Policy` for the whole
+    ``sequential``, ``balanced``, ``lru``, ``auto``, a preset (``lowvram``, ``medvram``,
+    ``model``) or a :class:`ferry.messages.Policy` for the whole
     model (``None`` leaves it as it is), ``lookahead``/``threshold`` as in
     :meth:`ferry.Client.set_residency`; ``component_policies`` sets some components apart.
     ``loras``: ``(path, strength)`` pairs; ``lora_mode``: ``backup`` or ``fuse``.

@@ -7,6 +7,7 @@ import struct
 import unittest
 
 import _util  # noqa: F401  (puts the package on sys.path)
+import ferry
 from ferry import errors, messages, wire
 
 FIXTURES = os.path.join(_util.repo_root(), "tests", "fixtures", "protocol")
@@ -29,12 +30,16 @@ class GoldenVectors(unittest.TestCase):
         self.assertEqual(self.index["max_fds"], wire.MAX_FDS)
 
     def test_one_vector_per_kind(self):
-        kinds = sorted(v["kind"] for v in self.vectors)
+        main = [v for v in self.vectors if v["variant"] is None]
+        kinds = sorted(v["kind"] for v in main)
         self.assertEqual(kinds, sorted(messages.BY_KIND), "every message kind has a vector")
+        files = [v["file"] for v in self.vectors]
+        self.assertEqual(len(files), len(set(files)), "file names are unique")
         for v in self.vectors:
             cls = messages.BY_KIND[v["kind"]]
             self.assertEqual(cls.NAME, v["kind_name"])
-            self.assertEqual(v["file"], v["kind_name"] + ".bin")
+            suffix = "" if v["variant"] is None else "." + v["variant"]
+            self.assertEqual(v["file"], v["kind_name"] + suffix + ".bin")
             want_fds = {"none": [0], "one": [1], "some": list(range(17))}[cls.FDS]
             self.assertIn(v["fds"], want_fds, v["file"])
 
@@ -61,6 +66,35 @@ class GoldenVectors(unittest.TestCase):
                 head = wire.pack_header(cls.KIND, v["request_id"], len(body), v["version"],
                                         v["flags"])
                 self.assertEqual(head + wire.encode(again), frame)
+
+    def test_every_policy_variant_has_a_vector(self):
+        """Each Policy variant is decoded from some vector (set_residency.* and models.*)."""
+        seen = set()
+        for v in self.vectors:
+            fields = v["fields"]
+            policies = [fields.get("policy")] + [m["policy"] for m in fields.get("models", [])]
+            for p in policies:
+                if p is not None:
+                    seen.add(p if isinstance(p, str) else next(iter(p)))
+        self.assertEqual(seen, {cls.VARIANT for cls in messages.Policy.VARIANTS})
+
+    def test_auto_and_presets_by_hand(self):
+        """The new variants' bytes, written out here rather than by either encoder: model 1,
+        no component, then the Policy index (Auto 5, Preset 6) and the Preset index."""
+        cases = {
+            "auto": (messages.PolicyAuto(), "05000000"),
+            "lowvram": (messages.PolicyPreset(messages.Preset.LowVram), "0600000000000000"),
+            "medvram": (messages.PolicyPreset(messages.Preset.MedVram), "0600000001000000"),
+            "model": (messages.PolicyPreset(messages.Preset.Model), "0600000002000000"),
+        }
+        for name, (policy, tail) in cases.items():
+            with self.subTest(name=name):
+                body = wire.encode(messages.SetResidency(1, None, policy))
+                self.assertEqual(body.hex(), "0100000000000000" + "00" + tail)
+                with open(os.path.join(FIXTURES, f"set_residency.{name}.bin"), "rb") as f:
+                    self.assertEqual(f.read()[wire.HEADER_LEN:], body)
+                self.assertEqual(wire.decode(messages.SetResidency, body).policy, policy)
+                self.assertEqual(ferry.make_policy(name), policy)
 
     def test_worked_example_acquire(self):
         body = wire.encode(messages.Acquire(model=1, component="unet", layer=3))
@@ -92,9 +126,13 @@ class BodyErrors(unittest.TestCase):
         with self.assertRaises(errors.BadBody):
             wire.decode(messages.SetResidency, bytes(sr))
         sr[8] = 0
-        sr[9:13] = struct.pack("<I", 5)  # no Policy variant 5
+        sr[9:13] = struct.pack("<I", 7)  # no Policy variant 7
         with self.assertRaises(errors.BadBody):
             wire.decode(messages.SetResidency, bytes(sr))
+        preset = wire.encode(messages.SetResidency(
+            1, None, messages.PolicyPreset(messages.Preset.Model)))
+        with self.assertRaises(errors.BadBody):  # no Preset variant 3
+            wire.decode(messages.SetResidency, preset[:-4] + struct.pack("<I", 3))
         with self.assertRaises(errors.BadBody):
             wire.decode(messages.OpenModel, struct.pack("<Q", 2) + b"\xff\xfe")
         with self.assertRaises(errors.BadBody):  # a length far past the body
@@ -123,6 +161,47 @@ class BodyErrors(unittest.TestCase):
         self.assertIsInstance(errors.from_code(300, "x"), errors.ConnectionLost)
         self.assertIsInstance(errors.from_code(106, "x"), errors.BadBody)
         self.assertEqual(len({c for c in errors.BY_CODE}), 32)
+
+
+class PolicyNames(unittest.TestCase):
+    """make_policy (behind Client.set_residency): names, case, parameters, errors."""
+
+    def test_names_any_case(self):
+        mp = ferry.make_policy
+        self.assertEqual(mp("auto"), messages.PolicyAuto())
+        self.assertEqual(mp(" AUTO "), messages.PolicyAuto())
+        self.assertEqual(mp("LowVRAM"), messages.PolicyPreset(messages.Preset.LowVram))
+        self.assertEqual(mp("MedVram"), messages.PolicyPreset(messages.Preset.MedVram))
+        self.assertEqual(mp("MODEL"), messages.PolicyPreset(messages.Preset.Model))
+        self.assertEqual(mp("Sequential", lookahead=3), messages.Sequential(3))
+        self.assertEqual(mp("balanced", threshold=0.5),
+                         messages.Balanced(messages.Fraction(0.5)))
+        self.assertEqual(mp("none"), messages.PolicyNone())
+        # Parameters that do not apply are ignored, as for none and component.
+        self.assertEqual(mp("lowvram", lookahead=5, threshold=0.5),
+                         messages.PolicyPreset(messages.Preset.LowVram))
+        self.assertEqual(mp("auto", threshold=1 << 20), messages.PolicyAuto())
+        p = messages.PolicyPreset(messages.Preset.Model)
+        self.assertIs(mp(p), p)
+
+    def test_unknown_names_are_value_errors_naming_the_choices(self):
+        for bad in ("", "fast", "low-vram", "med vram", "sequential:2"):
+            with self.subTest(name=bad):
+                with self.assertRaises(ValueError) as cm:
+                    ferry.make_policy(bad)
+                msg = str(cm.exception)
+                self.assertIn(repr(bad), msg)
+                for name in ("auto", "lowvram", "medvram", "model", "sequential"):
+                    self.assertIn(name, msg)
+        with self.assertRaises(TypeError):
+            ferry.make_policy(5)
+
+    def test_json_forms(self):
+        self.assertEqual(wire.to_json(messages.Policy, messages.PolicyAuto()), "Auto")
+        j = wire.to_json(messages.Policy, messages.PolicyPreset(messages.Preset.MedVram))
+        self.assertEqual(j, {"Preset": {"preset": "MedVram"}})
+        self.assertEqual(wire.from_json(messages.Policy, j),
+                         messages.PolicyPreset(messages.Preset.MedVram))
 
 
 class TorchImport(unittest.TestCase):

@@ -175,6 +175,47 @@ class Live(unittest.TestCase):
         with self.assertRaises(errors.BadRequest):
             c.set_residency(model.model, "balanced", threshold=1.5)
 
+    def test_auto_and_presets_are_reported_back(self):
+        c = self.client
+        model = c.open_model(MODEL)
+        cases = [
+            ("auto", messages.PolicyAuto()),
+            ("LowVRAM", messages.PolicyPreset(messages.Preset.LowVram)),
+            ("medvram", messages.PolicyPreset(messages.Preset.MedVram)),
+            ("MODEL", messages.PolicyPreset(messages.Preset.Model)),
+            ("sequential", messages.Sequential(1)),
+        ]
+        for name, want in cases:
+            with self.subTest(policy=name):
+                c.set_residency(model.model, name)
+                infos = [m for m in c.list_models() if m.model == model.model]
+                self.assertEqual(len(infos), 1)
+                self.assertEqual(infos[0].policy, want)
+                # Every layer is still served under it.
+                comp = model.components[0]
+                for i in range(len(comp.layers)):
+                    with c.acquire(model.model, comp.name, i) as lease:
+                        self.assertEqual(len(lease.tensors), comp.layers[i].tensors)
+        # An unknown name: ValueError, and nothing goes to the server.
+        sent = []
+        real_send = c._send
+
+        def recording_send(msg, fds=()):
+            sent.append(msg)
+            return real_send(msg, fds)
+
+        c._send = recording_send
+        try:
+            with self.assertRaises(ValueError) as cm:
+                c.set_residency(model.model, "ultravram")
+            self.assertIn("'ultravram'", str(cm.exception))
+            self.assertEqual(sent, [])
+            infos = [m for m in c.list_models() if m.model == model.model]
+            self.assertEqual(infos[0].policy, messages.Sequential(1), "unchanged")
+            self.assertEqual([type(m) for m in sent], [messages.ListModels])
+        finally:
+            del c._send
+
     def test_closed_client_raises_connection_lost(self):
         c = ferry.Client(SOCKET, timeout=30)
         c.close()

@@ -381,6 +381,10 @@ fn policy_text(p: Option<&Policy>) -> String {
             format!("balanced ({})", threshold_text(threshold))
         }
         Some(Policy::Lru { threshold }) => format!("lru ({})", threshold_text(threshold)),
+        Some(Policy::Auto) => "auto".to_string(),
+        Some(Policy::Preset { preset }) => {
+            ferry::engine::policy::Preset::from(*preset).name().to_string()
+        }
     }
 }
 
@@ -415,12 +419,22 @@ fn build_policy(
         }
         return Ok(None);
     };
-    // The protocol carries concrete policies only: a preset is sent as the policy it names.
-    let PolicyChoice::Spec { spec, .. } = name else {
-        return Err("--policy auto cannot be sent to ferryd (the protocol has no auto policy \
-                    yet); a model whose policy was never set already gets ferryd's default"
-            .into());
+    let (spec, preset) = match name {
+        PolicyChoice::Auto if lookahead.is_some() || threshold.is_some() => {
+            return Err("--lookahead and --threshold do not apply to --policy auto (ferryd \
+                        picks sequential or balanced from the device's memory)"
+                .into());
+        }
+        PolicyChoice::Auto => return Ok(Some(Policy::Auto)),
+        PolicyChoice::Spec { spec, preset } => (spec, preset),
     };
+    // A preset without parameters travels as itself; with them, as the policy it names.
+    if let Some(p) = preset
+        && lookahead.is_none()
+        && threshold.is_none()
+    {
+        return Ok(Some(Policy::Preset { preset: p.into() }));
+    }
     if lookahead.is_some() && !matches!(spec, PolicySpec::Sequential { .. }) {
         return Err(format!(
             "--lookahead applies only to --policy sequential or lowvram, not {name} ({})",

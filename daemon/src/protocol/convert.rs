@@ -4,11 +4,13 @@
 use super::codes::ErrorCode;
 use super::messages::{
     ComponentSummary, DeviceSummary, ErrorReply, LayerSummary, LoraMode, LoraReport, ModelOpened,
-    Policy, StatsReply, TensorDesc, Threshold, ViewCreated,
+    Policy, Preset, StatsReply, TensorDesc, Threshold, ViewCreated,
 };
 use crate::device::DeviceInfo;
 use crate::engine::lora_view::LoraMode as EngineLoraMode;
-use crate::engine::policy::{PolicySpec, Threshold as EngineThreshold};
+use crate::engine::policy::{
+    PolicyChoice, PolicySpec, Preset as EnginePreset, Threshold as EngineThreshold,
+};
 use crate::engine::{EngineError, ModelId, Stats, TensorView};
 use crate::lora::export::ExportReport;
 use crate::store::Model;
@@ -85,9 +87,52 @@ impl From<PolicySpec> for Policy {
     }
 }
 
+impl From<Preset> for EnginePreset {
+    fn from(p: Preset) -> EnginePreset {
+        match p {
+            Preset::LowVram => EnginePreset::LowVram,
+            Preset::MedVram => EnginePreset::MedVram,
+            Preset::Model => EnginePreset::Model,
+        }
+    }
+}
+
+impl From<EnginePreset> for Preset {
+    fn from(p: EnginePreset) -> Preset {
+        match p {
+            EnginePreset::LowVram => Preset::LowVram,
+            EnginePreset::MedVram => Preset::MedVram,
+            EnginePreset::Model => Preset::Model,
+        }
+    }
+}
+
+impl From<PolicyChoice> for Policy {
+    /// A preset travels as itself (so the server can say which one was asked for).
+    fn from(c: PolicyChoice) -> Policy {
+        match c {
+            PolicyChoice::Auto => Policy::Auto,
+            PolicyChoice::Spec { preset: Some(p), .. } => Policy::Preset { preset: p.into() },
+            PolicyChoice::Spec { spec, preset: None } => spec.into(),
+        }
+    }
+}
+
 impl Policy {
-    /// The engine's policy for this wire policy, or why its values are invalid (a fraction
-    /// outside `[0, 1]` or not a number): answer those with [`ErrorCode::BadRequest`].
+    /// The engine's choice for this wire policy (presets and `Auto` are resolved by the
+    /// engine), or why its values are invalid (a fraction outside `[0, 1]` or not a number):
+    /// answer those with [`ErrorCode::BadRequest`].
+    pub fn to_choice(self) -> Result<PolicyChoice, String> {
+        match self {
+            Policy::Auto => Ok(PolicyChoice::Auto),
+            Policy::Preset { preset } => Ok(EnginePreset::from(preset).into()),
+            p => p.to_spec().map(PolicyChoice::from),
+        }
+    }
+
+    /// [`Policy::to_choice`] for a concrete policy; `Auto` and presets resolve to the policy
+    /// they name on a device of unknown size (`Auto`: balanced at 75%), so prefer
+    /// [`Policy::to_choice`].
     pub fn to_spec(self) -> Result<PolicySpec, String> {
         let check = |t: Threshold| match t {
             Threshold::Fraction(f) if !(0.0..=1.0).contains(&f) => {
@@ -103,6 +148,8 @@ impl Policy {
             }
             Policy::Balanced { threshold } => PolicySpec::Balanced { threshold: check(threshold)? },
             Policy::Lru { threshold } => PolicySpec::Lru { threshold: check(threshold)? },
+            Policy::Auto => PolicySpec::Balanced { threshold: EngineThreshold::default() },
+            Policy::Preset { preset } => EnginePreset::from(preset).spec(),
         })
     }
 }

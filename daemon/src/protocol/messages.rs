@@ -252,7 +252,7 @@ pub struct SetResidency {
 }
 
 /// A residency policy (design brief §3). Variant indices: `None` 0, `Component` 1,
-/// `Sequential` 2, `Balanced` 3, `Lru` 4; later variants are appended.
+/// `Sequential` 2, `Balanced` 3, `Lru` 4, `Auto` 5, `Preset` 6; later variants are appended.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Policy {
     /// Everything resident, loaded at once.
@@ -265,6 +265,20 @@ pub enum Policy {
     Balanced { threshold: Threshold },
     /// Plain least-recently-used within `threshold` (a baseline).
     Lru { threshold: Threshold },
+    /// Decided by the server from the device's memory: `sequential` on small devices,
+    /// `balanced` above (the server's `auto_sequential_max`, 4 GiB by default).
+    Auto,
+    /// An SD.Next-style preset, resolved by the server to the policy it names.
+    Preset { preset: Preset },
+}
+
+/// SD.Next's offload presets. Variant indices: `LowVram` 0 (= sequential, lookahead 1),
+/// `MedVram` 1 (= component), `Model` 2 (= component).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Preset {
+    LowVram,
+    MedVram,
+    Model,
 }
 
 /// A byte budget. Variant indices: `Bytes` 0, `Fraction` 1.
