@@ -6,6 +6,7 @@
 //! of two), so the expected merged bytes are computed here exactly, with no tolerance.
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +15,8 @@ use std::time::{Duration, Instant};
 use ferry::Dtype;
 use ferry::client::Client;
 use ferry::protocol::{
-    Acquire, Leased, LoraMode, LoraRef, LoraSource, Message, ModelOpened, Release, WaitReady,
+    Acquire, ErrorCode, Leased, LoraMode, LoraRef, LoraSource, Message, ModelOpened, Release,
+    WaitReady,
 };
 use ferry_tests::{Tensor, cargo_bin, write_file};
 use half::f16;
@@ -146,7 +148,7 @@ fn start(dir: &Path) -> Daemon {
         &config,
         format!(
             "device = \"host\"\nhost_memory = 67108864\nsocket = {:?}\nmodel_roots = [{:?}]\n\
-             default_policy = \"balanced\"\nlog = \"warn\"\n",
+             default_policy = \"balanced\"\nmax_views_per_client = 1\nlog = \"warn\"\n",
             socket.to_str().expect("utf-8"),
             root.to_str().expect("utf-8"),
         ),
@@ -275,4 +277,73 @@ fn two_clients_share_device_bytes_and_one_sees_them_through_a_lora_view() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "ferryd exited with {status}");
+}
+
+#[test]
+fn models_and_loras_by_descriptor_are_read_through_the_descriptor_and_views_are_capped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("models")).expect("root");
+    // Outside the model roots: by path it is refused, by descriptor it is the client's to lend.
+    let private = dir.path().join("private");
+    std::fs::create_dir_all(&private).expect("private");
+    let model = private.join("m.safetensors");
+    let blocks: Vec<Tensor> = (0..BLOCKS)
+        .map(|b| f16_tensor(&format!("blocks.{b}.proj.weight"), &[OUT, IN], |i| base_value(b, i)))
+        .collect();
+    write_file(&model, &blocks).expect("model");
+    let lora = private.join("style.safetensors");
+    write_file(
+        &lora,
+        &[
+            f32_tensor("blocks.1.proj.lora_A.weight", &[RANK, IN], down_value),
+            f32_tensor("blocks.1.proj.lora_B.weight", &[OUT, RANK], up_value),
+            f32_tensor("blocks.1.proj.alpha", &[], |_| 4.0),
+        ],
+    )
+    .expect("lora");
+
+    let d = start(dir.path());
+    let mut a = Client::connect(&d.socket, "a").expect("connect a");
+    let mut b = Client::connect(&d.socket, "b").expect("connect b");
+    let err = a.open_model(&model).expect_err("outside the roots by path");
+    assert_eq!(err.code(), Some(ErrorCode::NotPermitted), "{err}");
+
+    let fa = File::open(&model).expect("open");
+    let ma = a.open_model_fd(fa.as_fd(), "mine").expect("open by descriptor");
+    let fb = File::open(&model).expect("open");
+    let mb = b.open_model_fd(fb.as_fd(), "theirs").expect("open by descriptor");
+    assert_eq!(ma.model, mb.model, "the same file by descriptor is one model");
+    let map = map_arena(&mut a);
+    let (c0, l0) = block(&ma, 0);
+    let l = acquire(&mut a, ma.model, &c0, l0);
+    assert_eq!(weight_bytes(&map, &l).1, blocks[0].data);
+    release(&mut a, ma.model, l.lease);
+
+    // A LoRA by descriptor (index 0 of the frame's descriptors).
+    let lf = File::open(&lora).expect("open lora");
+    let stack = vec![LoraRef { source: LoraSource::Fd(0), scale: 0.5 }];
+    let v = a.apply_lora(ma.model, stack, LoraMode::Fuse, &[lf.as_fd()]).expect("lora by fd");
+    assert_eq!(v.merged, 1, "{v:?}");
+    let (c1, l1) = block(&ma, 1);
+    let l = acquire(&mut a, v.view, &c1, l1);
+    assert_eq!(weight_bytes(&map, &l).1, merged_bytes(1, 0.5, 4.0));
+    release(&mut a, v.view, l.lease);
+
+    // max_views_per_client = 1: a second view is refused, typed.
+    let stack = vec![LoraRef { source: LoraSource::Fd(0), scale: 1.0 }];
+    let err = a.apply_lora(ma.model, stack, LoraMode::Backup, &[lf.as_fd()]).expect_err("cap");
+    assert_eq!(err.code(), Some(ErrorCode::LimitExceeded), "{err}");
+    a.remove_lora(v.view).expect("remove");
+
+    // A descriptor index beyond those sent, and a descriptor that is not a file.
+    let stack = vec![LoraRef { source: LoraSource::Fd(3), scale: 1.0 }];
+    let err = a.apply_lora(ma.model, stack, LoraMode::Backup, &[lf.as_fd()]).expect_err("index");
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest), "{err}");
+    let (r, _w) = std::io::pipe().expect("pipe");
+    let err = a.open_model_fd(r.as_fd(), "pipe").expect_err("a pipe");
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest), "{err}");
+    assert!(err.to_string().contains("neither a regular file nor a directory"), "{err}");
+    // The connection still works.
+    let l = acquire(&mut a, ma.model, &c0, l0);
+    release(&mut a, ma.model, l.lease);
 }

@@ -189,8 +189,7 @@ fn handshake_open_acquire_map_the_arena_and_read_the_exact_bytes() {
     assert_eq!(w.version, 1);
     assert_eq!(
         w.features,
-        features::OPEN_PATH | features::HOST_ARENA | features::LORA,
-        "descriptor passing is not offered yet"
+        features::FD_PASSING | features::OPEN_PATH | features::HOST_ARENA | features::LORA,
     );
     assert_eq!(w.device.backend, "host");
     assert_eq!(w.max_body_len, MAX_BODY_LEN);
@@ -300,17 +299,18 @@ fn bad_paths_and_unknown_ids_are_typed_errors_and_the_connection_stays_usable() 
     c.ack(Release { model: m.model, lease: l.lease });
     c.ack(SetResidency { model: m.model, component: None, policy: Policy::None });
 
-    // Descriptor-based opens are not supported yet: a typed error, not a closed connection.
-    let file = File::open(&s.model).expect("open");
-    let id = c.send_with(OpenModelFd { name: "m".into() }, &[file.as_fd()]);
+    // Descriptors: a LoRA entry naming a descriptor that was not attached, and a descriptor
+    // that is not a file, are typed errors, not a closed connection.
+    let stack = vec![LoraRef { source: LoraSource::Fd(0), scale: 1.0 }];
+    c.fails(ApplyLora { model: m.model, stack, mode: LoraMode::Backup }, ErrorCode::BadRequest);
+    let dev_null = File::open("/dev/null").expect("/dev/null");
+    let id = c.send_with(OpenModelFd { name: "null".into() }, &[dev_null.as_fd()]);
     let r = c.recv();
     assert_eq!(r.header.request_id, id);
     match r.message {
-        Message::Error(e) => assert_eq!(e.error_code(), Some(ErrorCode::Unsupported)),
-        other => panic!("expected unsupported, got {other:?}"),
+        Message::Error(e) => assert_eq!(e.error_code(), Some(ErrorCode::BadRequest)),
+        other => panic!("expected bad_request, got {other:?}"),
     }
-    let stack = vec![LoraRef { source: LoraSource::Fd(0), scale: 1.0 }];
-    c.fails(ApplyLora { model: m.model, stack, mode: LoraMode::Backup }, ErrorCode::Unsupported);
     let stack = vec![LoraRef {
         source: LoraSource::Path(outside.to_str().expect("utf-8").into()),
         scale: 1.0,
@@ -501,19 +501,78 @@ fn stale_sockets_are_replaced_live_ones_are_not() {
     let (mut c, _) = Client::open(&s.socket, "t");
     assert!(matches!(c.call(Stats {}), Message::StatsReply(_)));
 
-    // Shutdown tells connected clients, then closes them. KNOWN RACE (in the session note): in
-    // about one run in twenty the connection closes without the shutting-down frame; until it
-    // is fixed this accepts a bare close, and still requires the connection to end.
+    // Shutdown tells connected clients, then closes them: the error, then the end of stream.
     server.shutdown();
-    match recv_frame(&c.s, None) {
-        Ok(r) => match r.message {
-            Message::Error(e) => {
-                assert_eq!(e.error_code(), Some(ErrorCode::ShuttingDown), "{}", e.message);
-                assert!(matches!(recv_frame(&c.s, None), Err(ProtocolError::Closed)));
+    c.expect_closed_with(ErrorCode::ShuttingDown);
+}
+
+/// Every client connected when the server stops gets the `shutting_down` error, then the end
+/// of the stream (never a bare close, a reset, or a reply after the error), whatever it is
+/// doing: idle after the handshake, with requests in flight, connected but silent, or
+/// connecting as the server stops (accepted at that moment, or still in the listen backlog).
+/// The connections race the shutdown, so this runs 50 rounds.
+#[test]
+fn shutdown_tells_every_client_whatever_it_is_doing() {
+    for round in 0..50 {
+        let s = setup();
+        let (_engine, server) = start(&s, |_| {});
+        let (mut idle, _) = Client::open(&s.socket, "idle");
+        assert!(matches!(idle.call(Stats {}), Message::StatsReply(_)));
+        let (mut busy, _) = Client::open(&s.socket, "busy");
+        let m = busy.open_model(&s.model);
+        let (component, layer) = block_layer(&m, 0);
+        let first = busy.next;
+        for i in 0..100 {
+            if i % 2 == 0 {
+                busy.send_with(Stats {}, &[]);
+            } else {
+                busy.send_with(
+                    Acquire { model: m.model, component: component.clone(), layer },
+                    &[],
+                );
             }
-            other => panic!("expected shutting_down, got {other:?}"),
-        },
-        Err(e) => assert!(matches!(e, ProtocolError::Closed), "{e:?}"),
+        }
+        let silent = Client::connect(&s.socket);
+        // Clients connecting until the socket refuses them.
+        let socket = s.socket.clone();
+        let connecting = std::thread::spawn(move || {
+            let mut streams = Vec::new();
+            while streams.len() < 32 {
+                match UnixStream::connect(&socket) {
+                    Ok(c) => streams.push(c),
+                    Err(_) => break,
+                }
+            }
+            streams
+        });
+        std::thread::sleep(Duration::from_micros(200 * (round % 5)));
+        server.shutdown();
+
+        idle.expect_closed_with(ErrorCode::ShuttingDown);
+        // Replies to the requests served before the shutdown, in order, then the error.
+        let mut id = first;
+        loop {
+            let r = busy.recv();
+            if let Message::Error(e) = &r.message {
+                assert_eq!(e.error_code(), Some(ErrorCode::ShuttingDown), "{}", e.message);
+                assert_eq!(r.header.request_id, NO_REQUEST);
+                break;
+            }
+            assert_eq!(r.header.request_id, id, "round {round}: replies in order");
+            id += 1;
+        }
+        assert!(
+            matches!(recv_frame(&busy.s, None), Err(ProtocolError::Closed)),
+            "round {round}: nothing after the error"
+        );
+        let mut silent = silent;
+        silent.expect_closed_with(ErrorCode::ShuttingDown);
+        for stream in connecting.join().expect("connecting thread") {
+            stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+            let mut c = Client { s: stream, next: 1 };
+            c.expect_closed_with(ErrorCode::ShuttingDown);
+        }
+        assert!(UnixStream::connect(&s.socket).is_err(), "nothing listens any more");
     }
 }
 

@@ -14,9 +14,10 @@ use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::protocol::socket::{recv_frame, send_frame};
+use crate::protocol::socket::{FrameReader, FrameWriter, Received, SpinLimit};
 use crate::protocol::{
     ApplyLora, ArenaFd, ClientInfo, CloseModel, ErrorCode, ErrorReply, Goodbye, Hello, Kind,
     ListClients, ListModels, LoraMode, LoraRef, MIN_PROTOCOL_VERSION, MapArena, Message, ModelInfo,
@@ -27,6 +28,10 @@ use crate::protocol::{
 /// How long a reply may take by default before the call fails with [`ClientError::Io`]
 /// (`TimedOut`/`WouldBlock`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a [`Client`] polls for a reply before it sleeps, by default
+/// ([`Client::set_spin`]).
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,10 +76,20 @@ impl From<ErrorReply> for ClientError {
     }
 }
 
+/// Clients of one process poll on at most half its cores at once.
+fn spin_limit() -> &'static Arc<SpinLimit> {
+    static LIMIT: OnceLock<Arc<SpinLimit>> = OnceLock::new();
+    LIMIT.get_or_init(|| Arc::new(SpinLimit::half_the_cores()))
+}
+
 /// A connection to ferryd that has completed the handshake.
 #[derive(Debug)]
 pub struct Client {
     stream: UnixStream,
+    /// Buffered: a reply usually costs one `recvmsg`.
+    reader: FrameReader,
+    /// Keeps its buffer between requests.
+    writer: FrameWriter,
     next_id: u64,
     welcome: Welcome,
 }
@@ -102,16 +117,32 @@ impl Client {
             features: features::KNOWN,
             client_name: name.to_string(),
         };
+        let mut reader = FrameReader::new();
+        reader.set_spin(DEFAULT_SPIN);
+        reader.set_spin_limit(Arc::clone(spin_limit()));
+        let mut writer = FrameWriter::new();
         // The handshake's frames have the same layout in every version.
-        send_frame(&stream, PROTOCOL_VERSION, 1, &hello.into(), &[])?;
-        let r = recv_frame(&stream, None)?;
+        writer.send(&stream, PROTOCOL_VERSION, 1, &hello.into(), &[])?;
+        let r = reader.read_frame(&stream, None).map_err(|f| f.error)?;
         check_id(1, r.header.request_id, &r.message)?;
         let welcome = match r.message {
             Message::Welcome(w) => w,
             Message::Error(e) => return Err(e.into()),
             other => return Err(unexpected(Kind::Welcome, &other)),
         };
-        Ok(Client { stream, next_id: 2, welcome })
+        Ok(Client { stream, reader, writer, next_id: 2, welcome })
+    }
+
+    /// Before sleeping until a reply arrives, poll for it for up to `spin` (zero: sleep at
+    /// once). Most replies (acquire, release, stats) take the server a few microseconds, less
+    /// than putting this thread to sleep and waking it costs (tens of microseconds on a
+    /// virtual machine with idle vCPUs); a slow reply costs the spin in CPU time. Polling
+    /// backs off after polls that end in sleep anyway
+    /// ([`FrameReader::set_spin`](crate::protocol::socket::FrameReader::set_spin)), and the
+    /// clients of one process poll on at most half its cores at once (the others sleep at
+    /// once). Default: [`DEFAULT_SPIN`].
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.reader.set_spin(spin);
     }
 
     /// What the handshake agreed on, and the server's device.
@@ -217,7 +248,7 @@ impl Client {
     /// The host arena's memfd and its length. Needs [`features::HOST_ARENA`].
     pub fn map_arena(&mut self) -> Result<(ArenaFd, OwnedFd), ClientError> {
         let id = self.send(MapArena {}.into(), &[])?;
-        let r = recv_frame(&self.stream, Some(self.welcome.version))?;
+        let r = self.recv()?;
         check_id(id, r.header.request_id, &r.message)?;
         match r.message {
             Message::ArenaFd(a) => {
@@ -242,7 +273,7 @@ impl Client {
     /// [`ClientError::Server`].
     pub fn call(&mut self, msg: Message, fds: &[BorrowedFd<'_>]) -> Result<Message, ClientError> {
         let id = self.send(msg, fds)?;
-        let r = recv_frame(&self.stream, Some(self.welcome.version))?;
+        let r = self.recv()?;
         check_id(id, r.header.request_id, &r.message)?;
         match r.message {
             Message::Error(e) => Err(e.into()),
@@ -253,8 +284,12 @@ impl Client {
     fn send(&mut self, msg: Message, fds: &[BorrowedFd<'_>]) -> Result<u64, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
-        send_frame(&self.stream, self.welcome.version, id, &msg, fds)?;
+        self.writer.send(&self.stream, self.welcome.version, id, &msg, fds)?;
         Ok(id)
+    }
+
+    fn recv(&mut self) -> Result<Received, ClientError> {
+        Ok(self.reader.read_frame(&self.stream, Some(self.welcome.version)).map_err(|f| f.error)?)
     }
 
     fn ack(&mut self, msg: Message, fds: &[BorrowedFd<'_>]) -> Result<(), ClientError> {

@@ -42,6 +42,10 @@ pub struct FerrydConfig {
     pub allow_gids: Vec<u32>,
     /// Most clients connected at once.
     pub max_clients: Option<usize>,
+    /// Most leases one client may hold at once.
+    pub max_leases_per_client: Option<usize>,
+    /// Most LoRA views one client may have open at once.
+    pub max_views_per_client: Option<usize>,
     /// Models opened at start and kept open.
     #[serde(default)]
     pub preload: Vec<PathBuf>,

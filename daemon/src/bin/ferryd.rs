@@ -72,6 +72,12 @@ struct Args {
     /// Most clients connected at once (default 256).
     #[arg(long)]
     max_clients: Option<usize>,
+    /// Most leases one client may hold at once (default 4096).
+    #[arg(long)]
+    max_leases_per_client: Option<usize>,
+    /// Most LoRA views one client may have open at once (default 64).
+    #[arg(long)]
+    max_views_per_client: Option<usize>,
 }
 
 /// The flags, with every value the command line left out taken from the configuration file.
@@ -84,6 +90,8 @@ fn merge(mut args: Args, file: FerrydConfig) -> Args {
     args.socket = args.socket.or(file.socket);
     args.log = args.log.or(file.log);
     args.max_clients = args.max_clients.or(file.max_clients);
+    args.max_leases_per_client = args.max_leases_per_client.or(file.max_leases_per_client);
+    args.max_views_per_client = args.max_views_per_client.or(file.max_views_per_client);
     for (flag, from_file) in
         [(&mut args.model_roots, file.model_roots), (&mut args.preload, file.preload)]
     {
@@ -216,6 +224,12 @@ fn main() -> ExitCode {
     };
     if let Some(n) = args.max_clients {
         config.max_clients = n;
+    }
+    if let Some(n) = args.max_leases_per_client {
+        config.max_leases_per_client = n;
+    }
+    if let Some(n) = args.max_views_per_client {
+        config.max_views_per_client = n;
     }
     // Under systemd socket activation the listener is inherited (descriptor 3).
     let started = match service::inherited_listener() {

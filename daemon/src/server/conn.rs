@@ -2,7 +2,7 @@
 //! leaves. Everything the client held is given back when [`Conn`] is dropped (also on unwind).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::{ClientEntry, ModelEntry, Shared};
 use crate::device::ClientDone;
 use crate::engine::{EngineError, Lease, LeaseId, ModelId};
-use crate::protocol::socket::recv_frame_detailed;
+use crate::protocol::socket::{FrameReader, discard_input};
 use crate::protocol::{
     Ack, Acquire, ApplyLora, ArenaFd, ClientInfo, Clients, DeviceSummary, ErrorCode, ErrorReply,
     Kind, Leased, LoraSource, MAX_BODY_LEN, MAX_FDS, MIN_PROTOCOL_VERSION, Message, ModelInfo,
@@ -32,6 +32,8 @@ struct Conn<'a> {
     shared: &'a Shared,
     entry: &'a ClientEntry,
     stream: UnixStream,
+    /// Reads requests; buffered, so a request usually costs one `recvmsg`.
+    reader: FrameReader,
     /// The agreed version, once the handshake is done.
     version: Option<u16>,
     features: u64,
@@ -53,6 +55,13 @@ pub(super) fn serve(shared: &Arc<Shared>, entry: &Arc<ClientEntry>, stream: Unix
         shared,
         entry,
         stream,
+        reader: {
+            let mut r = FrameReader::new();
+            // Polls for the next request (adaptively): see `ServerConfig::spin`.
+            r.set_spin(shared.config.spin);
+            r.set_spin_limit(Arc::clone(&shared.spin_limit));
+            r
+        },
         version: None,
         features: 0,
         open: BTreeSet::new(),
@@ -85,8 +94,13 @@ impl Conn<'_> {
                 self.entry.say_shutting_down(self.version.unwrap_or(PROTOCOL_VERSION));
                 return "server shutting down".into();
             }
-            let r = match recv_frame_detailed(&self.stream, self.version) {
+            let r = match self.reader.read_frame(&self.stream, self.version) {
                 Ok(r) => r,
+                Err(_) if self.shared.stopping() => {
+                    // The shutdown closed the socket under the read (and told the client).
+                    self.entry.say_shutting_down(self.version.unwrap_or(PROTOCOL_VERSION));
+                    return "server shutting down".into();
+                }
                 Err(f) => {
                     return match f.reply() {
                         Some(reply) => self.fatal(f.request_id(), reply),
@@ -95,6 +109,12 @@ impl Conn<'_> {
                     };
                 }
             };
+            if self.shared.stopping() {
+                // A request read as the server stops is not served: the client gets the
+                // `shutting_down` error instead of its reply.
+                self.entry.say_shutting_down(self.version.unwrap_or(PROTOCOL_VERSION));
+                return "server shutting down".into();
+            }
             let id = r.header.request_id;
             let kind = r.header.kind;
             if !kind.is_request() {
@@ -168,6 +188,9 @@ impl Conn<'_> {
                 }
             };
             if let Err(e) = self.send(id, &msg) {
+                if self.shared.stopping() {
+                    return "server shutting down".into();
+                }
                 return format!("sending a reply failed: {e}");
             }
             if fatal {
@@ -207,14 +230,7 @@ impl Conn<'_> {
         let engine = &self.shared.engine;
         match msg {
             Message::OpenModel(m) => self.open_model(&m.path),
-            Message::OpenModelFd(_) => {
-                drop(fds);
-                Err(ErrorReply::new(
-                    ErrorCode::Unsupported,
-                    "open_model_fd is not supported by this server yet; open the model by a \
-                     path under a model root",
-                ))
-            }
+            Message::OpenModelFd(m) => self.open_model_fd(&m.name, fds),
             Message::CloseModel(m) => self.close_model(m.model),
             Message::SetResidency(m) => self.set_residency(m),
             Message::Acquire(m) => self.acquire(m),
@@ -273,6 +289,74 @@ impl Conn<'_> {
                         },
                     );
                     info!(conn = self.id(), model = id, path = %canonical.display(), "model opened");
+                    id
+                }
+            };
+            if let Some(e) = reg.models.get_mut(&id) {
+                e.holders.insert(self.id());
+            }
+            id
+        };
+        self.open.insert(id);
+        self.update_counts();
+        let model = engine.model(id).map_err(|e| engine_err(&e))?;
+        Ok(ModelOpened::describe(id, &model).into())
+    }
+
+    /// A model from the client's descriptor: ferryd reads only what the descriptor gives
+    /// access to (model roots do not apply). Clients passing the same file (or folder) share
+    /// one model, by the descriptor's identity (device, inode, size, mtime).
+    fn open_model_fd(&mut self, name: &str, fds: Vec<OwnedFd>) -> Reply {
+        self.need(features::FD_PASSING, "open_model_fd")?;
+        let mut fds = fds.into_iter();
+        let (Some(fd), None) = (fds.next(), fds.next()) else {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "open_model_fd takes exactly one descriptor",
+            ));
+        };
+        let file = std::fs::File::from(fd);
+        let meta = file.metadata().map_err(|e| {
+            ErrorReply::new(
+                ErrorCode::BadRequest,
+                format!("the descriptor cannot be examined: {e}"),
+            )
+        })?;
+        if !meta.is_file() && !meta.is_dir() {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "open_model_fd: the descriptor is neither a regular file nor a directory",
+            ));
+        }
+        use std::os::unix::fs::MetadataExt as _;
+        let key = PathBuf::from(format!(
+            "<descriptor dev={} ino={} size={} mtime={}.{:09}>",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        ));
+        let label = if name.is_empty() { "(unnamed)" } else { name };
+        let engine = &self.shared.engine;
+        let id = {
+            let mut reg = self.shared.registry();
+            let id = match reg.by_path.get(&key) {
+                Some(&id) => id,
+                None => {
+                    let id = engine.open_model_file(file, label).map_err(|e| engine_err(&e))?;
+                    reg.by_path.insert(key.clone(), id);
+                    reg.models.insert(
+                        id,
+                        ModelEntry {
+                            path: format!("{label} (by descriptor)"),
+                            canonical: Some(key),
+                            view_of: None,
+                            holders: HashSet::new(),
+                            policy: None,
+                        },
+                    );
+                    info!(conn = self.id(), model = id, name = label, "model opened by descriptor");
                     id
                 }
             };
@@ -369,7 +453,7 @@ impl Conn<'_> {
 
     fn set_residency(&mut self, m: SetResidency) -> Reply {
         self.check_open(m.model)?;
-        let spec = m.policy.to_spec().map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e))?;
+        let spec = m.policy.to_choice().map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e))?;
         self.shared
             .engine
             .set_residency(m.model, m.component.as_deref(), spec)
@@ -412,17 +496,69 @@ impl Conn<'_> {
     fn apply_lora(&mut self, m: ApplyLora, fds: &[OwnedFd]) -> Reply {
         self.need(features::LORA, "apply_lora")?;
         self.check_open(m.model)?;
-        if !fds.is_empty() || m.stack.iter().any(|r| matches!(r.source, LoraSource::Fd(_))) {
+        let max = self.shared.config.max_views_per_client;
+        if self.views.len() >= max {
             return Err(ErrorReply::new(
-                ErrorCode::Unsupported,
-                "LoRA sources by descriptor are not supported by this server yet; name files \
-                 under a model root",
+                ErrorCode::LimitExceeded,
+                format!("this client already has {max} LoRA views open"),
             ));
         }
+        // Every attached descriptor is named by exactly one `Fd` entry (docs/protocol.md).
+        let mut named = vec![0u32; fds.len()];
+        for r in &m.stack {
+            if let LoraSource::Fd(i) = r.source
+                && let Some(n) = named.get_mut(i as usize)
+            {
+                *n += 1;
+            }
+        }
+        if let Some(i) = named.iter().position(|&n| n != 1) {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "descriptor {i} attached to apply_lora is named by {} LoRA entries (exactly \
+                     one expected)",
+                    named[i]
+                ),
+            ));
+        }
+        // A LoRA by descriptor is read through the kernel's link to it while `fds` is open
+        // (until create_view, which reads the whole file, returns).
         let mut stack: Vec<(PathBuf, f32)> = Vec::with_capacity(m.stack.len());
         for r in &m.stack {
-            if let LoraSource::Path(p) = &r.source {
-                stack.push((self.shared.resolve_under_roots(p, "LoRA")?, r.scale));
+            match &r.source {
+                LoraSource::Path(p) => {
+                    stack.push((self.shared.resolve_under_roots(p, "LoRA")?, r.scale));
+                }
+                LoraSource::Fd(i) => {
+                    self.need(features::FD_PASSING, "a LoRA by descriptor")?;
+                    let fd = fds.get(*i as usize).ok_or_else(|| {
+                        ErrorReply::new(
+                            ErrorCode::BadRequest,
+                            format!(
+                                "LoRA descriptor index {i} but {} descriptor(s) came with the frame",
+                                fds.len()
+                            ),
+                        )
+                    })?;
+                    let file = std::fs::File::from(fd.try_clone().map_err(|e| {
+                        ErrorReply::new(
+                            ErrorCode::Internal,
+                            format!("duplicating a descriptor: {e}"),
+                        )
+                    })?);
+                    let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+                    if !is_file {
+                        return Err(ErrorReply::new(
+                            ErrorCode::BadRequest,
+                            format!("LoRA descriptor {i} is not a regular file"),
+                        ));
+                    }
+                    stack.push((
+                        PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+                        r.scale,
+                    ));
+                }
             }
         }
         let (view, report) = self
@@ -541,6 +677,10 @@ impl Drop for Conn<'_> {
         }
         self.shared.clients().remove(&id);
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        // Requests the client sent that were never read would make the close reset the
+        // connection: after the last frame it was sent, the client would read ECONNRESET
+        // instead of the end of the stream. Read and drop them.
+        discard_input(&self.stream);
         if released > 0 {
             info!(conn = id, released, "released the leases of a departed client");
         }

@@ -17,20 +17,30 @@
 //! - Models are shared: opening the same canonical path from any connection gives the same id
 //!   (the server keeps a registry of open models and which connections use them). A connection
 //!   may only name models and views it opened itself (else 205 `unknown_model`).
-//! - [`Server::shutdown`] (also on drop) stops accepting, sends every connection an `error` 300
-//!   `shutting_down` (request id 0), closes it, and waits for the connection threads, which
-//!   release what their clients held.
+//! - A connection's thread reads requests through a buffering
+//!   [`FrameReader`](crate::protocol::socket::FrameReader) (one `recvmsg` per request) and
+//!   answers on the same thread (no hand-off). When its client sends requests back to back it
+//!   polls briefly for the next one before sleeping ([`ServerConfig::spin`]).
+//! - [`Server::shutdown`] (also on drop) stops accepting (new connections are refused; those
+//!   already in the listen backlog of a socket the server bound get the error below), sends
+//!   every connection an `error` 300 `shutting_down` (request id 0) as its last frame, closes
+//!   it, and waits for the connection threads, which release what their clients held. The
+//!   error and the close happen under the connection's write lock, so a reply being written at
+//!   that moment is finished first and nothing is written after the error; unread requests are
+//!   drained before the close so the client reads the error and then the end of the stream,
+//!   not a reset.
 //!
 //! # Known gaps (this version)
 //!
-//! - `open_model_fd` and `LoraSource::Fd` are answered 201 `unsupported` and the `FD_PASSING`
-//!   feature is never granted: the store has no API to open a model from a descriptor.
+//! - Models opened by descriptor are shared between clients by the descriptor's identity
+//!   (device, inode, size, mtime), not with the same file opened by path (two engine models,
+//!   two device copies).
 //! - `map_arena` works on the host backend only (CUDA: 201 `unsupported`; CUDA IPC is reserved).
 //!   The descriptor sent is a read-only reopening of the arena's memfd: clients can map and read
 //!   layers, not write into them.
 //! - Requests of one connection are answered in order by its thread: a `wait_ready` holds up the
-//!   requests after it on the same connection (the protocol allows, but does not require, out of
-//!   order replies). Opening models is serialised server-wide (the registry lock is held across
+//!   requests after it on the same connection (docs/protocol.md defines this: replies come in
+//!   request order). Opening models is serialised server-wide (the registry lock is held across
 //!   the open so two clients opening the same files get one id).
 //! - Model roots: the path is canonicalised and checked, then opened by its canonical path; the
 //!   files a sharded index or a diffusers folder names are resolved by the store, which is
@@ -38,7 +48,8 @@
 //! - The group check sees only the peer's primary gid (`SO_PEERCRED` does not report
 //!   supplementary groups).
 //! - A client that stops mid-frame after the handshake holds its thread until it closes or the
-//!   server shuts down (the handshake itself has a read timeout).
+//!   server shuts down (the handshake itself has a read timeout). A client that stops reading
+//!   its replies is dropped once a reply has waited [`REPLY_SEND_TIMEOUT`] for room.
 //! - No TOML config file, SIGHUP reload, or systemd unit / socket activation yet.
 
 mod conn;
@@ -50,15 +61,15 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use crate::device::{ArenaInner, Backend};
 use crate::engine::{Engine, ModelId};
-use crate::protocol::socket::send_frame;
+use crate::protocol::socket::{FrameWriter, SpinLimit, discard_input, send_frame};
 use crate::protocol::{
     ErrorCode, ErrorReply, Message, NO_REQUEST, PROTOCOL_VERSION, Policy, features,
 };
@@ -81,8 +92,19 @@ pub struct ServerConfig {
     pub max_clients: usize,
     /// Leases one connection may hold at once (219 `limit_exceeded` beyond).
     pub max_leases_per_client: usize,
+    /// LoRA views one connection may have open at once (219 `limit_exceeded` beyond): each
+    /// holds its adapters in memory and may hold fused layers.
+    pub max_views_per_client: usize,
     /// How long a new connection has to send `hello`.
     pub handshake_timeout: Duration,
+    /// How long a connection's thread polls for the next request before it sleeps. A client
+    /// sending requests back to back is then read without the thread sleeping and being woken
+    /// (tens of microseconds on a virtual machine with idle vCPUs); polling backs off for a
+    /// client that is slow to send its next request (see
+    /// [`FrameReader::set_spin`](crate::protocol::socket::FrameReader::set_spin)), and at most
+    /// half the cores poll at once. Zero: never poll (on a machine whose cores are all busy
+    /// with other work, sleeping can be the faster choice).
+    pub spin: Duration,
 }
 
 impl ServerConfig {
@@ -95,10 +117,15 @@ impl ServerConfig {
             allow_gids: Vec::new(),
             max_clients: 256,
             max_leases_per_client: 4096,
+            max_views_per_client: 64,
             handshake_timeout: Duration::from_secs(10),
+            spin: DEFAULT_SPIN,
         }
     }
 }
+
+/// [`ServerConfig::spin`] by default.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 /// The default socket path: `$XDG_RUNTIME_DIR/ferry/ferryd.sock` when that variable is set,
 /// else `/run/ferry/ferryd.sock` for root, else `/tmp/ferry-$UID/ferryd.sock`.
@@ -193,14 +220,28 @@ pub(crate) struct ClientEntry {
     pub(crate) leases: AtomicU32,
     /// A handle on the connection (for writing replies and for shutdown).
     pub(crate) stream: UnixStream,
-    /// Serialises whole frames written to `stream`.
-    pub(crate) write: Mutex<()>,
+    /// Everything written to `stream` goes through this lock, a whole frame at a time.
+    pub(crate) write: Mutex<Outgoing>,
+}
+
+/// The writing side of a connection, under [`ClientEntry::write`].
+#[derive(Debug, Default)]
+pub(crate) struct Outgoing {
+    frames: FrameWriter,
     /// Whether the `shutting_down` error was sent (it is sent once).
-    pub(crate) told_shutdown: AtomicBool,
+    told_shutdown: bool,
+    /// Shut down for the server's shutdown: nothing more is written.
+    closed: bool,
 }
 
 impl ClientEntry {
-    /// Sends one frame (whole, under the write lock).
+    fn outgoing(&self) -> MutexGuard<'_, Outgoing> {
+        self.write.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends one frame (whole, under the write lock). Refused once the connection has been
+    /// closed for the server's shutdown: the `shutting_down` error is the last frame a client
+    /// gets.
     pub(crate) fn send(
         &self,
         version: u16,
@@ -208,18 +249,88 @@ impl ClientEntry {
         msg: &Message,
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> Result<(), crate::protocol::ProtocolError> {
-        let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
-        send_frame(&self.stream, version, request_id, msg, fds)
+        let mut out = self.outgoing();
+        if out.closed {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the connection was closed for the server's shutdown",
+            )
+            .into());
+        }
+        out.frames.send(&self.stream, version, request_id, msg, fds)
     }
 
-    /// Sends the `shutting_down` error (request id 0), once, whoever notices the shutdown
-    /// first (the connection's thread or [`Server::shutdown`]).
+    /// Sends the `shutting_down` error (request id 0) unless it was sent already (it is sent
+    /// once, by whoever notices the shutdown first: the connection's thread or
+    /// [`Server::shutdown`]).
     pub(crate) fn say_shutting_down(&self, version: u16) {
-        if !self.told_shutdown.swap(true, Ordering::SeqCst) {
-            let bye = ErrorReply::new(ErrorCode::ShuttingDown, "the server is shutting down");
-            let _ = self.send(version, NO_REQUEST, &bye.into(), &[]);
-        }
+        let mut out = self.outgoing();
+        Self::tell_shutdown(&self.stream, &mut out, version);
     }
+
+    fn tell_shutdown(stream: &UnixStream, out: &mut Outgoing, version: u16) {
+        if out.told_shutdown || out.closed {
+            return;
+        }
+        out.told_shutdown = true;
+        let bye = ErrorReply::new(ErrorCode::ShuttingDown, "the server is shutting down");
+        // Only fails when the client is gone already.
+        let _ = out.frames.send(stream, version, NO_REQUEST, &bye.into(), &[]);
+    }
+
+    /// For the server's shutdown: sends the `shutting_down` error unless it was sent, then
+    /// shuts the socket down, all under the write lock. So the error is sent whole before the
+    /// socket closes, whichever thread sends it (the connection's own thread may be sending it,
+    /// or a reply, at this moment: this waits for that frame), and nothing follows it. The
+    /// connection's thread, blocked in a read or not, then reads the end of the stream.
+    ///
+    /// A client that stopped reading holds this up: a reply blocked on its full socket buffer
+    /// holds the lock until that send times out ([`REPLY_SEND_TIMEOUT`]). Sends started from
+    /// now on time out after [`SHUTDOWN_SEND_TIMEOUT`], and when the lock is not free by then
+    /// the socket is shut down without it (so the connection's thread stops at its next read
+    /// or write) and this waits for the blocked send to time out. Such a client gets no
+    /// `shutting_down` error: it was not reading.
+    pub(crate) fn close_for_shutdown(&self, version: u16) {
+        // Applies to sends that start from now on (one already blocked keeps its own).
+        let _ = self.stream.set_write_timeout(Some(SHUTDOWN_SEND_TIMEOUT));
+        let deadline = Instant::now() + SHUTDOWN_SEND_TIMEOUT;
+        let mut out = loop {
+            match self.write.try_lock() {
+                Ok(out) => break out,
+                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    warn!(conn = self.id, "a reply is stuck on a client that stopped reading");
+                    let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                    break self.outgoing();
+                }
+            }
+        };
+        Self::tell_shutdown(&self.stream, &mut out, version);
+        out.closed = true;
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// How long the server's shutdown waits to send a client the `shutting_down` error.
+const SHUTDOWN_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a reply may wait for room in a client's socket buffer (the client is not reading
+/// its replies) before the connection is dropped. Without it a connection thread could block
+/// forever in that send, and the server's shutdown with it: nothing else wakes a blocked send.
+pub const REPLY_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Tells a connection that was never served (refused, or left in the listen backlog at
+/// shutdown) why it is closed, then closes it so that the client reads the error and then
+/// the end of the stream.
+fn turn_away(stream: UnixStream, code: ErrorCode, message: String) {
+    let _ = stream.set_write_timeout(Some(SHUTDOWN_SEND_TIMEOUT));
+    let e = ErrorReply::new(code, message);
+    let _ = send_frame(&stream, PROTOCOL_VERSION, NO_REQUEST, &e.into(), &[]);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    discard_input(&stream);
 }
 
 /// State shared by the accept thread and every connection.
@@ -233,6 +344,8 @@ pub(crate) struct Shared {
     pub(crate) features: u64,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) clients: Mutex<HashMap<u64, Arc<ClientEntry>>>,
+    /// Connections polling for their next request at once.
+    pub(crate) spin_limit: Arc<SpinLimit>,
     next_conn: AtomicU64,
     stopping: AtomicBool,
 }
@@ -362,7 +475,7 @@ impl Server {
         if config.max_clients == 0 {
             return Err(ServerError::Config("max_clients must be at least 1".into()));
         }
-        let mut offered = features::LORA;
+        let mut offered = features::LORA | features::FD_PASSING;
         if !roots.is_empty() {
             offered |= features::OPEN_PATH;
         }
@@ -383,13 +496,14 @@ impl Server {
             features: offered,
             registry: Mutex::new(Registry::default()),
             clients: Mutex::new(HashMap::new()),
+            spin_limit: Arc::new(SpinLimit::half_the_cores()),
             next_conn: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
         });
         let s2 = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
             .name("ferryd-accept".into())
-            .spawn(move || accept_loop(&s2, &listener, &wake_r))
+            .spawn(move || accept_loop(&s2, &listener, &wake_r, owns_socket))
             .map_err(io_err("starting the accept thread"))?;
         info!(socket = %socket.display(), roots = ?shared.roots, "listening");
         Ok(Server { shared, socket, owns_socket, wake: Some(wake_w), accept: Some(accept) })
@@ -445,8 +559,7 @@ impl Server {
         let clients: Vec<Arc<ClientEntry>> = self.shared.clients().values().cloned().collect();
         info!(clients = clients.len(), "shutting down: closing connections");
         for c in &clients {
-            c.say_shutting_down(PROTOCOL_VERSION);
-            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            c.close_for_shutdown(PROTOCOL_VERSION);
         }
         for h in conns {
             let _ = h.join();
@@ -538,6 +651,7 @@ fn accept_loop(
     shared: &Arc<Shared>,
     listener: &UnixListener,
     wake: &OwnedFd,
+    owns_socket: bool,
 ) -> Vec<JoinHandle<()>> {
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     loop {
@@ -566,15 +680,42 @@ fn accept_loop(
             threads.push(h);
         }
     }
+    if owns_socket && shared.stopping() {
+        turn_away_backlog(listener);
+    }
     threads
+}
+
+/// At shutdown, on a socket the server bound itself: refuses new connections, then tells
+/// every connection still waiting in the listen backlog (its `connect` has succeeded, so its
+/// client thinks it is connected) that the server is shutting down, instead of letting the
+/// kernel reset them when the listener closes. An inherited (socket-activated) listener is
+/// left alone: systemd keeps it, and what waits in its backlog is for the next instance.
+fn turn_away_backlog(listener: &UnixListener) {
+    // SAFETY: the descriptor is the listener's, open for the borrow; shutdown only changes
+    // the socket's state. On Linux a listening Unix socket shut down for reading refuses
+    // `connect` (ECONNREFUSED) but still hands out the connections already queued.
+    if unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RD) } != 0 {
+        warn!("refusing new connections failed: {}", io::Error::last_os_error());
+    }
+    if let Err(e) = listener.set_nonblocking(true) {
+        warn!("draining the listen backlog failed: {e}");
+        return;
+    }
+    let mut turned = 0usize;
+    while let Ok((stream, _)) = listener.accept() {
+        // A descriptor accepted from a non-blocking listener is blocking again on Linux;
+        // `turn_away` bounds its one send anyway.
+        turn_away(stream, ErrorCode::ShuttingDown, "the server is shutting down".into());
+        turned += 1;
+    }
+    if turned > 0 {
+        info!(connections = turned, "shutting down: turned away connections not yet accepted");
+    }
 }
 
 /// Checks a new connection and starts its thread.
 fn admit(shared: &Arc<Shared>, stream: UnixStream) -> Option<JoinHandle<()>> {
-    let refuse = |stream: &UnixStream, code: ErrorCode, message: String| {
-        let e = ErrorReply::new(code, message);
-        let _ = send_frame(stream, PROTOCOL_VERSION, NO_REQUEST, &e.into(), &[]);
-    };
     let cred = match peer_cred(&stream) {
         Ok(c) => c,
         Err(e) => {
@@ -584,8 +725,8 @@ fn admit(shared: &Arc<Shared>, stream: UnixStream) -> Option<JoinHandle<()>> {
     };
     if !shared.allowed(&cred) {
         warn!(uid = cred.uid, gid = cred.gid, pid = cred.pid, "peer not allowed; refused");
-        refuse(
-            &stream,
+        turn_away(
+            stream,
             ErrorCode::NotPermitted,
             format!("uid {} / gid {} is not allowed to use this server", cred.uid, cred.gid),
         );
@@ -599,6 +740,10 @@ fn admit(shared: &Arc<Shared>, stream: UnixStream) -> Option<JoinHandle<()>> {
             return None;
         }
     };
+    if let Err(e) = writer.set_write_timeout(Some(REPLY_SEND_TIMEOUT)) {
+        warn!("setting a connection's send timeout failed: {e}");
+        return None;
+    }
     let entry = Arc::new(ClientEntry {
         id,
         cred,
@@ -606,16 +751,15 @@ fn admit(shared: &Arc<Shared>, stream: UnixStream) -> Option<JoinHandle<()>> {
         models: AtomicU32::new(0),
         leases: AtomicU32::new(0),
         stream: writer,
-        write: Mutex::new(()),
-        told_shutdown: AtomicBool::new(false),
+        write: Mutex::new(Outgoing::default()),
     });
     {
         let mut clients = shared.clients();
         if clients.len() >= shared.config.max_clients {
             drop(clients);
             warn!(uid = cred.uid, pid = cred.pid, "too many clients; refused");
-            refuse(
-                &stream,
+            turn_away(
+                stream,
                 ErrorCode::LimitExceeded,
                 format!("the server already has {} clients", shared.config.max_clients),
             );
