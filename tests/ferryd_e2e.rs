@@ -347,3 +347,52 @@ fn models_and_loras_by_descriptor_are_read_through_the_descriptor_and_views_are_
     let l = acquire(&mut a, ma.model, &c0, l0);
     release(&mut a, ma.model, l.lease);
 }
+
+#[test]
+fn sighup_reloads_model_roots_and_limits_and_a_bad_file_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = dir.path().join("models");
+    let second = dir.path().join("more-models");
+    std::fs::create_dir_all(&first).expect("root");
+    std::fs::create_dir_all(&second).expect("root 2");
+    let model = second.join("m.safetensors");
+    let blocks: Vec<Tensor> = (0..2)
+        .map(|b| f16_tensor(&format!("blocks.{b}.proj.weight"), &[OUT, IN], |i| base_value(b, i)))
+        .collect();
+    write_file(&model, &blocks).expect("model");
+    let mut d = start(dir.path());
+    let config = dir.path().join("ferryd.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let hup = |d: &Daemon| {
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped.
+        assert_eq!(unsafe { libc::kill(d.child.id() as libc::pid_t, libc::SIGHUP) }, 0);
+    };
+
+    let mut c = Client::connect(&d.socket, "c").expect("connect");
+    let err = c.open_model(&model).expect_err("not under the first root");
+    assert_eq!(err.code(), Some(ErrorCode::NotPermitted), "{err}");
+
+    // A second root in the file, then SIGHUP: the same connection can now open the model.
+    let roots = format!(
+        "model_roots = [{:?}, {:?}]",
+        first.to_str().expect("utf-8"),
+        second.to_str().expect("utf-8")
+    );
+    let old_roots = format!("model_roots = [{:?}]", first.to_str().expect("utf-8"));
+    std::fs::write(&config, text.replace(&old_roots, &roots)).expect("rewrite");
+    hup(&d);
+    wait_until("the reload", Duration::from_secs(10), || c.open_model(&model).is_ok());
+    let m = c.open_model(&model).expect("open under the new root");
+    let l = acquire(&mut c, m.model, &block(&m, 0).0, block(&m, 0).1);
+    release(&mut c, m.model, l.lease);
+
+    // A broken file: logged, nothing changes, the daemon keeps serving.
+    std::fs::write(&config, "this is = not [valid toml").expect("break");
+    hup(&d);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(d.child.try_wait().expect("try_wait").is_none(), "ferryd survived a bad reload");
+    let mut c2 = Client::connect(&d.socket, "c2").expect("connect after a bad reload");
+    c2.open_model(&model).expect("the reloaded roots are still in force");
+    drop(c2);
+    drop(c);
+}

@@ -4,8 +4,10 @@
 //! opens (and so validates) the models it is told to preload, then serves the client protocol
 //! (docs/protocol.md) on a Unix socket ([`ferry::server`]) until SIGTERM or SIGINT, which stop
 //! accepting, close every connection (releasing its leases) and exit 0. `--check` exits after
-//! start-up without binding the socket. Not yet: a TOML config file, SIGHUP reload, systemd
-//! notify / socket activation.
+//! start-up without binding the socket. Settings come from flags over the TOML file
+//! (`/etc/ferry/ferryd.toml` or `--config`); SIGHUP reads the file again and applies model
+//! roots, allow lists and limits to the running server (the rest needs a restart, and is
+//! logged as such). Under systemd: Type=notify (READY/STOPPING) and socket activation.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +21,7 @@ use ferry::server::{Server, ServerConfig};
 use ferry::service;
 use tracing::{error, info};
 
-#[derive(Debug, Parser)]
+#[derive(Clone, Debug, Parser)]
 #[command(name = "ferryd", version = ferry::VERSION, about = "The ferry weight streaming daemon")]
 struct Args {
     /// The configuration file (default: /etc/ferry/ferryd.toml, if it exists). Flags given
@@ -106,20 +108,86 @@ fn merge(mut args: Args, file: FerrydConfig) -> Args {
     args
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    let file = match &args.config {
+/// The configuration file the flags name (or the default one, if it exists).
+fn load_file(args: &Args) -> Result<FerrydConfig, ferry::config::ConfigError> {
+    match &args.config {
         Some(path) => FerrydConfig::load(path, true),
         None => FerrydConfig::load(std::path::Path::new(ferry::config::DEFAULT_PATH), false),
+    }
+}
+
+/// The server's settings from the merged flags and file.
+fn server_config(args: &Args) -> ServerConfig {
+    let mut config = ServerConfig {
+        model_roots: args.model_roots.clone(),
+        allow_uids: args.allow_uids.clone(),
+        allow_gids: args.allow_gids.clone(),
+        ..ServerConfig::new(args.socket.clone().unwrap_or_else(ferry::server::default_socket_path))
     };
-    let file = match file {
+    if let Some(n) = args.max_clients {
+        config.max_clients = n;
+    }
+    if let Some(n) = args.max_leases_per_client {
+        config.max_leases_per_client = n;
+    }
+    if let Some(n) = args.max_views_per_client {
+        config.max_views_per_client = n;
+    }
+    config
+}
+
+/// SIGHUP: reads the configuration file again (flags still override it) and applies what a
+/// running server can change (model roots, allow lists, limits). Settings that need a restart
+/// are logged if they changed. A bad file changes nothing.
+fn reload(cli: &Args, running: &Args, server: &Server) {
+    let file = match load_file(cli) {
+        Ok(f) => f,
+        Err(e) => {
+            error!("SIGHUP: configuration not reloaded, the running one stays: {e}");
+            return;
+        }
+    };
+    let new = merge(cli.clone(), file);
+    match server.reload(server_config(&new)) {
+        Ok(changed) if changed.is_empty() => info!("SIGHUP: configuration reloaded, no change"),
+        Ok(changed) => info!(changed = ?changed, "SIGHUP: configuration reloaded"),
+        Err(e) => {
+            error!("SIGHUP: configuration not reloaded, the running one stays: {e}");
+            return;
+        }
+    }
+    let restart_only = [
+        ("device", format!("{:?}", new.device) != format!("{:?}", running.device)),
+        ("budget", new.budget != running.budget),
+        ("host_memory", new.host_memory != running.host_memory),
+        (
+            "default_policy",
+            format!("{:?}", new.default_policy) != format!("{:?}", running.default_policy),
+        ),
+        ("auto_sequential_max", new.auto_sequential_max != running.auto_sequential_max),
+        ("preload", new.preload != running.preload),
+        ("log", new.log != running.log),
+    ];
+    for (key, differs) in restart_only {
+        if differs {
+            tracing::warn!(
+                key,
+                "SIGHUP: changed in the configuration file; takes effect at restart"
+            );
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Args::parse();
+    let file = match load_file(&cli) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("ferryd: error: {e}");
             return ExitCode::from(2);
         }
     };
-    let args = merge(args, file);
+    let args = merge(cli.clone(), file);
     let log = args.log.clone().unwrap_or_else(|| "info".to_string());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log));
@@ -216,21 +284,7 @@ fn main() -> ExitCode {
         info!("start-up check passed");
         return ExitCode::SUCCESS;
     }
-    let mut config = ServerConfig {
-        model_roots: args.model_roots.clone(),
-        allow_uids: args.allow_uids.clone(),
-        allow_gids: args.allow_gids.clone(),
-        ..ServerConfig::new(args.socket.clone().unwrap_or_else(ferry::server::default_socket_path))
-    };
-    if let Some(n) = args.max_clients {
-        config.max_clients = n;
-    }
-    if let Some(n) = args.max_leases_per_client {
-        config.max_leases_per_client = n;
-    }
-    if let Some(n) = args.max_views_per_client {
-        config.max_views_per_client = n;
-    }
+    let config = server_config(&args);
     // Under systemd socket activation the listener is inherited (descriptor 3).
     let started = match service::inherited_listener() {
         Ok(Some(listener)) => {
@@ -258,7 +312,7 @@ fn main() -> ExitCode {
     }
     info!(socket = %server.socket_path().display(), "ready; stop with SIGTERM or Ctrl-C");
     service::notify("READY=1");
-    let stopped = wait_for_stop(&signals);
+    let stopped = wait_for_stop(&signals, || reload(&cli, &args, &server));
     service::notify("STOPPING=1");
     info!("draining connections");
     server.shutdown();
@@ -292,9 +346,9 @@ fn block_signals() -> std::io::Result<libc::sigset_t> {
     Ok(set)
 }
 
-/// Waits for one of the signals [`block_signals`] blocked; returns its number. SIGHUP (reload)
-/// has nothing to reload yet and is logged and ignored.
-fn wait_for_stop(set: &libc::sigset_t) -> std::io::Result<i32> {
+/// Waits for SIGTERM or SIGINT (blocked by [`block_signals`]); returns its number. Each SIGHUP
+/// on the way runs `on_hup` (reload).
+fn wait_for_stop(set: &libc::sigset_t, mut on_hup: impl FnMut()) -> std::io::Result<i32> {
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` was initialised by `block_signals` and `sig` is a valid out-pointer.
@@ -303,7 +357,7 @@ fn wait_for_stop(set: &libc::sigset_t) -> std::io::Result<i32> {
             return Err(std::io::Error::from_raw_os_error(rc));
         }
         if sig == libc::SIGHUP {
-            info!("SIGHUP: nothing to reload yet");
+            on_hup();
             continue;
         }
         return Ok(sig);

@@ -46,7 +46,7 @@ struct Conn<'a> {
 
 /// Serves one connection to its end.
 pub(super) fn serve(shared: &Arc<Shared>, entry: &Arc<ClientEntry>, stream: UnixStream) {
-    if let Err(e) = stream.set_read_timeout(Some(shared.config.handshake_timeout)) {
+    if let Err(e) = stream.set_read_timeout(Some(shared.config().handshake_timeout)) {
         warn!(conn = entry.id, "setting the handshake timeout failed: {e}");
         shared.clients().remove(&entry.id);
         return;
@@ -58,7 +58,7 @@ pub(super) fn serve(shared: &Arc<Shared>, entry: &Arc<ClientEntry>, stream: Unix
         reader: {
             let mut r = FrameReader::new();
             // Polls for the next request (adaptively): see `ServerConfig::spin`.
-            r.set_spin(shared.config.spin);
+            r.set_spin(shared.config().spin);
             r.set_spin_limit(Arc::clone(&shared.spin_limit));
             r
         },
@@ -130,7 +130,7 @@ impl Conn<'_> {
                         &h,
                         MIN_PROTOCOL_VERSION,
                         PROTOCOL_VERSION,
-                        self.shared.features,
+                        self.shared.features(),
                     ) {
                         Err(e) => return self.fatal(id, e),
                         Ok(n) => {
@@ -468,7 +468,7 @@ impl Conn<'_> {
 
     fn acquire(&mut self, m: Acquire) -> Reply {
         self.check_open(m.model)?;
-        let max = self.shared.config.max_leases_per_client;
+        let max = self.shared.config().max_leases_per_client;
         if self.leases.len() >= max {
             return Err(ErrorReply::new(
                 ErrorCode::LimitExceeded,
@@ -496,7 +496,7 @@ impl Conn<'_> {
     fn apply_lora(&mut self, m: ApplyLora, fds: &[OwnedFd]) -> Reply {
         self.need(features::LORA, "apply_lora")?;
         self.check_open(m.model)?;
-        let max = self.shared.config.max_views_per_client;
+        let max = self.shared.config().max_views_per_client;
         if self.views.len() >= max {
             return Err(ErrorReply::new(
                 ErrorCode::LimitExceeded,

@@ -50,7 +50,6 @@
 //! - A client that stops mid-frame after the handshake holds its thread until it closes or the
 //!   server shuts down (the handshake itself has a read timeout). A client that stops reading
 //!   its replies is dropped once a reply has waited [`REPLY_SEND_TIMEOUT`] for room.
-//! - No TOML config file, SIGHUP reload, or systemd unit / socket activation yet.
 
 mod conn;
 
@@ -61,7 +60,9 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
+use std::sync::{
+    Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard, TryLockError,
+};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -337,11 +338,13 @@ fn turn_away(stream: UnixStream, code: ErrorCode, message: String) {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) engine: Engine,
-    pub(crate) config: ServerConfig,
-    /// Canonical model roots.
-    pub(crate) roots: Vec<PathBuf>,
-    /// Feature bits the server offers.
-    pub(crate) features: u64,
+    /// Replaced as a whole by [`Server::reload`] (SIGHUP); readers take a short read lock.
+    config: RwLock<ServerConfig>,
+    /// Canonical model roots (replaced with `config`).
+    roots: RwLock<Vec<PathBuf>>,
+    /// Feature bits the server offers whatever its roots (`OPEN_PATH` is added while it has
+    /// some).
+    base_features: u64,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) clients: Mutex<HashMap<u64, Arc<ClientEntry>>>,
     /// Connections polling for their next request at once.
@@ -363,8 +366,26 @@ impl Shared {
         self.stopping.load(Ordering::SeqCst)
     }
 
+    /// The configuration in force (a reload swaps it between requests).
+    pub(crate) fn config(&self) -> RwLockReadGuard<'_, ServerConfig> {
+        self.config.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn roots(&self) -> RwLockReadGuard<'_, Vec<PathBuf>> {
+        self.roots.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Feature bits offered to a new connection.
+    pub(crate) fn features(&self) -> u64 {
+        if self.roots().is_empty() {
+            self.base_features
+        } else {
+            self.base_features | features::OPEN_PATH
+        }
+    }
+
     fn allowed(&self, cred: &PeerCred) -> bool {
-        let c = &self.config;
+        let c = self.config();
         if c.allow_uids.is_empty() && c.allow_gids.is_empty() {
             // SAFETY: getuid has no preconditions and cannot fail.
             let me = unsafe { libc::getuid() };
@@ -379,7 +400,8 @@ impl Shared {
         path: &str,
         what: &str,
     ) -> Result<PathBuf, ErrorReply> {
-        if self.roots.is_empty() {
+        let roots = self.roots();
+        if roots.is_empty() {
             return Err(ErrorReply::new(
                 ErrorCode::Unsupported,
                 format!(
@@ -403,7 +425,7 @@ impl Shared {
             };
             ErrorReply::new(code, format!("{what} {path:?}: {e}"))
         })?;
-        if self.roots.iter().any(|r| canonical.starts_with(r)) {
+        if roots.iter().any(|r| canonical.starts_with(r)) {
             Ok(canonical)
         } else {
             Err(ErrorReply::new(
@@ -460,25 +482,8 @@ impl Server {
         config: ServerConfig,
         inherited: Option<UnixListener>,
     ) -> Result<Server, ServerError> {
-        let mut roots = Vec::new();
-        for r in &config.model_roots {
-            let c =
-                std::fs::canonicalize(r).map_err(io_err(format!("model root {}", r.display())))?;
-            if !c.is_dir() {
-                return Err(ServerError::Config(format!(
-                    "model root {} is not a directory",
-                    r.display()
-                )));
-            }
-            roots.push(c);
-        }
-        if config.max_clients == 0 {
-            return Err(ServerError::Config("max_clients must be at least 1".into()));
-        }
+        let roots = checked_roots(&config)?;
         let mut offered = features::LORA | features::FD_PASSING;
-        if !roots.is_empty() {
-            offered |= features::OPEN_PATH;
-        }
         if engine.device_info().backend == Backend::Host {
             offered |= features::HOST_ARENA;
         }
@@ -491,9 +496,9 @@ impl Server {
         let socket = config.socket.clone();
         let shared = Arc::new(Shared {
             engine,
-            config,
-            roots,
-            features: offered,
+            config: RwLock::new(config),
+            roots: RwLock::new(roots),
+            base_features: offered,
             registry: Mutex::new(Registry::default()),
             clients: Mutex::new(HashMap::new()),
             spin_limit: Arc::new(SpinLimit::half_the_cores()),
@@ -505,8 +510,44 @@ impl Server {
             .name("ferryd-accept".into())
             .spawn(move || accept_loop(&s2, &listener, &wake_r, owns_socket))
             .map_err(io_err("starting the accept thread"))?;
-        info!(socket = %socket.display(), roots = ?shared.roots, "listening");
+        info!(socket = %socket.display(), roots = ?*shared.roots(), "listening");
         Ok(Server { shared, socket, owns_socket, wake: Some(wake_w), accept: Some(accept) })
+    }
+
+    /// Applies a new configuration to the running server (SIGHUP): model roots, the allow
+    /// lists and the limits take effect for the next request or connection; connections keep
+    /// what they already opened. The socket cannot change without a restart. Returns the
+    /// names of the settings that changed; on an error (a root that is not a directory, a
+    /// zero client limit, a different socket) nothing changes.
+    pub fn reload(&self, config: ServerConfig) -> Result<Vec<&'static str>, ServerError> {
+        let roots = checked_roots(&config)?;
+        let mut current = self.shared.config.write().unwrap_or_else(PoisonError::into_inner);
+        if config.socket != current.socket {
+            return Err(ServerError::Config(format!(
+                "the socket cannot change without a restart ({} -> {})",
+                current.socket.display(),
+                config.socket.display()
+            )));
+        }
+        let mut changed = Vec::new();
+        let c = &*current;
+        for (name, differs) in [
+            ("model_roots", config.model_roots != c.model_roots),
+            ("allow_uids", config.allow_uids != c.allow_uids),
+            ("allow_gids", config.allow_gids != c.allow_gids),
+            ("max_clients", config.max_clients != c.max_clients),
+            ("max_leases_per_client", config.max_leases_per_client != c.max_leases_per_client),
+            ("max_views_per_client", config.max_views_per_client != c.max_views_per_client),
+            ("handshake_timeout", config.handshake_timeout != c.handshake_timeout),
+            ("spin", config.spin != c.spin),
+        ] {
+            if differs {
+                changed.push(name);
+            }
+        }
+        *self.shared.roots.write().unwrap_or_else(PoisonError::into_inner) = roots;
+        *current = config;
+        Ok(changed)
     }
 
     /// The socket's path.
@@ -755,13 +796,13 @@ fn admit(shared: &Arc<Shared>, stream: UnixStream) -> Option<JoinHandle<()>> {
     });
     {
         let mut clients = shared.clients();
-        if clients.len() >= shared.config.max_clients {
+        if clients.len() >= shared.config().max_clients {
             drop(clients);
             warn!(uid = cred.uid, pid = cred.pid, "too many clients; refused");
             turn_away(
                 stream,
                 ErrorCode::LimitExceeded,
-                format!("the server already has {} clients", shared.config.max_clients),
+                format!("the server already has {} clients", shared.config().max_clients),
             );
             return None;
         }
@@ -780,4 +821,23 @@ fn admit(shared: &Arc<Shared>, stream: UnixStream) -> Option<JoinHandle<()>> {
             None
         }
     }
+}
+
+/// The canonical model roots of `config`, checked; and the other values a server refuses.
+fn checked_roots(config: &ServerConfig) -> Result<Vec<PathBuf>, ServerError> {
+    let mut roots = Vec::new();
+    for r in &config.model_roots {
+        let c = std::fs::canonicalize(r).map_err(io_err(format!("model root {}", r.display())))?;
+        if !c.is_dir() {
+            return Err(ServerError::Config(format!(
+                "model root {} is not a directory",
+                r.display()
+            )));
+        }
+        roots.push(c);
+    }
+    if config.max_clients == 0 {
+        return Err(ServerError::Config("max_clients must be at least 1".into()));
+    }
+    Ok(roots)
 }
