@@ -1311,6 +1311,90 @@ impl Engine {
         Ok(())
     }
 
+    /// Manual offload (SD.Next's "model out while the refiner runs"): takes a whole model
+    /// (`component` = `None`) off the device and gives back its memory reservation, so another
+    /// model can use the budget; or takes one component's layers off the device (their bytes
+    /// stay in the page cache; the memory stays reserved for the model's policy). Fails with
+    /// `Busy`, changing nothing, while any layer concerned is leased or pinned. The next
+    /// acquire (or [`Engine::onload`]) brings the model back under its policy, reserving its
+    /// memory again. Returns the device bytes given back (layers, or the whole reservation).
+    pub fn offload(&self, model: ModelId, component: Option<&str>) -> Result<u64, EngineError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let ms = st.models.get_mut(&model).ok_or(EngineError::UnknownModel(model))?;
+        let counters = &self.inner.counters;
+        let freed = match component {
+            None => {
+                let leases: u32 = ms.scopes.iter().map(Scope::lease_count).sum();
+                if leases > 0 {
+                    return Err(EngineError::Busy {
+                        what: format!("offloading model {model}"),
+                        leases,
+                    });
+                }
+                let quota: u64 = ms.scopes.iter().map(|s| s.quota).sum();
+                let Some(mut ms) = st.models.remove(&model) else {
+                    return Err(EngineError::UnknownModel(model));
+                };
+                teardown(st, &mut ms, counters);
+                st.models.insert(model, ms);
+                quota
+            }
+            Some(name) => {
+                let ci = component_index(ms, model, name)?;
+                let mine: Vec<(usize, usize)> = ms
+                    .locate
+                    .get(ci)
+                    .map(|l| l.iter().flatten().copied().collect())
+                    .unwrap_or_default();
+                let leases: u32 = mine
+                    .iter()
+                    .map(|&(si, i)| ms.scopes[si].leases.get(i).copied().unwrap_or(0))
+                    .sum();
+                if leases > 0 {
+                    return Err(EngineError::Busy {
+                        what: format!("offloading component {name:?} of model {model}"),
+                        leases,
+                    });
+                }
+                let mut freed = 0u64;
+                for (si, i) in mine {
+                    let s = &mut ms.scopes[si];
+                    let bytes = s.meta.get(i).map_or(0, |m| m.bytes);
+                    if s.evict(i, counters) {
+                        freed += bytes;
+                    }
+                }
+                freed
+            }
+        };
+        drop(guard);
+        self.inner.changed.notify_all();
+        Ok(freed)
+    }
+
+    /// Undoes [`Engine::offload`] ahead of use: asks the model's policy to bring back every
+    /// layer of the model (or of one component), as prefetches; what the policy keeps out
+    /// (a streaming window, say) still streams on acquire. A model offloaded whole reserves its
+    /// memory again here (failing with `OutOfDeviceMemory` if another model now holds it).
+    pub fn onload(&self, model: ModelId, component: Option<&str>) -> Result<(), EngineError> {
+        let m = self.model(model)?;
+        for c in m.components() {
+            if component.is_some_and(|want| want != c.name) {
+                continue;
+            }
+            for layer in 0..c.layers.len() {
+                self.prefetch(model, &c.name, layer)?;
+            }
+        }
+        if let Some(want) = component
+            && m.component(want).is_none()
+        {
+            return Err(EngineError::UnknownComponent { model, component: want.to_string() });
+        }
+        Ok(())
+    }
+
     /// Keeps a layer on the device until [`Engine::unpin`] (a lease the engine holds).
     pub fn pin(&self, model: ModelId, component: &str, layer: usize) -> Result<(), EngineError> {
         let ci = self.component_of(model, component)?;
