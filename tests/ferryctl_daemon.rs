@@ -2,31 +2,11 @@
 //! backend, a temporary socket, a preloaded sharded model), plus the no-daemon and
 //! outside-the-root errors, and a clean SIGTERM exit.
 
-use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use ferry_tests::ferryd::{ferryctl, stdout_ok};
 use ferry_tests::{Tensor, cargo_bin, llm_like, write_file, write_sharded};
-
-fn ferryctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(cargo_bin("ferryctl"))
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .output()
-        .expect("run ferryctl")
-}
-
-fn stdout_ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "ferryctl failed ({:?}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
-}
 
 /// Kills ferryd if the test panics before the SIGTERM check.
 struct Daemon(Child);

@@ -1,40 +1,8 @@
 //! `ferryctl load --warm` and `ferryctl lora` against the real ferryd (host backend).
 
-use std::path::Path;
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
-
 use ferry::Dtype;
-use ferry_tests::{Tensor, cargo_bin, write_file};
-
-fn ferryctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(cargo_bin("ferryctl"))
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .output()
-        .expect("run ferryctl")
-}
-
-fn stdout_ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "ferryctl failed ({:?}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use ferry_tests::ferryd::{Ferryd, ferryctl, stdout_ok};
+use ferry_tests::{Tensor, write_file};
 
 fn f32_tensor(name: &str, shape: &[usize], v: f32) -> Tensor {
     let n: usize = shape.iter().product();
@@ -63,25 +31,19 @@ fn load_warm_streams_every_layer_and_lora_reports_unmatched_modules_by_name() {
     )
     .expect("lora");
     let socket = dir.path().join("s.sock");
-    let mut daemon = Daemon(
-        Command::new(cargo_bin("ferryd"))
-            .args(["--device", "host", "--host-memory", "16777216"])
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--model-root")
-            .arg(&root)
-            .arg("--preload")
-            .arg(&model)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn ferryd"),
+    let _daemon = Ferryd::start(
+        &socket,
+        [
+            "--device".as_ref(),
+            "host".as_ref(),
+            "--host-memory".as_ref(),
+            "16777216".as_ref(),
+            "--model-root".as_ref(),
+            root.as_os_str(),
+            "--preload".as_ref(),
+            model.as_os_str(),
+        ],
     );
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(daemon.0.try_wait().expect("try_wait").is_none(), "ferryd exited");
-        assert!(start.elapsed() < Duration::from_secs(30), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 
     // load --warm: every layer streamed once; the bytes match the layer table.
     let m = model.to_str().expect("utf-8");

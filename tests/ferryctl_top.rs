@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
+use ferry_tests::ferryd::stdout_ok;
 use ferry_tests::{cargo_bin, llm_like, write_sharded};
 
 /// Kills ferryd when the test ends, however it ends.
@@ -25,17 +26,6 @@ fn top(socket: &Path, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run ferryctl top")
-}
-
-fn stdout_ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "ferryctl top failed ({:?}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).expect("utf-8")
 }
 
 #[test]

@@ -7,9 +7,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry::Dtype;
@@ -18,28 +16,14 @@ use ferry::protocol::{
     Acquire, ErrorCode, Leased, LoraMode, LoraRef, LoraSource, Message, ModelOpened, Release,
     WaitReady,
 };
-use ferry_tests::{Tensor, cargo_bin, write_file};
+use ferry_tests::ferryd::{Ferryd, wait_until};
+use ferry_tests::{Tensor, write_file};
 use half::f16;
 
 const BLOCKS: usize = 4;
 const OUT: usize = 16;
 const IN: usize = 8;
 const RANK: usize = 2;
-
-/// Kills ferryd if the test fails before stopping it.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn f16_tensor(name: &str, shape: &[usize], f: impl Fn(usize) -> f32) -> Tensor {
     let n: usize = shape.iter().product();
@@ -80,14 +64,6 @@ fn merged_bytes(b: usize, scale: f32, alpha: f32) -> Vec<u8> {
         }
     }
     out
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn acquire(c: &mut Client, model: u64, component: &str, layer: u32) -> Leased {
@@ -140,7 +116,7 @@ fn weight_bytes(map: &[u8], l: &Leased) -> (u64, Vec<u8>) {
     (t.arena_offset, map[at..at + t.len as usize].to_vec())
 }
 
-fn start(dir: &Path) -> Daemon {
+fn start(dir: &Path) -> Ferryd {
     let root = dir.join("models");
     let socket = dir.join("ferryd.sock");
     let config = dir.join("ferryd.toml");
@@ -154,19 +130,8 @@ fn start(dir: &Path) -> Daemon {
         ),
     )
     .expect("config");
-    let child = Command::new(cargo_bin("ferryd"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn ferryd");
-    let mut d = Daemon { child, socket };
-    wait_until("ferryd's socket", Duration::from_secs(30), || {
-        UnixStream::connect(&d.socket).is_ok() || d.child.try_wait().ok().flatten().is_some()
-    });
-    assert!(d.child.try_wait().expect("try_wait").is_none(), "ferryd exited at start");
-    d
+    // The socket is in the config file; `--socket` names the same path.
+    Ferryd::start(&socket, ["--config".as_ref(), config.as_os_str()])
 }
 
 #[test]
@@ -265,9 +230,7 @@ fn two_clients_share_device_bytes_and_one_sees_them_through_a_lora_view() {
     drop(a);
 
     // SIGTERM drains and exits 0.
-    // SAFETY: kill(2) on our own child's pid, which has not been reaped.
-    let rc = unsafe { libc::kill(d.child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0);
+    d.signal(libc::SIGTERM);
     let start = Instant::now();
     let status = loop {
         if let Some(s) = d.child.try_wait().expect("try_wait") {
@@ -363,10 +326,7 @@ fn sighup_reloads_model_roots_and_limits_and_a_bad_file_changes_nothing() {
     let mut d = start(dir.path());
     let config = dir.path().join("ferryd.toml");
     let text = std::fs::read_to_string(&config).expect("config");
-    let hup = |d: &Daemon| {
-        // SAFETY: kill(2) on our own child's pid, which has not been reaped.
-        assert_eq!(unsafe { libc::kill(d.child.id() as libc::pid_t, libc::SIGHUP) }, 0);
-    };
+    let hup = |d: &Ferryd| d.signal(libc::SIGHUP);
 
     let mut c = Client::connect(&d.socket, "c").expect("connect");
     let err = c.open_model(&model).expect_err("not under the first root");

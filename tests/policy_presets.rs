@@ -11,6 +11,7 @@ use ferry::device::{ClientDone, DeviceChoice, DeviceConfig};
 use ferry::engine::policy::{Origin, PolicyChoice, PolicySpec, Preset, Threshold};
 use ferry::engine::{Engine, EngineConfig, ModelId};
 use ferry::protocol::{Policy, Preset as WirePreset, Threshold as WireThreshold};
+use ferry_tests::ferryd::ferryctl;
 use ferry_tests::{Tensor, cargo_bin, write_file};
 
 const GIB: u64 = 1 << 30;
@@ -297,15 +298,6 @@ impl Drop for Daemon {
             let _ = self.0.wait();
         }
     }
-}
-
-fn ferryctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(cargo_bin("ferryctl"))
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .output()
-        .expect("run ferryctl")
 }
 
 /// `ferryctl load MODEL --json ARGS`: the policy ferryd now reports for the model.

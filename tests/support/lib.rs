@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use ferry::Dtype;
 
+pub mod ferryd;
+
 /// One tensor to write.
 #[derive(Clone, Debug)]
 pub struct Tensor {

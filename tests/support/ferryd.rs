@@ -1,0 +1,93 @@
+//! Running the real `ferryd` and `ferryctl` binaries from tests.
+
+use std::ffi::OsStr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cargo_bin;
+
+/// A `ferryd` child process, killed (if still running) when dropped, however the test ends.
+#[derive(Debug)]
+pub struct Ferryd {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Ferryd {
+    /// Starts `ferryd ARGS --socket SOCKET` (stderr shown, stdout dropped) and waits until the
+    /// socket accepts connections.
+    pub fn start<I, S>(socket: &Path, args: I) -> Ferryd
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let child = Command::new(cargo_bin("ferryd"))
+            .args(args)
+            .arg("--socket")
+            .arg(socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ferryd");
+        let mut d = Ferryd { child, socket: socket.to_path_buf() };
+        // Connectable, not just present: bind() and listen() are two system calls.
+        wait_until("ferryd's socket", Duration::from_secs(30), || {
+            UnixStream::connect(&d.socket).is_ok() || !d.is_running()
+        });
+        assert!(d.is_running(), "ferryd exited at start: {:?}", d.child.try_wait());
+        d
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+
+    /// Sends `signal` to ferryd.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped (we hold `child`).
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({signal})");
+    }
+}
+
+impl Drop for Ferryd {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `ferryctl ARGS --socket SOCKET`.
+pub fn ferryctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(cargo_bin("ferryctl"))
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .expect("run ferryctl")
+}
+
+/// The stdout of a command that must have succeeded (else a panic with both outputs).
+pub fn stdout_ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed ({:?}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
+
+/// Polls `f` every 20 ms until it holds; panics after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
