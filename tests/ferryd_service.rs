@@ -78,6 +78,7 @@ fn ferryd_notifies_ready_and_stopping() {
 fn ferryd_serves_a_listener_passed_by_the_service_manager() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("activated.sock");
+    let log = dir.path().join("ferryd.log");
     let listener = UnixListener::bind(&path).expect("bind");
     let fd = listener.as_raw_fd();
     let mut cmd = Command::new("sh");
@@ -85,12 +86,20 @@ fn ferryd_serves_a_listener_passed_by_the_service_manager() {
     cmd.arg("-c")
         .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --device host --host-memory 67108864")
         .arg(cargo_bin("ferryd"))
-        .stderr(Stdio::null());
-    // SAFETY: between fork and exec only dup2 (async-signal-safe) runs; it makes the listener
-    // descriptor 3 in the child, as systemd does.
+        .stderr(Stdio::from(std::fs::File::create(&log).expect("log file")));
+    // SAFETY: between fork and exec only dup2 and fcntl (async-signal-safe) run; they make the
+    // listener descriptor 3 in the child, as systemd does. When the listener already is
+    // descriptor 3, dup2(3, 3) does nothing, close-on-exec included, so the flag is cleared by
+    // hand (otherwise exec would close it: a flaky "connection refused" whenever the test
+    // process happened to give the listener descriptor 3).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            if fd == 3 {
+                let flags = libc::fcntl(3, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -104,7 +113,16 @@ fn ferryd_serves_a_listener_passed_by_the_service_manager() {
         if let Ok(m) = std::panic::catch_unwind(|| handshake(&path)) {
             break m;
         }
-        assert!(Instant::now() < deadline, "no handshake through the passed listener");
+        // A ferryd that exited explains itself in its log.
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("ferryd exited ({status}) before serving the passed listener:\n{log}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no handshake through the passed listener; ferryd's log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(matches!(reply, Message::Welcome(_)), "{reply:?}");
