@@ -572,6 +572,45 @@ enum ferry_status ferry_set_residency(const struct ferry_engine *engine,
                                       double threshold_fraction);
 
 /**
+ * Takes `model` off the device (manual offload, e.g. a base model while its refiner runs).
+ *
+ * `component` NULL: the whole model, and its memory reservation is given back so another
+ * model can use the budget; otherwise only that component's layers leave the device (the
+ * reservation stays and they stream back on use). Stores the device bytes freed in
+ * `*bytes_out` unless it is NULL. In daemon mode this acts on the model ferryd shares among
+ * all of its clients: it goes off the device for every one of them.
+ *
+ * Errors: `FERRY_ERR_NOT_FOUND` (model or component), `FERRY_ERR_BUSY` (a layer concerned is
+ * leased, by anyone, or pinned), `FERRY_ERR_INVALID_ARGUMENT` (component not UTF-8). Nothing
+ * changes on failure. Thread-safe.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine; `component` NULL or a NUL-terminated string;
+ * `bytes_out` NULL or valid for a write of a `uint64_t`.
+ */
+enum ferry_status ferry_offload(const struct ferry_engine *engine,
+                                uint64_t model,
+                                const char *component,
+                                uint64_t *bytes_out);
+
+/**
+ * Brings `model` (`component` NULL) or one component back ahead of use, undoing
+ * `ferry_offload`: a model offloaded whole reserves its memory again, then its layers are
+ * prefetched through its policy. Returns once the copies are queued; acquiring waits for them.
+ *
+ * Errors: `FERRY_ERR_NOT_FOUND` (model or component), `FERRY_ERR_BUDGET` (another model holds
+ * the memory: offload it first), `FERRY_ERR_INVALID_ARGUMENT`. Thread-safe.
+ *
+ * # Safety
+ *
+ * `engine` must be NULL or a live engine; `component` NULL or a NUL-terminated string.
+ */
+enum ferry_status ferry_onload(const struct ferry_engine *engine,
+                               uint64_t model,
+                               const char *component);
+
+/**
  * Stores the number of layers of `component` of `model` in `*out`.
  *
  * A single-file checkpoint has one component, `"model"`. Errors: `FERRY_ERR_NULL_ARGUMENT`,

@@ -305,6 +305,56 @@ fn c_engine_sequential_pass_daemon_mode() {
     assert!(out.contains("engine.c (daemon mode)"), "{out}");
 }
 
+/// Bytes of each layer of the offload models: six base layers and five refiner layers each fit
+/// the 1 MiB budget alone, not together.
+const OFFLOAD_LAYER: usize = 128 << 10;
+
+/// The base (6 layers, seed 1) and refiner (5 layers, seed 7) of tests/c/offload.c: one U8
+/// tensor per layer, byte i of layer l = (i * 31 + seed + l) mod 256.
+fn write_offload_models(dir: &Path) -> (PathBuf, PathBuf) {
+    let write = |name: &str, layers: usize, seed: usize| {
+        let tensors: Vec<Tensor> = (0..layers)
+            .map(|l| Tensor {
+                name: format!("blocks.{l}.weight"),
+                dtype: Dtype::U8,
+                shape: vec![OFFLOAD_LAYER],
+                data: (0..OFFLOAD_LAYER).map(|i| ((i * 31 + seed + l) & 0xff) as u8).collect(),
+            })
+            .collect();
+        let path = dir.join(name);
+        write_file(&path, &tensors).expect("writing an offload model");
+        path
+    };
+    (write("base.safetensors", 6, 1), write("refiner.safetensors", 5, 7))
+}
+
+/// tests/c/offload.c in-process: base and refiner take turns under one budget through
+/// `ferry_offload` / `ferry_onload`, bytes exact; a held lease makes offload `FERRY_ERR_BUSY`.
+#[test]
+fn c_manual_offload() {
+    let Some(lib_dir) = setup() else { return };
+    let exe = compile(&lib_dir, "offload");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, refiner) = write_offload_models(dir.path());
+    let layer = PathBuf::from(OFFLOAD_LAYER.to_string());
+    let out = run(&exe, &[&base, &refiner, &layer]);
+    assert!(out.contains("offload.c (in-process)"), "{out}");
+}
+
+/// tests/c/offload.c in daemon mode: the same turns through ferryd (1 MiB budget), bytes read
+/// through the mapped arena.
+#[test]
+fn c_manual_offload_daemon_mode() {
+    let Some(lib_dir) = setup() else { return };
+    let exe = compile(&lib_dir, "offload");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, refiner) = write_offload_models(dir.path());
+    let daemon = Ferryd::start(dir.path(), dir.path());
+    let layer = PathBuf::from(OFFLOAD_LAYER.to_string());
+    let out = run(&exe, &[&base, &refiner, &layer, &daemon.socket]);
+    assert!(out.contains("offload.c (daemon mode)"), "{out}");
+}
+
 /// tests/c/policies.c in-process: FERRY_POLICY_AUTO and the presets resolve like ferryd's
 /// (lowvram and auto stream through a two-layer budget with evictions, medvram and model need
 /// the whole component and move it at once).

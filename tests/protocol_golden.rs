@@ -68,6 +68,18 @@ fn variants() -> Vec<Golden> {
         clients: 1,
     };
     vec![
+        gx(
+            "component",
+            17,
+            "Take only component text_encoder_2 of model 1 off the device",
+            Offload { model: 1, component: Some("text_encoder_2".into()) },
+        ),
+        gx(
+            "component",
+            18,
+            "Bring component text_encoder_2 of model 1 back ahead of use",
+            Onload { model: 1, component: Some("text_encoder_2".into()) },
+        ),
         gx("auto", 6, "The server picks the policy from its device's memory", set(Policy::Auto)),
         gx(
             "lowvram",
@@ -155,6 +167,13 @@ fn examples() -> Vec<Golden> {
                 policy: Policy::Balanced { threshold: Threshold::Fraction(0.5) },
             },
         ),
+        g(
+            17,
+            0,
+            "Take model 1 off the device, its reservation too",
+            Offload { model: 1, component: None },
+        ),
+        g(18, 0, "Bring model 1 back ahead of use", Onload { model: 1, component: None }),
         g(7, 0, "Lease layer 3 of unet", Acquire { model: 1, component: "unet".into(), layer: 3 }),
         g(8, 0, "Wait for lease 42's bytes", WaitReady { lease: 42 }),
         g(9, 0, "Give lease 42 back", Release { model: 1, lease: 42 }),
@@ -227,6 +246,7 @@ fn examples() -> Vec<Golden> {
                 ],
             },
         ),
+        g(17, 0, "Model 1's offload freed its 96 MiB reservation", Offloaded { bytes: 96 << 20 }),
         g(
             7,
             0,

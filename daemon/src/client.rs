@@ -21,8 +21,8 @@ use crate::protocol::socket::{FrameReader, FrameWriter, Received, SpinLimit};
 use crate::protocol::{
     ApplyLora, ArenaFd, ClientInfo, CloseModel, ErrorCode, ErrorReply, Goodbye, Hello, Kind,
     ListClients, ListModels, LoraMode, LoraRef, MIN_PROTOCOL_VERSION, MapArena, Message, ModelInfo,
-    ModelOpened, OpenModel, OpenModelFd, PROTOCOL_VERSION, Policy, ProtocolError, RemoveLora,
-    SetResidency, Stats, StatsReply, ViewCreated, Welcome, features,
+    ModelOpened, Offload, Offloaded, Onload, OpenModel, OpenModelFd, PROTOCOL_VERSION, Policy,
+    ProtocolError, RemoveLora, SetResidency, Stats, StatsReply, ViewCreated, Welcome, features,
 };
 
 /// How long a reply may take by default before the call fails with [`ClientError::Io`]
@@ -223,6 +223,24 @@ impl Client {
     ) -> Result<(), ClientError> {
         let component = component.map(str::to_string);
         self.ack(SetResidency { model, component, policy }.into(), &[])
+    }
+
+    /// Takes a whole model (`component` = `None`: its memory reservation is given back too) or
+    /// one component off the device; returns the device bytes freed. This acts on the model
+    /// every client of the daemon shares. `busy` while any of its layers is leased.
+    pub fn offload(&mut self, model: u64, component: Option<&str>) -> Result<u64, ClientError> {
+        let component = component.map(str::to_string);
+        match self.call(Offload { model, component }.into(), &[])? {
+            Message::Offloaded(Offloaded { bytes }) => Ok(bytes),
+            other => Err(unexpected(Kind::Offloaded, &other)),
+        }
+    }
+
+    /// Brings a model (or one component) back ahead of use: prefetches its layers through
+    /// its policy and, for a model offloaded whole, reserves its memory again.
+    pub fn onload(&mut self, model: u64, component: Option<&str>) -> Result<(), ClientError> {
+        let component = component.map(str::to_string);
+        self.ack(Onload { model, component }.into(), &[])
     }
 
     /// Creates a view of `model` through a LoRA stack. `fds` are the descriptors the stack's

@@ -512,6 +512,84 @@ pub unsafe extern "C" fn ferry_set_residency(
     })
 }
 
+/// Takes `model` off the device (manual offload, e.g. a base model while its refiner runs).
+///
+/// `component` NULL: the whole model, and its memory reservation is given back so another
+/// model can use the budget; otherwise only that component's layers leave the device (the
+/// reservation stays and they stream back on use). Stores the device bytes freed in
+/// `*bytes_out` unless it is NULL. In daemon mode this acts on the model ferryd shares among
+/// all of its clients: it goes off the device for every one of them.
+///
+/// Errors: `FERRY_ERR_NOT_FOUND` (model or component), `FERRY_ERR_BUSY` (a layer concerned is
+/// leased, by anyone, or pinned), `FERRY_ERR_INVALID_ARGUMENT` (component not UTF-8). Nothing
+/// changes on failure. Thread-safe.
+///
+/// # Safety
+///
+/// `engine` must be NULL or a live engine; `component` NULL or a NUL-terminated string;
+/// `bytes_out` NULL or valid for a write of a `uint64_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_offload(
+    engine: *const ferry_engine,
+    model: u64,
+    component: *const c_char,
+    bytes_out: *mut u64,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller's contract above covers each pointer.
+        let (h, component, out) =
+            unsafe { (engine_arg(engine)?, optional_str(component)?, ptr::out(bytes_out)) };
+        let freed = match &h.mode {
+            Mode::InProcess(e) => e.offload(model, component)?,
+            Mode::Daemon(r) => r.offload(model, component)?,
+        };
+        if let Some(out) = out {
+            out.write(freed);
+        }
+        Ok(())
+    })
+}
+
+/// Brings `model` (`component` NULL) or one component back ahead of use, undoing
+/// `ferry_offload`: a model offloaded whole reserves its memory again, then its layers are
+/// prefetched through its policy. Returns once the copies are queued; acquiring waits for them.
+///
+/// Errors: `FERRY_ERR_NOT_FOUND` (model or component), `FERRY_ERR_BUDGET` (another model holds
+/// the memory: offload it first), `FERRY_ERR_INVALID_ARGUMENT`. Thread-safe.
+///
+/// # Safety
+///
+/// `engine` must be NULL or a live engine; `component` NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_onload(
+    engine: *const ferry_engine,
+    model: u64,
+    component: *const c_char,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller's contract above covers each pointer.
+        let (h, component) = unsafe { (engine_arg(engine)?, optional_str(component)?) };
+        match &h.mode {
+            Mode::InProcess(e) => e.onload(model, component)?,
+            Mode::Daemon(r) => r.onload(model, component)?,
+        }
+        Ok(())
+    })
+}
+
+/// A string argument that may be NULL (meaning "none").
+///
+/// # Safety
+///
+/// `p` must be NULL or a NUL-terminated string that outlives `'a`.
+unsafe fn optional_str<'a>(p: *const c_char) -> Result<Option<&'a str>> {
+    // SAFETY: the caller guarantees `p` is NULL or a NUL-terminated string.
+    match unsafe { ptr::cstr(p) } {
+        None => Ok(None),
+        Some(c) => Ok(Some(c.to_str().map_err(|_| FfiError::invalid("component is not UTF-8"))?)),
+    }
+}
+
 /// Stores the number of layers of `component` of `model` in `*out`.
 ///
 /// A single-file checkpoint has one component, `"model"`. Errors: `FERRY_ERR_NULL_ARGUMENT`,

@@ -307,6 +307,14 @@ impl Remote {
         self.with("setting a residency policy", |c, _| c.set_residency(model, component, policy))
     }
 
+    pub(crate) fn offload(&self, model: u64, component: Option<&str>) -> Result<u64> {
+        self.with("offloading", |c, _| c.offload(model, component))
+    }
+
+    pub(crate) fn onload(&self, model: u64, component: Option<&str>) -> Result<()> {
+        self.with("onloading", |c, _| c.onload(model, component))
+    }
+
     pub(crate) fn layer_count(&self, model: u64, component: &str) -> Result<usize> {
         let layout = self.layout(model)?;
         let (_, layers) = find_component(&layout, model, component)?;

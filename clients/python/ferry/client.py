@@ -369,6 +369,18 @@ class Client:
         p = make_policy(policy, lookahead, threshold)
         self._call(m.SetResidency(model, component, p), m.Ack)
 
+    def offload(self, model: int, component: Optional[str] = None) -> int:
+        """Takes ``model`` off the device and returns the device bytes freed: the whole model
+        (``component`` None), giving back its memory reservation so another model (a refiner)
+        can use the budget, or one component's layers. It acts on the model every client of
+        ferryd shares. Raises ``BusyError`` while any of its layers is leased, by anyone."""
+        return self._call(m.Offload(model, component), m.Offloaded).bytes
+
+    def onload(self, model: int, component: Optional[str] = None) -> None:
+        """Brings ``model`` (or one ``component``) back ahead of use: a model offloaded whole
+        reserves its memory again, then its layers are prefetched through its policy."""
+        self._call(m.Onload(model, component), m.Ack)
+
     def acquire(self, model: int, component: str, layer: int) -> Lease:
         leased = self._call(m.Acquire(model, component, layer), m.Leased)
         return Lease(self, model, component, layer, leased)

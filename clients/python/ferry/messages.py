@@ -273,6 +273,27 @@ class SetResidency(Message):
 
 
 @dataclass
+class Offload(Message):
+    """Take a whole model (``component`` None: its reservation too) or one component off the
+    device; acts on the model every client shares."""
+
+    KIND: ClassVar[int] = 0x0014
+    NAME: ClassVar[str] = "offload"
+    model: int = wf("u64")
+    component: Optional[str] = wf(("option", "str"))
+
+
+@dataclass
+class Onload(Message):
+    """Bring a model (or one component) back ahead of use."""
+
+    KIND: ClassVar[int] = 0x0015
+    NAME: ClassVar[str] = "onload"
+    model: int = wf("u64")
+    component: Optional[str] = wf(("option", "str"))
+
+
+@dataclass
 class Acquire(Message):
     KIND: ClassVar[int] = 0x0020
     NAME: ClassVar[str] = "acquire"
@@ -383,6 +404,13 @@ class ModelOpened(Message):
 
 
 @dataclass
+class Offloaded(Message):
+    KIND: ClassVar[int] = 0x8014
+    NAME: ClassVar[str] = "offloaded"
+    bytes: int = wf("u64")
+
+
+@dataclass
 class Leased(Message):
     KIND: ClassVar[int] = 0x8020
     NAME: ClassVar[str] = "leased"
@@ -457,9 +485,9 @@ class Error(Message):
 
 
 ALL: List[Type[Message]] = [
-    Hello, Goodbye, OpenModel, OpenModelFd, CloseModel, SetResidency, Acquire, WaitReady,
-    Release, Prefetch, ApplyLora, RemoveLora, Stats, ListModels, ListClients, MapArena,
-    Ack, Welcome, ModelOpened, Leased, Ready, ViewCreated, StatsReply, Models, Clients,
+    Hello, Goodbye, OpenModel, OpenModelFd, CloseModel, SetResidency, Offload, Onload, Acquire,
+    WaitReady, Release, Prefetch, ApplyLora, RemoveLora, Stats, ListModels, ListClients,
+    MapArena, Ack, Welcome, ModelOpened, Offloaded, Leased, Ready, ViewCreated, StatsReply, Models, Clients,
     ArenaFd, Error,
 ]
 BY_KIND: Dict[int, Type[Message]] = {m.KIND: m for m in ALL}

@@ -96,6 +96,18 @@ class GoldenVectors(unittest.TestCase):
                 self.assertEqual(wire.decode(messages.SetResidency, body).policy, policy)
                 self.assertEqual(ferry.make_policy(name), policy)
 
+    def test_offload_by_hand(self):
+        """offload / onload: model u64, then Option<String>; offloaded: bytes u64."""
+        whole = wire.encode(messages.Offload(1, None))
+        self.assertEqual(whole.hex(), "0100000000000000" + "00")
+        one = wire.encode(messages.Onload(1, "vae"))
+        self.assertEqual(one.hex(), "0100000000000000" + "01" + "0300000000000000" + b"vae".hex())
+        self.assertEqual(wire.encode(messages.Offloaded(5)).hex(), "0500000000000000")
+        for cls in (messages.Offload, messages.Onload, messages.Offloaded):
+            self.assertIs(messages.BY_NAME[cls.NAME], cls)
+        with open(os.path.join(FIXTURES, "offload.bin"), "rb") as f:
+            self.assertEqual(f.read()[wire.HEADER_LEN:], whole)
+
     def test_worked_example_acquire(self):
         body = wire.encode(messages.Acquire(model=1, component="unet", layer=3))
         frame = wire.pack_header(messages.Acquire.KIND, 7, len(body)) + body

@@ -175,6 +175,61 @@ class Live(unittest.TestCase):
         with self.assertRaises(errors.BadRequest):
             c.set_residency(model.model, "balanced", threshold=1.5)
 
+    def test_offload_and_onload(self):
+        """The model goes off the device (its reservation too) and comes back with exact bytes;
+        a held lease makes the offload ``Busy`` and changes nothing."""
+        c = self.client
+        expected = expected_tensors()
+        model = c.open_model(MODEL)
+        c.set_residency(model.model, "none")
+        total = sum(l.bytes for comp in model.components for l in comp.layers)
+        layers = sum(len(comp.layers) for comp in model.components)
+
+        def resident():
+            return [m for m in c.list_models() if m.model == model.model][0].resident_layers
+
+        def read_all():
+            for comp in model.components:
+                for i in range(len(comp.layers)):
+                    with c.acquire(model.model, comp.name, i) as lease:
+                        lease.wait_ready()
+                        for t in lease.tensors:
+                            name = find_expected(expected, comp.name, t.name)
+                            self.assertEqual(bytes(lease.view(t)), expected[name], name)
+
+        read_all()
+        self.assertEqual(resident(), layers)
+        comp = model.components[0]
+        with c.acquire(model.model, comp.name, 0):
+            with self.assertRaises(ferry.Busy) as cm:
+                c.offload(model.model)
+            self.assertEqual(cm.exception.code, 211)
+            with self.assertRaises(ferry.Busy):
+                c.offload(model.model, comp.name)
+        self.assertEqual(resident(), layers, "nothing changed")
+
+        freed = c.offload(model.model)
+        self.assertGreaterEqual(freed, total)  # the reservation, layers rounded up to alignment
+        self.assertEqual(resident(), 0)
+        self.assertEqual(c.offload(model.model), 0, "already off")
+        c.onload(model.model)
+        read_all()
+        self.assertEqual(resident(), layers)
+
+        freed = c.offload(model.model, comp.name)
+        # Device bytes: each layer's rounded up to the arena's 256-byte alignment.
+        self.assertEqual(freed, sum((l.bytes + 255) // 256 * 256 for l in comp.layers))
+        c.onload(model.model, comp.name)
+        read_all()
+        with self.assertRaises(ferry.UnknownComponent):
+            c.offload(model.model, "no-such-component")
+        with self.assertRaises(ferry.UnknownComponent):
+            c.onload(model.model, "no-such-component")
+        with self.assertRaises(ferry.UnknownModel):
+            c.offload(987654)
+        stats = c.stats()
+        self.assertLessEqual(stats.peak_device_bytes, stats.budget)
+
     def test_auto_and_presets_are_reported_back(self):
         c = self.client
         model = c.open_model(MODEL)

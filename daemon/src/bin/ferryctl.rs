@@ -116,6 +116,32 @@ enum Command {
         #[arg(long)]
         warm: bool,
     },
+    /// Take a model off ferryd's device (manual offload): the whole model, giving back its
+    /// memory reservation so another model can use the budget, or one component's layers.
+    ///
+    /// This acts on the model every client of ferryd shares. ferryd closes a model when its
+    /// last client disconnects, so this is for preloaded models or models other clients hold.
+    Offload {
+        /// The model (under one of ferryd's --model-root directories).
+        path: PathBuf,
+        /// Only this component (default: the whole model).
+        #[arg(long, value_name = "NAME")]
+        component: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Bring an offloaded model (or one component) back onto ferryd's device ahead of use.
+    ///
+    /// Same caveat as `offload`: for preloaded models or models other clients hold.
+    Onload {
+        /// The model (under one of ferryd's --model-root directories).
+        path: PathBuf,
+        /// Only this component (default: the whole model).
+        #[arg(long, value_name = "NAME")]
+        component: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Check LoRA files against a model in ferryd: create a view of MODEL through the stack and
     /// report what matched, every adapter module that matched nothing, and tensors of adapter
     /// kinds ferry does not apply. The view closes when ferryctl exits.
@@ -169,6 +195,12 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Load { path, conn, policy, lookahead, threshold, warm } => {
             let policy = build_policy(policy, lookahead, threshold.as_deref())?;
             load(&conn, &path, policy, warm)
+        }
+        Command::Offload { path, component, conn } => {
+            manual_offload(&conn, &path, component.as_deref(), true)
+        }
+        Command::Onload { path, component, conn } => {
+            manual_offload(&conn, &path, component.as_deref(), false)
         }
         Command::Lora { model, loras, mode, conn } => lora_check(&conn, &model, &loras, &mode),
         Command::Bench(args) => ferry::bench::cli::run(*args),
@@ -734,6 +766,67 @@ fn load(conn: &Conn, path: &Path, policy: Option<Policy>, warm: bool) -> Result<
             })
             .collect();
         t.push_str(&table(&["#", "LAYER", "TENSORS", "BYTES"], &rows));
+    }
+    t.push_str(&format!("\nnote: {LOAD_CAVEAT}\n      {stays}.\n"));
+    out(&t);
+    Ok(())
+}
+
+/// `ferryctl offload` (`offload` true) and `ferryctl onload`: opens MODEL like `load` does and
+/// offloads or onloads it (or one component) for every client of ferryd.
+fn manual_offload(
+    conn: &Conn,
+    path: &Path,
+    component: Option<&str>,
+    offload: bool,
+) -> Result<(), String> {
+    let verb = if offload { "offload" } else { "onload" };
+    // ferryd resolves the path itself, from its own working directory.
+    let abs = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (mut c, socket) = conn.connect()?;
+    let err = ctx(&socket);
+    let before = c.list_models().map_err(&err)?;
+    let opened = c.open_model(&abs).map_err(|e| format!("{verb} {}: {e}", abs.display()))?;
+    let was_open = before.iter().any(|m| m.model == opened.model);
+    let what = match component {
+        Some(name) => format!("component {name:?} of model {}", opened.model),
+        None => format!("model {}", opened.model),
+    };
+    let freed = if offload {
+        Some(c.offload(opened.model, component).map_err(|e| format!("{verb} {what}: {e}"))?)
+    } else {
+        c.onload(opened.model, component).map_err(|e| format!("{verb} {what}: {e}"))?;
+        None
+    };
+    let info = c.list_models().map_err(&err)?.into_iter().find(|m| m.model == opened.model);
+    let _ = c.close();
+    let stays = if was_open {
+        "the model was already open (preloaded, or held by another client): it stays open, \
+         and the change applies to every client of it"
+    } else {
+        "the model was opened for this command only: ferryd closes it now that ferryctl \
+         disconnected, so this had no lasting effect"
+    };
+    if conn.json {
+        let v = serde_json::json!({
+            "socket": socket.display().to_string(),
+            "path": abs.display().to_string(),
+            "model": opened.model,
+            "component": component,
+            "action": verb,
+            "freed_bytes": freed,
+            "already_open": was_open,
+            "info": info,
+            "note": format!("{LOAD_CAVEAT} {stays}."),
+        });
+        return to_json(&v).map(|t| out(&t));
+    }
+    let mut t = match freed {
+        Some(b) => format!("offloaded {what} ({}): {} freed\n", abs.display(), bytes(b)),
+        None => format!("onloaded {what} ({}): its layers are on their way\n", abs.display()),
+    };
+    if let Some(i) = &info {
+        t.push_str(&format!("resident layers: {} of {}\n", i.resident_layers, i.layers));
     }
     t.push_str(&format!("\nnote: {LOAD_CAVEAT}\n      {stays}.\n"));
     out(&t);

@@ -125,6 +125,10 @@ messages! {
     CloseModel(CloseModel) = 0x0012, "close_model", FdRule::None;
     /// Set the residency policy of a model or one component.
     SetResidency(SetResidency) = 0x0013, "set_residency", FdRule::None;
+    /// Take a whole model (its memory reservation too) or one component off the device.
+    Offload(Offload) = 0x0014, "offload", FdRule::None;
+    /// Bring an offloaded model or component back ahead of use.
+    Onload(Onload) = 0x0015, "onload", FdRule::None;
     /// Lease a layer.
     Acquire(Acquire) = 0x0020, "acquire", FdRule::None;
     /// Wait until a leased layer's bytes are on the device.
@@ -151,6 +155,8 @@ messages! {
     Welcome(Welcome) = 0x8001, "welcome", FdRule::None;
     /// Server → client: answer to `OpenModel` and `OpenModelFd`.
     ModelOpened(ModelOpened) = 0x8010, "model_opened", FdRule::None;
+    /// Server → client: answer to `Offload`.
+    Offloaded(Offloaded) = 0x8014, "offloaded", FdRule::None;
     /// Server → client: answer to `Acquire`.
     Leased(Leased) = 0x8020, "leased", FdRule::None;
     /// Server → client: answer to `WaitReady`.
@@ -184,6 +190,7 @@ impl Kind {
             Kind::Acquire => Kind::Leased,
             Kind::WaitReady => Kind::Ready,
             Kind::ApplyLora => Kind::ViewCreated,
+            Kind::Offload => Kind::Offloaded,
             Kind::Stats => Kind::StatsReply,
             Kind::ListModels => Kind::Models,
             Kind::ListClients => Kind::Clients,
@@ -193,7 +200,8 @@ impl Kind {
             | Kind::SetResidency
             | Kind::Release
             | Kind::Prefetch
-            | Kind::RemoveLora => Kind::Ack,
+            | Kind::RemoveLora
+            | Kind::Onload => Kind::Ack,
             _ => return None,
         })
     }
@@ -288,6 +296,25 @@ pub enum Threshold {
     Bytes(u64),
     /// A fraction of the device's memory, in `[0, 1]`.
     Fraction(f64),
+}
+
+/// Take a whole model (`component` = `None`) or one component off the device. A whole model
+/// also gives back its memory reservation, so another model can use the budget; it affects
+/// every client of the model (they share it). Fails with `busy` while any of its layers are
+/// leased (by any client) or pinned. Answered with [`Offloaded`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offload {
+    pub model: u64,
+    pub component: Option<String>,
+}
+
+/// Bring a model (`component` = `None`) or one component back ahead of use: its layers are
+/// prefetched through its policy, and a model offloaded whole reserves its memory again.
+/// Answered with `Ack`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Onload {
+    pub model: u64,
+    pub component: Option<String>,
 }
 
 /// Lease layer `layer` (its index in the component's layer list, as [`ModelOpened`] gave it).
@@ -442,6 +469,14 @@ pub struct LayerSummary {
     pub bytes: u64,
     /// Number of tensors.
     pub tensors: u32,
+}
+
+/// What an [`Offload`] freed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offloaded {
+    /// Device bytes given back: the model's reservation (whole model) or the bytes of the
+    /// component's layers that were on the device (each rounded up to the arena's alignment).
+    pub bytes: u64,
 }
 
 /// A lease: where the layer's tensors are in the arena.

@@ -17,8 +17,8 @@ use crate::protocol::socket::{FrameReader, discard_input};
 use crate::protocol::{
     Ack, Acquire, ApplyLora, ArenaFd, ClientInfo, Clients, DeviceSummary, ErrorCode, ErrorReply,
     Kind, Leased, LoraSource, MAX_BODY_LEN, MAX_FDS, MIN_PROTOCOL_VERSION, Message, ModelInfo,
-    ModelOpened, Models, PROTOCOL_VERSION, ProtocolError, Ready, SetResidency, StatsReply,
-    TensorDesc, ViewCreated, Welcome, features, negotiate,
+    ModelOpened, Models, Offloaded, PROTOCOL_VERSION, ProtocolError, Ready, SetResidency,
+    StatsReply, TensorDesc, ViewCreated, Welcome, features, negotiate,
 };
 
 type Reply = Result<Message, ErrorReply>;
@@ -233,6 +233,21 @@ impl Conn<'_> {
             Message::OpenModelFd(m) => self.open_model_fd(&m.name, fds),
             Message::CloseModel(m) => self.close_model(m.model),
             Message::SetResidency(m) => self.set_residency(m),
+            // Manual offload acts on the shared model: a whole-model offload takes it off the
+            // device for every client that has it open (ferryd manages one device for all of
+            // them); a layer any client holds leased makes it `busy`.
+            Message::Offload(m) => {
+                self.check_open(m.model)?;
+                let bytes =
+                    engine.offload(m.model, m.component.as_deref()).map_err(|e| engine_err(&e))?;
+                info!(conn = self.id(), model = m.model, component = ?m.component, bytes, "offloaded");
+                Ok(Offloaded { bytes }.into())
+            }
+            Message::Onload(m) => {
+                self.check_open(m.model)?;
+                engine.onload(m.model, m.component.as_deref()).map_err(|e| engine_err(&e))?;
+                Ok(Ack {}.into())
+            }
             Message::Acquire(m) => self.acquire(m),
             Message::WaitReady(m) => {
                 let (_, lease) = self.leases.get(&m.lease).ok_or_else(|| unknown_lease(m.lease))?;
