@@ -977,6 +977,7 @@ impl Engine {
         let mut guard = self.lock();
         let mut first = true;
         let mut hit = false;
+        let mut warned = false;
         let (si, idx) = loop {
             let st = &mut *guard;
             let (si, idx) = self.locate(st, model, component, layer)?;
@@ -1003,12 +1004,16 @@ impl Engine {
             // again shortly instead of sleeping until the timeout.
             let mut wait = timeout - waited;
             if ms.scopes[si].lease_count() == 0 {
-                tracing::warn!(
+                // Once per acquire: the retries below would otherwise log every 5 ms.
+                if !warned {
+                    warned = true;
+                    tracing::warn!(
                     scope = %ms.scopes[si].name,
                     layer = idx,
                     ?actions,
-                    "acquired layer not loaded although nothing is leased; retrying"
-                );
+                        "acquired layer not loaded although nothing is leased; retrying"
+                    );
+                }
                 wait = wait.min(Duration::from_millis(5));
             }
             guard = self
