@@ -12,11 +12,8 @@ use std::time::{Duration, Instant};
 
 use ferry::Dtype;
 use ferry::client::Client;
-use ferry::protocol::{
-    Acquire, ErrorCode, Leased, LoraMode, LoraRef, LoraSource, Message, ModelOpened, Release,
-    WaitReady,
-};
-use ferry_tests::ferryd::{Ferryd, wait_until};
+use ferry::protocol::{ErrorCode, Leased, LoraMode, LoraRef, LoraSource, ModelOpened};
+use ferry_tests::ferryd::{Ferryd, acquire, map_arena, release, wait_until};
 use ferry_tests::{Tensor, write_file};
 use half::f16;
 
@@ -66,35 +63,27 @@ fn merged_bytes(b: usize, scale: f32, alpha: f32) -> Vec<u8> {
     out
 }
 
-fn acquire(c: &mut Client, model: u64, component: &str, layer: u32) -> Leased {
-    let l = match c.call(Acquire { model, component: component.into(), layer }.into(), &[]) {
-        Ok(Message::Leased(l)) => l,
-        other => panic!("expected leased, got {other:?}"),
-    };
-    if !l.ready {
-        match c.call(WaitReady { lease: l.lease }.into(), &[]) {
-            Ok(Message::Ready(_)) => {}
-            other => panic!("expected ready, got {other:?}"),
-        }
-    }
-    l
-}
-
-fn release(c: &mut Client, model: u64, lease: u64) {
-    match c.call(Release { model, lease }.into(), &[]) {
-        Ok(Message::Ack(_)) => {}
-        other => panic!("expected ack, got {other:?}"),
-    }
-}
-
-fn map_arena(c: &mut Client) -> memmap2::Mmap {
-    let (a, fd) = c.map_arena().expect("map_arena");
-    let file = File::from(fd);
-    // SAFETY: a read-only shared mapping of ferryd's arena memfd; the test reads only bytes of
-    // layers it holds a ready lease on, which ferryd does not write meanwhile.
-    let map = unsafe { memmap2::Mmap::map(&file) }.expect("mmap the arena");
-    assert_eq!(map.len() as u64, a.len);
-    map
+/// Writes, in `dir`, the model (`BLOCKS` f16 blocks) and a PEFT-layout LoRA touching block 1
+/// only, alpha 4 (so alpha / rank = 2); returns the model's path, its tensors and the LoRA's
+/// path.
+fn write_model_and_lora(dir: &Path) -> (std::path::PathBuf, Vec<Tensor>, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).expect("model dir");
+    let model = dir.join("m.safetensors");
+    let blocks: Vec<Tensor> = (0..BLOCKS)
+        .map(|b| f16_tensor(&format!("blocks.{b}.proj.weight"), &[OUT, IN], |i| base_value(b, i)))
+        .collect();
+    write_file(&model, &blocks).expect("model");
+    let lora = dir.join("style.safetensors");
+    write_file(
+        &lora,
+        &[
+            f32_tensor("blocks.1.proj.lora_A.weight", &[RANK, IN], down_value),
+            f32_tensor("blocks.1.proj.lora_B.weight", &[OUT, RANK], up_value),
+            f32_tensor("blocks.1.proj.alpha", &[], |_| 4.0),
+        ],
+    )
+    .expect("lora");
+    (model, blocks, lora)
 }
 
 /// The (component, layer index) of block `b`'s layer.
@@ -137,24 +126,7 @@ fn start(dir: &Path) -> Ferryd {
 #[test]
 fn two_clients_share_device_bytes_and_one_sees_them_through_a_lora_view() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("models");
-    std::fs::create_dir_all(&root).expect("root");
-    let model = root.join("m.safetensors");
-    let blocks: Vec<Tensor> = (0..BLOCKS)
-        .map(|b| f16_tensor(&format!("blocks.{b}.proj.weight"), &[OUT, IN], |i| base_value(b, i)))
-        .collect();
-    write_file(&model, &blocks).expect("model");
-    // A PEFT-layout LoRA touching block 1 only, alpha 4 (so alpha / rank = 2).
-    let lora = root.join("style.safetensors");
-    write_file(
-        &lora,
-        &[
-            f32_tensor("blocks.1.proj.lora_A.weight", &[RANK, IN], down_value),
-            f32_tensor("blocks.1.proj.lora_B.weight", &[OUT, RANK], up_value),
-            f32_tensor("blocks.1.proj.alpha", &[], |_| 4.0),
-        ],
-    )
-    .expect("lora");
+    let (model, blocks, lora) = write_model_and_lora(&dir.path().join("models"));
 
     let mut d = start(dir.path());
     let mut a = Client::connect(&d.socket, "client-a").expect("connect a");
@@ -247,23 +219,7 @@ fn models_and_loras_by_descriptor_are_read_through_the_descriptor_and_views_are_
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir_all(dir.path().join("models")).expect("root");
     // Outside the model roots: by path it is refused, by descriptor it is the client's to lend.
-    let private = dir.path().join("private");
-    std::fs::create_dir_all(&private).expect("private");
-    let model = private.join("m.safetensors");
-    let blocks: Vec<Tensor> = (0..BLOCKS)
-        .map(|b| f16_tensor(&format!("blocks.{b}.proj.weight"), &[OUT, IN], |i| base_value(b, i)))
-        .collect();
-    write_file(&model, &blocks).expect("model");
-    let lora = private.join("style.safetensors");
-    write_file(
-        &lora,
-        &[
-            f32_tensor("blocks.1.proj.lora_A.weight", &[RANK, IN], down_value),
-            f32_tensor("blocks.1.proj.lora_B.weight", &[OUT, RANK], up_value),
-            f32_tensor("blocks.1.proj.alpha", &[], |_| 4.0),
-        ],
-    )
-    .expect("lora");
+    let (model, blocks, lora) = write_model_and_lora(&dir.path().join("private"));
 
     let d = start(dir.path());
     let mut a = Client::connect(&d.socket, "a").expect("connect a");

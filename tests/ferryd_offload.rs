@@ -4,47 +4,20 @@
 //! daemon's peak device bytes never pass its budget. A whole-model offload acts on the model
 //! every client shares, and any client's lease blocks it.
 
-use std::fs::File;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use ferry::Dtype;
 use ferry::client::Client;
-use ferry::protocol::{
-    Acquire, ErrorCode, Leased, Message, ModelOpened, Policy, Release, WaitReady,
-};
+use ferry::protocol::{ErrorCode, ModelOpened, Policy};
+use ferry_tests::ferryd::{Ferryd, acquire, map_arena, release};
 use ferry_tests::{Tensor, cargo_bin, write_file};
 
 const LAYER: usize = 64 << 10;
 /// Room for one model's reservation, not both (base 6 layers, refiner 5).
 const BUDGET: u64 = 8 * LAYER as u64;
 
-/// Kills ferryd if the test fails before stopping it.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn start(dir: &Path) -> Daemon {
+fn start(dir: &Path) -> Ferryd {
     let root = dir.join("models");
     let socket = dir.join("ferryd.sock");
     let config = dir.join("ferryd.toml");
@@ -59,19 +32,8 @@ fn start(dir: &Path) -> Daemon {
         ),
     )
     .expect("config");
-    let child = Command::new(cargo_bin("ferryd"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn ferryd");
-    let mut d = Daemon { child, socket };
-    wait_until("ferryd's socket", Duration::from_secs(30), || {
-        UnixStream::connect(&d.socket).is_ok() || d.child.try_wait().ok().flatten().is_some()
-    });
-    assert!(d.child.try_wait().expect("try_wait").is_none(), "ferryd exited at start");
-    d
+    // The socket is in the config file; `--socket` names the same path.
+    Ferryd::start(&socket, ["--config".as_ref(), config.as_os_str()])
 }
 
 /// A model of `layers` layers of `LAYER` bytes, bytes differing per `seed`.
@@ -91,43 +53,12 @@ fn model(root: &Path, name: &str, layers: usize, seed: u8) -> (PathBuf, Vec<Tens
     (path, tensors)
 }
 
-fn acquire(c: &mut Client, model: u64, layer: u32) -> Leased {
-    let l = match c.call(Acquire { model, component: "model".into(), layer }.into(), &[]) {
-        Ok(Message::Leased(l)) => l,
-        other => panic!("expected leased, got {other:?}"),
-    };
-    if !l.ready {
-        match c.call(WaitReady { lease: l.lease }.into(), &[]) {
-            Ok(Message::Ready(_)) => {}
-            other => panic!("expected ready, got {other:?}"),
-        }
-    }
-    l
-}
-
-fn release(c: &mut Client, model: u64, lease: u64) {
-    match c.call(Release { model, lease }.into(), &[]) {
-        Ok(Message::Ack(_)) => {}
-        other => panic!("expected ack, got {other:?}"),
-    }
-}
-
-fn map_arena(c: &mut Client) -> memmap2::Mmap {
-    let (a, fd) = c.map_arena().expect("map_arena");
-    let file = File::from(fd);
-    // SAFETY: a read-only shared mapping of ferryd's arena memfd; the test reads only bytes of
-    // layers it holds a ready lease on, which ferryd does not write meanwhile.
-    let map = unsafe { memmap2::Mmap::map(&file) }.expect("mmap the arena");
-    assert_eq!(map.len() as u64, a.len);
-    map
-}
-
 /// Acquires every layer in turn and checks its bytes in the arena against the file.
 fn check_all(c: &mut Client, map: &[u8], m: &ModelOpened, tensors: &[Tensor]) {
     assert_eq!(m.components.len(), 1, "{m:?}");
     assert_eq!(m.components[0].layers.len(), tensors.len());
     for (l, t) in tensors.iter().enumerate() {
-        let lease = acquire(c, m.model, l as u32);
+        let lease = acquire(c, m.model, "model", l as u32);
         let d = &lease.tensors[0];
         let at = d.arena_offset as usize;
         assert_eq!(&map[at..at + d.len as usize], &t.data[..], "model {} layer {l}", m.model);
@@ -170,7 +101,7 @@ fn base_and_refiner_take_turns_through_ferryd() {
     );
 
     // Another client's lease on the base blocks the offload; nothing changes.
-    let held = acquire(&mut other, b.model, 2);
+    let held = acquire(&mut other, b.model, "model", 2);
     let e = a.offload(b.model, None).expect_err("busy");
     assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
     let e = a.offload(b.model, Some("model")).expect_err("busy");

@@ -91,3 +91,44 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `acquire` over the protocol, then `wait_ready` if the layer was not on the device yet.
+pub fn acquire(
+    c: &mut ferry::client::Client,
+    model: u64,
+    component: &str,
+    layer: u32,
+) -> ferry::protocol::Leased {
+    use ferry::protocol::{Acquire, Message, WaitReady};
+    let l = match c.call(Acquire { model, component: component.into(), layer }.into(), &[]) {
+        Ok(Message::Leased(l)) => l,
+        other => panic!("expected leased, got {other:?}"),
+    };
+    if !l.ready {
+        match c.call(WaitReady { lease: l.lease }.into(), &[]) {
+            Ok(Message::Ready(_)) => {}
+            other => panic!("expected ready, got {other:?}"),
+        }
+    }
+    l
+}
+
+/// `release` over the protocol, which must be acknowledged.
+pub fn release(c: &mut ferry::client::Client, model: u64, lease: u64) {
+    use ferry::protocol::{Message, Release};
+    match c.call(Release { model, lease }.into(), &[]) {
+        Ok(Message::Ack(_)) => {}
+        other => panic!("expected ack, got {other:?}"),
+    }
+}
+
+/// The daemon's host arena, mapped read-only through the descriptor `map_arena` sends.
+pub fn map_arena(c: &mut ferry::client::Client) -> memmap2::Mmap {
+    let (a, fd) = c.map_arena().expect("map_arena");
+    let file = std::fs::File::from(fd);
+    // SAFETY: a read-only shared mapping of ferryd's arena memfd; tests read only bytes of
+    // layers they hold a ready lease on, which ferryd does not write meanwhile.
+    let map = unsafe { memmap2::Mmap::map(&file) }.expect("mmap the arena");
+    assert_eq!(map.len() as u64, a.len);
+    map
+}
