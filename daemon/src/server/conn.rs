@@ -285,25 +285,37 @@ impl Conn<'_> {
     fn open_model(&mut self, path: &str) -> Reply {
         let canonical = self.shared.resolve_under_roots(path, "model")?;
         self.need(features::OPEN_PATH, "open_model")?;
-        let engine = &self.shared.engine;
+        let shown = canonical.display().to_string();
+        let engine = self.shared.engine.clone();
+        self.hold_model(canonical.clone(), shown, || engine.open_model(&canonical))
+    }
+
+    /// Makes this connection a holder of the model registered under `key`, opening it with
+    /// `open` (and registering it as `shown`) if no client has it open yet.
+    fn hold_model(
+        &mut self,
+        key: PathBuf,
+        shown: String,
+        open: impl FnOnce() -> Result<ModelId, EngineError>,
+    ) -> Reply {
         let id = {
             let mut reg = self.shared.registry();
-            let id = match reg.by_path.get(&canonical) {
+            let id = match reg.by_path.get(&key) {
                 Some(&id) => id,
                 None => {
-                    let id = engine.open_model(&canonical).map_err(|e| engine_err(&e))?;
-                    reg.by_path.insert(canonical.clone(), id);
+                    let id = open().map_err(|e| engine_err(&e))?;
+                    reg.by_path.insert(key.clone(), id);
+                    info!(conn = self.id(), model = id, path = %shown, "model opened");
                     reg.models.insert(
                         id,
                         ModelEntry {
-                            path: canonical.display().to_string(),
-                            canonical: Some(canonical.clone()),
+                            path: shown,
+                            canonical: Some(key),
                             view_of: None,
                             holders: HashSet::new(),
                             policy: None,
                         },
                     );
-                    info!(conn = self.id(), model = id, path = %canonical.display(), "model opened");
                     id
                 }
             };
@@ -314,7 +326,7 @@ impl Conn<'_> {
         };
         self.open.insert(id);
         self.update_counts();
-        let model = engine.model(id).map_err(|e| engine_err(&e))?;
+        let model = self.shared.engine.model(id).map_err(|e| engine_err(&e))?;
         Ok(ModelOpened::describe(id, &model).into())
     }
 
@@ -353,37 +365,10 @@ impl Conn<'_> {
             meta.mtime_nsec()
         ));
         let label = if name.is_empty() { "(unnamed)" } else { name };
-        let engine = &self.shared.engine;
-        let id = {
-            let mut reg = self.shared.registry();
-            let id = match reg.by_path.get(&key) {
-                Some(&id) => id,
-                None => {
-                    let id = engine.open_model_file(file, label).map_err(|e| engine_err(&e))?;
-                    reg.by_path.insert(key.clone(), id);
-                    reg.models.insert(
-                        id,
-                        ModelEntry {
-                            path: format!("{label} (by descriptor)"),
-                            canonical: Some(key),
-                            view_of: None,
-                            holders: HashSet::new(),
-                            policy: None,
-                        },
-                    );
-                    info!(conn = self.id(), model = id, name = label, "model opened by descriptor");
-                    id
-                }
-            };
-            if let Some(e) = reg.models.get_mut(&id) {
-                e.holders.insert(self.id());
-            }
-            id
-        };
-        self.open.insert(id);
-        self.update_counts();
-        let model = engine.model(id).map_err(|e| engine_err(&e))?;
-        Ok(ModelOpened::describe(id, &model).into())
+        let engine = self.shared.engine.clone();
+        self.hold_model(key, format!("{label} (by descriptor)"), || {
+            engine.open_model_file(file, label)
+        })
     }
 
     fn close_model(&mut self, model: ModelId) -> Reply {
