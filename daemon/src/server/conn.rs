@@ -541,23 +541,15 @@ impl Conn<'_> {
                             ),
                         )
                     })?;
-                    let file = std::fs::File::from(fd.try_clone().map_err(|e| {
-                        ErrorReply::new(
-                            ErrorCode::Internal,
-                            format!("duplicating a descriptor: {e}"),
-                        )
-                    })?);
-                    let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-                    if !is_file {
+                    // The kernel's link to the open file (followed by metadata and open).
+                    let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                    if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
                         return Err(ErrorReply::new(
                             ErrorCode::BadRequest,
                             format!("LoRA descriptor {i} is not a regular file"),
                         ));
                     }
-                    stack.push((
-                        PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
-                        r.scale,
-                    ));
+                    stack.push((path, r.scale));
                 }
             }
         }
