@@ -19,40 +19,9 @@ use std::time::Duration;
 
 use ferry::Dtype;
 use ferry::server::{Server, ServerConfig};
-use ferry_tests::{Tensor, write_file};
+use ferry_tests::{Tensor, build_ffi, workspace_root as root, write_file};
 
 const LAYERS: usize = 8;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The target directory this bench was built into (`<target>/<profile>/deps/<exe>`).
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        let dir = PathBuf::from(dir);
-        return if dir.is_absolute() { dir } else { root().join(dir) };
-    }
-    let exe = std::env::current_exe().expect("locating the bench executable");
-    exe.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| root().join("target"))
-}
-
-/// Builds `libferry.a` into `<target>/c-abi` (the directory tests/c_abi.rs uses, so a nested
-/// cargo never waits on the outer one's lock) and returns the folder holding it.
-fn build_ffi(release: bool) -> PathBuf {
-    let target = target_dir().join("c-abi");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(root())
-        .args(["build", "--quiet", "-p", "ferry-ffi", "--target-dir"])
-        .arg(&target);
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().expect("running cargo build -p ferry-ffi");
-    assert!(status.success(), "cargo build -p ferry-ffi failed: {status}");
-    target.join(if release { "release" } else { "debug" })
-}
 
 fn compile(lib_dir: &Path) -> PathBuf {
     let exe = lib_dir.join("ffi-roundtrip-bench");

@@ -25,40 +25,10 @@ use ferry::protocol::{
     Ack, ArenaFd, ComponentSummary, DeviceSummary, ErrorCode, ErrorReply, LayerSummary, Leased,
     MAX_BODY_LEN, MAX_FDS, Message, ModelOpened, PROTOCOL_VERSION, TensorDesc, Welcome, features,
 };
-use ferry_tests::{Tensor, cargo_bin, write_file};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The target directory this test binary was built into (`<target>/<profile>/deps/<exe>`).
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        let dir = PathBuf::from(dir);
-        return if dir.is_absolute() { dir } else { root().join(dir) };
-    }
-    let exe = std::env::current_exe().expect("locating the test executable");
-    exe.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| root().join("target"))
-}
+use ferry_tests::{Tensor, build_ffi, cargo_bin, workspace_root as root, write_file};
 
 fn have(tool: &str) -> bool {
     Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
-}
-
-/// Builds the ffi crate (debug profile) into its own target directory, so that the nested
-/// cargo never waits on the lock of the directory the outer `cargo test` uses, and returns the
-/// directory holding `libferry.a` and `libferry.so`.
-fn build_ffi() -> PathBuf {
-    let target = target_dir().join("c-abi");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(root())
-        .args(["build", "--quiet", "-p", "ferry-ffi", "--target-dir"])
-        .arg(&target)
-        .status()
-        .expect("running cargo build -p ferry-ffi");
-    assert!(status.success(), "cargo build -p ferry-ffi failed: {status}");
-    target.join("debug")
 }
 
 /// Compiles `tests/c/<name>.c` against `include/ferry.h` and `libferry.a` with ASan and UBSan
@@ -146,7 +116,7 @@ fn setup() -> Option<PathBuf> {
     }
     // Tests run in parallel and each would build; one build, shared.
     static LIB: OnceLock<PathBuf> = OnceLock::new();
-    Some(LIB.get_or_init(build_ffi).clone())
+    Some(LIB.get_or_init(|| build_ffi(false)).clone())
 }
 
 /// The test model: `layers` blocks of three tensors (U8 weight, F32 bias, 2-D F16 proj).

@@ -232,3 +232,37 @@ pub fn host_engine(
     })
     .expect("host engine")
 }
+
+/// The workspace root (where `Cargo.toml`, `include/` and `tests/c/` are).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The target directory the running test or bench was built into
+/// (`<target>/<profile>/deps/<exe>`), honouring `CARGO_TARGET_DIR`.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        let dir = PathBuf::from(dir);
+        return if dir.is_absolute() { dir } else { workspace_root().join(dir) };
+    }
+    let exe = std::env::current_exe().expect("locating the test executable");
+    exe.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Builds the ffi crate into `<target>/c-abi` (its own target directory, so the nested cargo
+/// never waits on the lock of the one the outer `cargo test` uses) and returns the directory
+/// holding `libferry.a` and `libferry.so`.
+pub fn build_ffi(release: bool) -> PathBuf {
+    let target = target_dir().join("c-abi");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", "ferry-ffi", "--target-dir"])
+        .arg(&target);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("running cargo build -p ferry-ffi");
+    assert!(status.success(), "cargo build -p ferry-ffi failed: {status}");
+    target.join(if release { "release" } else { "debug" })
+}

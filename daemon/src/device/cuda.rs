@@ -235,6 +235,31 @@ pub struct CudaDevice {
 }
 
 impl CudaDevice {
+    /// `cuMemAlloc` of `bytes` in our context; `oom` words an allocation the device cannot
+    /// satisfy (a size beyond the address space, out of memory, or a size some drivers answer
+    /// with INVALID_VALUE).
+    fn device_malloc(
+        &self,
+        bytes: u64,
+        oom: impl Fn(String) -> DeviceError,
+    ) -> Result<u64, DeviceError> {
+        let len =
+            usize::try_from(bytes).map_err(|_| oom("larger than the address space".into()))?;
+        let _bound = bind(&self.shared.ctx)?;
+        // SAFETY: a plain allocation of `len` bytes in the current (our) context; callers
+        // write the memory before anything reads it.
+        match unsafe { cudarc::driver::result::malloc_sync(len) } {
+            Ok(p) => Ok(p),
+            Err(
+                e @ DriverError(
+                    sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
+                    | sys::CUresult::CUDA_ERROR_INVALID_VALUE,
+                ),
+            ) => Err(oom(describe(e))),
+            Err(e) => Err(cuda_err("cuMemAlloc")(e)),
+        }
+    }
+
     pub fn new(config: &DeviceConfig) -> Result<CudaDevice, DeviceError> {
         // cudarc panics on its first call without libcuda: ask before anything else.
         if !super::cuda_driver_present() {
@@ -405,23 +430,9 @@ impl BackendOps for CudaDevice {
         if bytes == 0 {
             return Err(oom("an arena cannot be empty".into()));
         }
-        let len =
-            usize::try_from(bytes).map_err(|_| oom("larger than the address space".into()))?;
-        let _bound = bind(&self.shared.ctx)?;
         // cuMemAlloc (not cuMemAllocAsync): exportable with cuIpcGetMemHandle (module docs).
-        // SAFETY: a plain allocation of `len` bytes in the current (our) context; the memory is
-        // uninitialised, which is fine for raw bytes that are only written by copies.
-        let ptr = match unsafe { cudarc::driver::result::malloc_sync(len) } {
-            Ok(p) => p,
-            // A size the device can never satisfy is reported as INVALID_VALUE by some drivers.
-            Err(
-                e @ DriverError(
-                    sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
-                    | sys::CUresult::CUDA_ERROR_INVALID_VALUE,
-                ),
-            ) => return Err(oom(describe(e))),
-            Err(e) => return Err(cuda_err("cuMemAlloc")(e)),
-        };
+        // The memory is uninitialised, fine for raw bytes only written by copies.
+        let ptr = self.device_malloc(bytes, oom)?;
         self.shared.arenas.lock().unwrap_or_else(PoisonError::into_inner).push((ptr, bytes));
         debug!(base = format_args!("{ptr:#x}"), bytes, "device arena allocated");
         Ok(Arena {
@@ -638,21 +649,8 @@ impl BackendOps for CudaDevice {
         if bytes == 0 {
             return Err(oom("a device buffer cannot be empty".into()));
         }
-        let len =
-            usize::try_from(bytes).map_err(|_| oom("larger than the address space".into()))?;
-        let _bound = bind(&self.shared.ctx)?;
-        // SAFETY: a plain allocation of `len` bytes in the current (our) context; it is filled
-        // with `DeviceBuffer::write` before anything reads it.
-        let ptr = match unsafe { cudarc::driver::result::malloc_sync(len) } {
-            Ok(p) => p,
-            Err(
-                e @ DriverError(
-                    sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
-                    | sys::CUresult::CUDA_ERROR_INVALID_VALUE,
-                ),
-            ) => return Err(oom(describe(e))),
-            Err(e) => return Err(cuda_err("cuMemAlloc")(e)),
-        };
+        // Filled with `DeviceBuffer::write` before anything reads it.
+        let ptr = self.device_malloc(bytes, oom)?;
         self.shared.buffers.lock().unwrap_or_else(PoisonError::into_inner).push((ptr, bytes));
         Ok(DeviceBuffer {
             addr: ptr,
