@@ -3,21 +3,10 @@
 //! `--json` parses; a missing daemon is a clear error.
 
 use std::path::Path;
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
-use ferry_tests::ferryd::stdout_ok;
+use ferry_tests::ferryd::{Ferryd, stdout_ok};
 use ferry_tests::{cargo_bin, llm_like, write_sharded};
-
-/// Kills ferryd when the test ends, however it ends.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn top(socket: &Path, args: &[&str]) -> Output {
     Command::new(cargo_bin("ferryctl"))
@@ -41,25 +30,21 @@ fn top_once_shows_one_frame_of_a_running_ferryd() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ferryd is not answering on"), "{err}");
 
-    let mut daemon = Daemon(
-        Command::new(cargo_bin("ferryd"))
-            .args(["--device", "host", "--host-memory", "67108864", "--budget", "16777216"])
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--model-root")
-            .arg(&root)
-            .arg("--preload")
-            .arg(&index)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn ferryd"),
+    let _daemon = Ferryd::start(
+        &socket,
+        [
+            "--device".as_ref(),
+            "host".as_ref(),
+            "--host-memory".as_ref(),
+            "67108864".as_ref(),
+            "--budget".as_ref(),
+            "16777216".as_ref(),
+            "--model-root".as_ref(),
+            root.as_os_str(),
+            "--preload".as_ref(),
+            index.as_os_str(),
+        ],
     );
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(daemon.0.try_wait().expect("try_wait").is_none(), "ferryd exited");
-        assert!(start.elapsed() < Duration::from_secs(30), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 
     let text = stdout_ok(&top(&socket, &[]));
     let canonical = index.canonicalize().expect("canonical");
