@@ -19,10 +19,12 @@ use std::time::Duration;
 
 use crate::protocol::socket::{FrameReader, FrameWriter, Received, SpinLimit};
 use crate::protocol::{
-    ApplyLora, ArenaFd, ClientInfo, CloseModel, ErrorCode, ErrorReply, Goodbye, Hello, Kind,
-    ListClients, ListModels, LoraMode, LoraRef, MIN_PROTOCOL_VERSION, MapArena, Message, ModelInfo,
-    ModelOpened, Offload, Offloaded, Onload, OpenModel, OpenModelFd, PROTOCOL_VERSION, Policy,
-    ProtocolError, RemoveLora, SetResidency, Stats, StatsReply, ViewCreated, Welcome, features,
+    ApplyLora, ArenaFd, ClientInfo, CloseModel, DeviceEntry, DeviceSel, ErrorCode, ErrorReply,
+    Goodbye, Hello, Kind, ListClients, ListDevices, ListModels, LoraMode, LoraRef,
+    MIN_PROTOCOL_VERSION, MapArena, MapArenaOn, Message, ModelInfo, ModelOpened, Offload,
+    Offloaded, Onload, OpenModel, OpenModelFd, OpenModelFdOn, OpenModelOn, PROTOCOL_VERSION,
+    Policy, ProtocolError, RemoveLora, SetResidency, Stats, StatsReply, ViewCreated, Welcome,
+    features,
 };
 
 /// How long a reply may take by default before the call fails with [`ClientError::Io`]
@@ -188,6 +190,36 @@ impl Client {
         self.model_opened(OpenModel { path: path.to_string() }.into(), &[])
     }
 
+    /// [`Client::open_model`] on a named device (needs [`features::DEVICES`]).
+    pub fn open_model_on(
+        &mut self,
+        path: &Path,
+        device: DeviceSel,
+    ) -> Result<ModelOpened, ClientError> {
+        let path = path.to_str().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not UTF-8", path.display()))
+        })?;
+        self.model_opened(OpenModelOn { path: path.to_string(), device }.into(), &[])
+    }
+
+    /// [`Client::open_model_fd`] on a named device (needs [`features::DEVICES`]).
+    pub fn open_model_fd_on(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        name: &str,
+        device: DeviceSel,
+    ) -> Result<ModelOpened, ClientError> {
+        self.model_opened(OpenModelFdOn { name: name.to_string(), device }.into(), &[fd])
+    }
+
+    /// The daemon's devices, with their counters (needs [`features::DEVICES`]).
+    pub fn list_devices(&mut self) -> Result<Vec<DeviceEntry>, ClientError> {
+        match self.call(ListDevices {}.into(), &[])? {
+            Message::Devices(d) => Ok(d.devices),
+            other => Err(unexpected(Kind::Devices, &other)),
+        }
+    }
+
     /// Opens a model from a descriptor (a `.safetensors` file, or a model directory opened
     /// `O_RDONLY | O_DIRECTORY`). Needs [`features::FD_PASSING`].
     pub fn open_model_fd(
@@ -265,7 +297,16 @@ impl Client {
 
     /// The host arena's memfd and its length. Needs [`features::HOST_ARENA`].
     pub fn map_arena(&mut self) -> Result<(ArenaFd, OwnedFd), ClientError> {
-        let id = self.send(MapArena {}.into(), &[])?;
+        self.arena_fd(MapArena {}.into())
+    }
+
+    /// [`Client::map_arena`] for a named device's arena (needs [`features::DEVICES`]).
+    pub fn map_arena_on(&mut self, device: DeviceSel) -> Result<(ArenaFd, OwnedFd), ClientError> {
+        self.arena_fd(MapArenaOn { device }.into())
+    }
+
+    fn arena_fd(&mut self, msg: Message) -> Result<(ArenaFd, OwnedFd), ClientError> {
+        let id = self.send(msg, &[])?;
         let r = self.recv()?;
         check_id(id, r.header.request_id, &r.message)?;
         match r.message {

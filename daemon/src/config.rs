@@ -2,11 +2,13 @@
 //! on the command line overrides the file. Unknown keys are errors, so a typo cannot silently
 //! fall back to a default. `deploy/ferryd.toml` is a commented example of every key.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::device::DeviceChoice;
+use crate::devices::DeviceRef;
 use crate::engine::policy::PolicyChoice;
 
 /// Where ferryd looks when no `--config` is given (a missing file there is not an error).
@@ -18,7 +20,19 @@ pub const DEFAULT_PATH: &str = "/etc/ferry/ferryd.toml";
 pub struct FerrydConfig {
     /// `auto` (CUDA if a driver is present, else host), `cuda` or `host`.
     pub device: Option<DeviceChoice>,
-    /// Device memory the engine may use, in bytes (default: 75% of the device).
+    /// CUDA: the GPUs to serve (CUDA indices or UUIDs), in ferryd's device order (default:
+    /// every visible GPU).
+    #[serde(default)]
+    pub devices: Vec<DeviceRef>,
+    /// Host backend: how many devices to simulate (default 1).
+    pub host_devices: Option<u32>,
+    /// NUMA placement of each device's staging ring and I/O threads: `auto` (the node nearest
+    /// the device, from sysfs) or `off`.
+    pub numa: Option<NumaMode>,
+    /// A NUMA node per device, overriding `numa` (keys: ferryd device index or UUID).
+    #[serde(default)]
+    pub numa_nodes: BTreeMap<String, u32>,
+    /// Device memory the engine may use on each device, in bytes (default: 75% of the device).
     pub budget: Option<u64>,
     /// Bytes of "device memory" the host backend offers (default 4 GiB).
     pub host_memory: Option<u64>,
@@ -51,6 +65,18 @@ pub struct FerrydConfig {
     pub preload: Vec<PathBuf>,
     /// Log filter, tracing's EnvFilter syntax (`info`, `ferry=debug`, ...).
     pub log: Option<String>,
+}
+
+/// `numa = "auto" | "off"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NumaMode {
+    /// Bind each device's staging ring and I/O threads to the node nearest it (sysfs); no
+    /// binding where that is unknown.
+    #[default]
+    Auto,
+    /// No binding.
+    Off,
 }
 
 /// Why the configuration could not be read.
@@ -114,6 +140,36 @@ mod tests {
         assert_eq!(c.allow_gids, [44]);
         assert_eq!(c.max_clients, Some(64));
         assert_eq!(c.log.as_deref(), Some("ferry=debug"));
+    }
+
+    #[test]
+    fn device_keys_parse() {
+        let text = r#"
+            devices = [0, "GPU-0a1b2c3d-0000-1111-2222-333344445555", "2"]
+            host_devices = 4
+            numa = "off"
+            numa_nodes = { "1" = 0, "HOST-0002" = 1 }
+        "#;
+        let c = FerrydConfig::parse(text, Path::new("x.toml")).unwrap();
+        assert_eq!(
+            c.devices,
+            [
+                DeviceRef::Index(0),
+                DeviceRef::Uuid("GPU-0a1b2c3d-0000-1111-2222-333344445555".into()),
+                DeviceRef::Index(2)
+            ]
+        );
+        assert_eq!(c.host_devices, Some(4));
+        assert_eq!(c.numa, Some(NumaMode::Off));
+        assert_eq!(c.numa_nodes.get("HOST-0002"), Some(&1));
+        for (bad, named) in [
+            ("devices = [-1]", "negative"),
+            ("devices = [\"GPU 1\"]", "neither a device index nor a UUID"),
+            ("numa = \"near\"", "near"),
+        ] {
+            let err = FerrydConfig::parse(bad, Path::new("c.toml")).unwrap_err().to_string();
+            assert!(err.contains(named), "{bad}: {err}");
+        }
     }
 
     #[test]

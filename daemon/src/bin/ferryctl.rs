@@ -70,6 +70,12 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// List ferryd's devices: index, UUID, NUMA node, budget and use, or why a device is
+    /// unavailable.
+    Devices {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// List the models open in ferryd.
     Models {
         #[command(flatten)]
@@ -115,6 +121,10 @@ enum Command {
         /// progress bar: warms the page cache and loads what the policy keeps resident.
         #[arg(long)]
         warm: bool,
+        /// The device to open it on: ferryd's device index or the device's UUID (see
+        /// `ferryctl devices`; default: ferryd's first device).
+        #[arg(long, value_name = "INDEX|UUID")]
+        device: Option<ferry::devices::DeviceRef>,
     },
     /// Take a model off ferryd's device (manual offload): the whole model, giving back its
     /// memory reservation so another model can use the budget, or one component's layers.
@@ -189,12 +199,13 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Inspect { path, json, tensors, layers } => inspect(path, json, tensors, &layers),
         Command::Export { model, loras, output, json } => export(&model, &loras, &output, json),
         Command::Status { conn } => status(&conn),
+        Command::Devices { conn } => devices(&conn),
         Command::Models { conn } => models(&conn),
         Command::Clients { conn } => clients(&conn),
         Command::Stats { conn, prometheus } => stats(&conn, prometheus),
-        Command::Load { path, conn, policy, lookahead, threshold, warm } => {
+        Command::Load { path, conn, policy, lookahead, threshold, warm, device } => {
             let policy = build_policy(policy, lookahead, threshold.as_deref())?;
-            load(&conn, &path, policy, warm)
+            load(&conn, &path, policy, warm, device)
         }
         Command::Offload { path, component, conn } => {
             manual_offload(&conn, &path, component.as_deref(), true)
@@ -349,6 +360,7 @@ fn feature_names(bits: u64) -> Vec<String> {
         (features::HOST_ARENA, "host_arena"),
         (features::LORA, "lora"),
         (features::CUDA_IPC, "cuda_ipc"),
+        (features::DEVICES, "devices"),
     ];
     let mut names: Vec<String> =
         known.iter().filter(|(b, _)| bits & b != 0).map(|(_, n)| n.to_string()).collect();
@@ -554,6 +566,44 @@ fn status(conn: &Conn) -> Result<(), String> {
     Ok(())
 }
 
+fn devices(conn: &Conn) -> Result<(), String> {
+    let (mut c, socket) = conn.connect()?;
+    let devices = c.list_devices().map_err(ctx(&socket))?;
+    let _ = c.close();
+    if conn.json {
+        return to_json(&serde_json::json!({ "devices": devices })).map(|t| out(&t));
+    }
+    let rows: Vec<Vec<String>> = devices
+        .iter()
+        .map(|d| {
+            let dash = || "-".to_string();
+            let (budget, used, peak) = match &d.stats {
+                Some(s) => (bytes(s.budget), bytes(s.device_bytes), bytes(s.peak_device_bytes)),
+                None => (dash(), dash(), dash()),
+            };
+            vec![
+                d.index.to_string(),
+                d.label.clone(),
+                if d.uuid.is_empty() { dash() } else { d.uuid.clone() },
+                d.numa_node.map_or_else(dash, |n| n.to_string()),
+                budget,
+                used,
+                peak,
+                d.models.to_string(),
+                match &d.error {
+                    Some(e) => format!("unavailable: {e}"),
+                    None => d.name.clone(),
+                },
+            ]
+        })
+        .collect();
+    out(&table(
+        &["INDEX", "DEVICE", "UUID", "NUMA", "BUDGET", "IN USE", "PEAK", "MODELS", "NAME / STATE"],
+        &rows,
+    ));
+    Ok(())
+}
+
 fn models(conn: &Conn) -> Result<(), String> {
     let (mut c, socket) = conn.connect()?;
     let models = c.list_models().map_err(ctx(&socket))?;
@@ -570,6 +620,7 @@ fn models(conn: &Conn) -> Result<(), String> {
         .map(|m| {
             vec![
                 m.model.to_string(),
+                ferry::engine::id_prefix_of(m.model).to_string(),
                 m.source.clone(),
                 bytes(m.total_bytes),
                 m.layers.to_string(),
@@ -581,7 +632,7 @@ fn models(conn: &Conn) -> Result<(), String> {
         })
         .collect();
     out(&table(
-        &["ID", "SOURCE", "SIZE", "LAYERS", "RESIDENT", "POLICY", "CLIENTS", "PATH"],
+        &["ID", "DEVICE", "SOURCE", "SIZE", "LAYERS", "RESIDENT", "POLICY", "CLIENTS", "PATH"],
         &rows,
     ));
     Ok(())
@@ -705,13 +756,23 @@ const LOAD_CAVEAT: &str = "ferryd closes a model when the last client holding it
 a model opened by `ferryctl load` stays open only while another client holds it, or when \
 ferryd preloads it (`ferryd --preload PATH`).";
 
-fn load(conn: &Conn, path: &Path, policy: Option<Policy>, warm: bool) -> Result<(), String> {
+fn load(
+    conn: &Conn,
+    path: &Path,
+    policy: Option<Policy>,
+    warm: bool,
+    device: Option<ferry::devices::DeviceRef>,
+) -> Result<(), String> {
     // ferryd resolves the path itself, from its own working directory.
     let abs = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let (mut c, socket) = conn.connect()?;
     let err = ctx(&socket);
     let before = c.list_models().map_err(&err)?;
-    let opened = c.open_model(&abs).map_err(|e| format!("load {}: {e}", abs.display()))?;
+    let opened = match device {
+        Some(d) => c.open_model_on(&abs, d.into()),
+        None => c.open_model(&abs),
+    }
+    .map_err(|e| format!("load {}: {e}", abs.display()))?;
     let was_open = before.iter().any(|m| m.model == opened.model);
     if let Some(p) = policy {
         c.set_residency(opened.model, None, p).map_err(&err)?;

@@ -14,9 +14,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ferry::config::FerrydConfig;
+use ferry::config::NumaMode;
 use ferry::device::{self, DeviceChoice, DeviceConfig};
+use ferry::devices::{DeviceRef, DeviceSet, DeviceSetConfig, SlotState};
 use ferry::engine::policy::PolicyChoice;
-use ferry::engine::{Engine, EngineConfig};
+use ferry::engine::{EngineConfig, NumaChoice};
 use ferry::server::{Server, ServerConfig};
 use ferry::service;
 use tracing::{error, info};
@@ -31,8 +33,24 @@ struct Args {
     /// Device backend: auto picks CUDA when a driver is present, else host memory.
     #[arg(long, value_enum)]
     device: Option<DeviceChoice>,
-    /// Device memory the engine may use, in bytes (default: 75% of the device, at most what is
-    /// free).
+    /// CUDA: the GPUs to serve, comma-separated CUDA indices or UUIDs, in the order ferryd
+    /// numbers them (default: every visible GPU).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    devices: Vec<DeviceRef>,
+    /// Host backend: how many devices to simulate, each with its own arena of --host-memory
+    /// bytes (default 1).
+    #[arg(long, value_name = "N")]
+    host_devices: Option<u32>,
+    /// NUMA placement of each device's staging ring and I/O threads: auto (the node nearest the
+    /// device, from sysfs) or off.
+    #[arg(long, value_enum)]
+    numa: Option<NumaMode>,
+    /// A device's NUMA node, overriding --numa: DEVICE=NODE (DEVICE: ferryd index or UUID);
+    /// may be repeated.
+    #[arg(long = "numa-node", value_name = "DEVICE=NODE", value_parser = parse_numa_node)]
+    numa_nodes: Vec<(DeviceRef, u32)>,
+    /// Device memory the engine may use on each device, in bytes (default: 75% of the device,
+    /// at most what is free).
     #[arg(long)]
     budget: Option<u64>,
     /// Bytes of "device memory" the host backend offers (default 4 GiB).
@@ -82,9 +100,28 @@ struct Args {
     max_views_per_client: Option<usize>,
 }
 
+/// `--numa-node DEVICE=NODE`.
+fn parse_numa_node(s: &str) -> Result<(DeviceRef, u32), String> {
+    let (dev, node) =
+        s.split_once('=').ok_or_else(|| format!("{s:?}: expected DEVICE=NODE, e.g. 0=1"))?;
+    let node = node.trim().parse::<u32>().map_err(|e| format!("NUMA node {node:?}: {e}"))?;
+    Ok((dev.parse()?, node))
+}
+
 /// The flags, with every value the command line left out taken from the configuration file.
-fn merge(mut args: Args, file: FerrydConfig) -> Args {
+fn merge(mut args: Args, file: FerrydConfig) -> Result<Args, String> {
     args.device = args.device.or(file.device);
+    if args.devices.is_empty() {
+        args.devices = file.devices;
+    }
+    args.host_devices = args.host_devices.or(file.host_devices);
+    args.numa = args.numa.or(file.numa);
+    if args.numa_nodes.is_empty() {
+        for (dev, node) in file.numa_nodes {
+            let dev = dev.parse::<DeviceRef>().map_err(|e| format!("numa_nodes: {e}"))?;
+            args.numa_nodes.push((dev, node));
+        }
+    }
     args.budget = args.budget.or(file.budget);
     args.host_memory = args.host_memory.or(file.host_memory);
     args.default_policy = args.default_policy.or(file.default_policy);
@@ -105,7 +142,7 @@ fn merge(mut args: Args, file: FerrydConfig) -> Args {
         args.allow_uids = file.allow_uids;
         args.allow_gids = file.allow_gids;
     }
-    args
+    Ok(args)
 }
 
 /// The configuration file the flags name (or the default one, if it exists).
@@ -147,7 +184,13 @@ fn reload(cli: &Args, running: &Args, server: &Server) {
             return;
         }
     };
-    let new = merge(cli.clone(), file);
+    let new = match merge(cli.clone(), file) {
+        Ok(a) => a,
+        Err(e) => {
+            error!("SIGHUP: configuration not reloaded, the running one stays: {e}");
+            return;
+        }
+    };
     match server.reload(server_config(&new)) {
         Ok(changed) if changed.is_empty() => info!("SIGHUP: configuration reloaded, no change"),
         Ok(changed) => info!(changed = ?changed, "SIGHUP: configuration reloaded"),
@@ -158,6 +201,10 @@ fn reload(cli: &Args, running: &Args, server: &Server) {
     }
     let restart_only = [
         ("device", format!("{:?}", new.device) != format!("{:?}", running.device)),
+        ("devices", new.devices != running.devices),
+        ("host_devices", new.host_devices != running.host_devices),
+        ("numa", new.numa != running.numa),
+        ("numa_nodes", new.numa_nodes != running.numa_nodes),
         ("budget", new.budget != running.budget),
         ("host_memory", new.host_memory != running.host_memory),
         (
@@ -187,7 +234,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let args = merge(cli.clone(), file);
+    let args = match merge(cli.clone(), file) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ferryd: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let log = args.log.clone().unwrap_or_else(|| "info".to_string());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log));
@@ -225,7 +278,7 @@ fn main() -> ExitCode {
         }
     };
     info!(version = ferry::VERSION, %backend, reason, "ferryd starting");
-    let engine = match Engine::new(EngineConfig {
+    let engine_config = EngineConfig {
         device: device_choice,
         device_config: DeviceConfig {
             host_memory: args.host_memory.unwrap_or(4 << 30),
@@ -236,28 +289,52 @@ fn main() -> ExitCode {
         auto_sequential_max: args
             .auto_sequential_max
             .unwrap_or(ferry::engine::policy::choice::AUTO_SEQUENTIAL_MAX),
+        numa: match args.numa.unwrap_or_default() {
+            NumaMode::Auto => NumaChoice::Auto,
+            NumaMode::Off => NumaChoice::Off,
+        },
         ..EngineConfig::default()
+    };
+    let devices = match DeviceSet::open(&DeviceSetConfig {
+        engine: engine_config,
+        select: (!args.devices.is_empty()).then(|| args.devices.clone()),
+        host_devices: args.host_devices.unwrap_or(1),
+        numa_nodes: args.numa_nodes.clone(),
     }) {
-        Ok(e) => e,
+        Ok(d) => d,
         Err(e) => {
             error!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    let dev = engine.device_info();
-    info!(
-        device = %dev.name,
-        uuid = %dev.uuid,
-        total = dev.total_memory,
-        budget = engine.stats().budget,
-        mapped_reads = dev.mapped_reads,
-        "device ready"
-    );
+    for slot in devices.slots() {
+        match &slot.state {
+            SlotState::Ready(engine) => {
+                let dev = engine.device_info();
+                info!(
+                    index = slot.index,
+                    device = %dev.name,
+                    uuid = %dev.uuid,
+                    total = dev.total_memory,
+                    budget = engine.stats().budget,
+                    mapped_reads = dev.mapped_reads,
+                    numa = %engine.placement(),
+                    policy = %engine.default_policy(),
+                    "device ready"
+                );
+            }
+            SlotState::Failed(reason) => {
+                error!(index = slot.index, device = %slot.label, "device unavailable: {reason}");
+            }
+        }
+    }
     info!(
         asked = %args.default_policy.unwrap_or_default(),
-        policy = %engine.default_policy(),
+        policy = %devices.default_engine().default_policy(),
         "default residency policy"
     );
+    // Preloaded models live on the default device (the first that serves).
+    let engine = devices.default_engine().clone();
 
     let mut preloaded = Vec::new();
     for path in &args.preload {
@@ -289,9 +366,9 @@ fn main() -> ExitCode {
     let started = match service::inherited_listener() {
         Ok(Some(listener)) => {
             info!("socket activation: using the listener systemd passed");
-            Server::start_with_listener(engine.clone(), config, listener)
+            Server::start_with_listener(devices, config, listener)
         }
-        Ok(None) => Server::start(engine.clone(), config),
+        Ok(None) => Server::start(devices, config),
         Err(e) => {
             error!("socket activation: {e}");
             return ExitCode::FAILURE;

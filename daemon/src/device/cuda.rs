@@ -260,6 +260,32 @@ impl CudaDevice {
         }
     }
 
+    /// The UUID of every visible GPU, by ordinal, without creating a context (for choosing
+    /// devices by UUID before opening them). No driver: [`DeviceError::NoCudaDriver`]; a
+    /// driver without GPUs: an empty list.
+    pub fn enumerate() -> Result<Vec<String>, DeviceError> {
+        if !super::cuda_driver_present() {
+            return Err(DeviceError::NoCudaDriver);
+        }
+        let count = match CudaContext::device_count() {
+            Ok(n) => usize::try_from(n).unwrap_or(0),
+            Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
+            Err(DriverError(sys::CUresult::CUDA_ERROR_STUB_LIBRARY)) => {
+                return Err(DeviceError::NoCudaDriver);
+            }
+            Err(e) => return Err(cuda_err("cuInit/cuDeviceGetCount")(e)),
+        };
+        (0..count)
+            .map(|i| {
+                let dev = cudarc::driver::result::device::get(i as i32)
+                    .map_err(cuda_err("cuDeviceGet"))?;
+                let uuid = cudarc::driver::result::device::get_uuid(dev)
+                    .map_err(cuda_err("cuDeviceGetUuid"))?;
+                Ok(format_uuid(&uuid))
+            })
+            .collect()
+    }
+
     pub fn new(config: &DeviceConfig) -> Result<CudaDevice, DeviceError> {
         // cudarc panics on its first call without libcuda: ask before anything else.
         if !super::cuda_driver_present() {
@@ -326,6 +352,10 @@ impl CudaDevice {
             );
         }
         let pcie = pcie_link(&uuid);
+        let pci_bus_id = pci_bus_id(ctx.cu_device()).unwrap_or_else(|e| {
+            warn!(error = %e, "cuDeviceGetPCIBusId failed: NUMA node unknown");
+            None
+        });
 
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -339,6 +369,7 @@ impl CudaDevice {
             total_memory: total as u64,
             free_memory: free as u64,
             pcie,
+            pci_bus_id,
             mapped_reads,
         };
         info!(
@@ -378,6 +409,22 @@ fn device_name(dev: sys::CUdevice) -> Result<String, DeviceError> {
         .map(|s| s.to_string_lossy().trim().to_string())
         .unwrap_or_default();
     Ok(name)
+}
+
+/// The PCI bus id (`0000:3B:00.0`), from `cuDeviceGetPCIBusId`; `None` if the driver gives
+/// an empty one.
+fn pci_bus_id(dev: sys::CUdevice) -> Result<Option<String>, DeviceError> {
+    // The driver documents 13 characters plus the NUL; room for longer domains anyway.
+    let mut buf = [0 as c_char; 64];
+    // SAFETY: `buf` has room for `len` bytes; the driver writes a NUL-terminated id into it.
+    unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), (buf.len() - 1) as i32, dev) }
+        .result()
+        .map_err(cuda_err("cuDeviceGetPCIBusId"))?;
+    let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
+    let id = CStr::from_bytes_until_nul(&bytes)
+        .map(|s| s.to_string_lossy().trim().to_string())
+        .unwrap_or_default();
+    Ok((!id.is_empty()).then_some(id))
 }
 
 /// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as nvidia-smi and NVML print it.

@@ -173,12 +173,15 @@ impl HostDevice {
         }
         let info = DeviceInfo {
             backend: Backend::Host,
-            ordinal: 0,
+            ordinal: config.ordinal,
             name: "host memory".to_string(),
-            uuid: format!("HOST-{:08x}", std::process::id()),
+            // Stable across restarts, like a GPU's UUID, so configurations and clients can
+            // name a simulated device by it.
+            uuid: format!("HOST-{:04}", config.ordinal),
             total_memory: config.host_memory,
             free_memory: config.host_memory,
             pcie: None,
+            pci_bus_id: None,
             mapped_reads: config.mapped_reads,
         };
         Ok(HostDevice { info, queue: Some(tx), completion, threads, arenas: ArenaList::default() })

@@ -88,7 +88,7 @@ impl DeviceError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DeviceInfo {
     pub backend: Backend,
-    /// Index among the backend's devices (CUDA ordinal; 0 on host).
+    /// Index among the backend's devices (CUDA ordinal; the simulated device's index on host).
     pub ordinal: usize,
     /// Product name (`NVIDIA H100 80GB HBM3`, or `host memory`).
     pub name: String,
@@ -100,6 +100,9 @@ pub struct DeviceInfo {
     pub free_memory: u64,
     /// PCIe link generation and width, when known (NVML).
     pub pcie: Option<(u32, u32)>,
+    /// PCI bus id (`0000:3b:00.0`), when the device has one (CUDA): how its NUMA node is
+    /// found ([`crate::numa`]).
+    pub pci_bus_id: Option<String>,
     /// Whether mapped files can be read in place by the copy engine (CUDA: read-only host
     /// registration supported; host: direct copies enabled).
     pub mapped_reads: bool,
@@ -108,7 +111,7 @@ pub struct DeviceInfo {
 /// Options for opening a device.
 #[derive(Clone, Debug)]
 pub struct DeviceConfig {
-    /// CUDA ordinal.
+    /// CUDA ordinal; on host, the index of the simulated device (its UUID is `HOST-000N`).
     pub ordinal: usize,
     /// Bytes of "device memory" the host backend reports (its budget is carved from RAM).
     pub host_memory: u64,

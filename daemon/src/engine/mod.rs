@@ -47,6 +47,7 @@ use self::policy::{
 };
 use self::runtime::ModelRuntime;
 use crate::device::{Arena, ClientDone, Device, DeviceChoice, DeviceConfig, DeviceInfo, Event};
+use crate::numa::{Placement, Topology};
 use crate::store::{Dtype, Model, Store};
 
 /// Identifies an open model within an engine.
@@ -77,6 +78,32 @@ pub struct EngineConfig {
     /// Host memory for fused LoRA layers (fuse mode). Default: a quarter of the RAM this
     /// process may use (cgroup limits included).
     pub fuse_cache_bytes: Option<u64>,
+    /// The engine's place among several devices (ferryd's device index): every model, view and
+    /// lease id it hands out carries it in its top 16 bits ([`ID_SHIFT`]), so ids from engines
+    /// of different devices never collide and an id alone names its device.
+    pub id_prefix: u16,
+    /// Where the device's staging buffers and I/O threads live ([`NumaChoice`]).
+    pub numa: NumaChoice,
+}
+
+/// Ids carry their engine's [`EngineConfig::id_prefix`] from this bit up.
+pub const ID_SHIFT: u32 = 48;
+
+/// The device index an id was handed out under (its top 16 bits).
+pub fn id_prefix_of(id: u64) -> u16 {
+    (id >> ID_SHIFT) as u16
+}
+
+/// NUMA placement of a device's staging buffers and I/O threads ([`crate::numa`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NumaChoice {
+    /// The node nearest the device (sysfs), or no binding when that is unknown.
+    #[default]
+    Auto,
+    /// No binding: threads and buffers go wherever the kernel puts them.
+    Off,
+    /// This node (an error at start if the machine has no such node).
+    Node(u32),
 }
 
 impl Default for EngineConfig {
@@ -92,6 +119,8 @@ impl Default for EngineConfig {
             default_policy: PolicyChoice::Auto,
             auto_sequential_max: policy::choice::AUTO_SEQUENTIAL_MAX,
             fuse_cache_bytes: None,
+            id_prefix: 0,
+            numa: NumaChoice::Auto,
         }
     }
 }
@@ -158,6 +187,23 @@ pub struct Stats {
     pub budget: u64,
     /// Host memory held by fused LoRA layers (fuse mode).
     pub lora_cache_bytes: u64,
+}
+
+impl Stats {
+    /// Adds another engine's counters (ferryd's totals over its devices).
+    pub fn add(&mut self, o: &Stats) {
+        self.acquires += o.acquires;
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.loads += o.loads;
+        self.evictions += o.evictions;
+        self.bytes_streamed += o.bytes_streamed;
+        self.stall_ns += o.stall_ns;
+        self.device_bytes += o.device_bytes;
+        self.peak_device_bytes += o.peak_device_bytes;
+        self.budget += o.budget;
+        self.lora_cache_bytes += o.lora_cache_bytes;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -461,6 +507,8 @@ struct State {
 #[derive(Debug)]
 struct Inner {
     config: EngineConfig,
+    /// Where the staging ring and I/O threads live.
+    placement: Placement,
     pipeline: Option<Pipeline>,
     device: Arc<Device>,
     arena: Option<Arena>,
@@ -599,26 +647,57 @@ impl Engine {
                 if ram.cgroup_limit.is_some() { "cgroup memory.max" } else { "MemTotal" },
             )));
         }
-        let arena = device.alloc_arena(budget)?;
+        let placement = placement(&config, &info)?;
+        // The arena and the staging ring are allocated, and the I/O threads started, on a
+        // thread bound to the device's NUMA node: pages are placed where they are first
+        // touched (or pinned), and threads inherit their parent's CPU set and memory policy.
+        let placed = std::thread::scope(|s| {
+            s.spawn(|| {
+                match placement.bind_current_thread() {
+                    Ok(()) => {}
+                    // The node the operator named must be honoured; the one found for them is
+                    // an optimisation, so a refusal only costs bandwidth.
+                    Err(e) if config.numa == NumaChoice::Auto => {
+                        tracing::warn!(numa = %placement, "NUMA binding failed, not bound: {e}");
+                    }
+                    Err(e) => return Err(EngineError::Config(format!("NUMA placement: {e}"))),
+                }
+                let arena = device.alloc_arena(budget)?;
+                let pipeline = Pipeline::start(
+                    Arc::clone(&device),
+                    config.io_threads,
+                    config.staging_slots,
+                    config.staging_slot_bytes,
+                )?;
+                Ok::<_, EngineError>((arena, pipeline))
+            })
+            .join()
+        });
+        let (arena, pipeline) = placed.map_err(|_| {
+            EngineError::Config("allocating the arena and staging ring panicked".into())
+        })??;
         let arena_base = arena.base;
-        let pipeline = Pipeline::start(
-            Arc::clone(&device),
-            config.io_threads,
-            config.staging_slots,
-            config.staging_slot_bytes,
-        )?;
-        tracing::info!(backend = %info.backend, device = %info.name, budget, staging, "engine started");
+        tracing::info!(
+            backend = %info.backend,
+            device = %info.name,
+            uuid = %info.uuid,
+            budget,
+            staging,
+            numa = %placement,
+            "engine started"
+        );
         let state = State {
             alloc: Allocator::new(budget),
             pending: Vec::new(),
             models: BTreeMap::new(),
             leases: HashMap::new(),
             pins: HashMap::new(),
-            next_id: 1,
+            next_id: (u64::from(config.id_prefix) << ID_SHIFT) + 1,
         };
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
+                placement,
                 pipeline: Some(pipeline),
                 device,
                 arena: Some(arena),
@@ -633,6 +712,11 @@ impl Engine {
 
     pub fn device_info(&self) -> &DeviceInfo {
         self.inner.device.info()
+    }
+
+    /// The NUMA node the device's staging ring and I/O threads live on, if any.
+    pub fn placement(&self) -> &Placement {
+        &self.inner.placement
     }
 
     /// The device itself (for reading bytes back in tests and tools).
@@ -1572,6 +1656,20 @@ impl Engine {
 }
 
 /// (component, layer) names of scope members.
+/// The NUMA placement `config` asks for on the device `info` describes.
+fn placement(config: &EngineConfig, info: &DeviceInfo) -> Result<Placement, EngineError> {
+    let requested = match config.numa {
+        NumaChoice::Off => {
+            return Ok(Placement::Unknown { reason: "NUMA placement turned off".into() });
+        }
+        NumaChoice::Auto => None,
+        NumaChoice::Node(n) => Some(n),
+    };
+    let sys = Path::new("/sys");
+    Placement::resolve(&Topology::detect(), sys, info.pci_bus_id.as_deref(), requested)
+        .map_err(|e| EngineError::Config(format!("NUMA placement of {}: {e}", info.uuid)))
+}
+
 fn names(ms: &ModelState, members: impl Iterator<Item = (usize, usize)>) -> Vec<(String, String)> {
     let m = ms.runtime.model();
     members

@@ -106,6 +106,10 @@ codes! {
     BadLora = 218, "bad_lora";
     /// A per-client limit was reached (open models, leases, requests in flight).
     LimitExceeded = 219, "limit_exceeded";
+    /// No device of the server has this index or UUID.
+    UnknownDevice = 220, "unknown_device";
+    /// The named device failed to open (the message says why); the others serve.
+    DeviceUnavailable = 221, "device_unavailable";
     /// The server is shutting down; it closes the connection after this.
     ShuttingDown = 300, "shutting_down";
     /// A bug or an unexpected failure in the server.

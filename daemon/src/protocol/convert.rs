@@ -3,10 +3,11 @@
 
 use super::codes::ErrorCode;
 use super::messages::{
-    ComponentSummary, DeviceSummary, ErrorReply, LayerSummary, LoraMode, LoraReport, ModelOpened,
-    Policy, Preset, StatsReply, TensorDesc, Threshold, ViewCreated,
+    ComponentSummary, DeviceEntry, DeviceSel, DeviceSummary, ErrorReply, LayerSummary, LoraMode,
+    LoraReport, ModelOpened, Policy, Preset, StatsReply, TensorDesc, Threshold, ViewCreated,
 };
 use crate::device::DeviceInfo;
+use crate::devices::{DeviceRef, DeviceSlot, SelectError, SlotState};
 use crate::engine::lora_view::LoraMode as EngineLoraMode;
 use crate::engine::policy::{
     PolicyChoice, PolicySpec, Preset as EnginePreset, Threshold as EngineThreshold,
@@ -225,6 +226,68 @@ impl ModelOpened {
 impl From<&EngineError> for ErrorReply {
     fn from(e: &EngineError) -> ErrorReply {
         ErrorReply::new(ErrorCode::from(e), e.to_string())
+    }
+}
+
+impl From<DeviceSel> for DeviceRef {
+    fn from(d: DeviceSel) -> DeviceRef {
+        match d {
+            DeviceSel::Index(i) => DeviceRef::Index(i),
+            DeviceSel::Uuid(u) => DeviceRef::Uuid(u),
+        }
+    }
+}
+
+impl From<DeviceRef> for DeviceSel {
+    fn from(d: DeviceRef) -> DeviceSel {
+        match d {
+            DeviceRef::Index(i) => DeviceSel::Index(i),
+            DeviceRef::Uuid(u) => DeviceSel::Uuid(u),
+        }
+    }
+}
+
+impl From<&SelectError> for ErrorReply {
+    fn from(e: &SelectError) -> ErrorReply {
+        let code = match e {
+            SelectError::NoSuchDevice { .. } => ErrorCode::UnknownDevice,
+            SelectError::Unavailable { .. } => ErrorCode::DeviceUnavailable,
+        };
+        ErrorReply::new(code, e.to_string())
+    }
+}
+
+impl DeviceEntry {
+    /// The entry of `slot`, with `models` open on it.
+    pub fn describe(slot: &DeviceSlot, models: u32) -> DeviceEntry {
+        let uuid = slot.uuid.clone().unwrap_or_default();
+        match &slot.state {
+            SlotState::Ready(e) => {
+                let info = e.device_info();
+                DeviceEntry {
+                    index: slot.index,
+                    label: slot.label.clone(),
+                    uuid,
+                    name: info.name.clone(),
+                    total_memory: info.total_memory,
+                    numa_node: e.placement().node_id(),
+                    error: None,
+                    stats: Some(StatsReply::from(&e.stats())),
+                    models,
+                }
+            }
+            SlotState::Failed(reason) => DeviceEntry {
+                index: slot.index,
+                label: slot.label.clone(),
+                uuid,
+                name: String::new(),
+                total_memory: 0,
+                numa_node: None,
+                error: Some(reason.clone()),
+                stats: None,
+                models,
+            },
+        }
     }
 }
 

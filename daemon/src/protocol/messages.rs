@@ -129,6 +129,10 @@ messages! {
     Offload(Offload) = 0x0014, "offload", FdRule::None;
     /// Bring an offloaded model or component back ahead of use.
     Onload(Onload) = 0x0015, "onload", FdRule::None;
+    /// Open a model by path on a named device (needs `DEVICES`).
+    OpenModelOn(OpenModelOn) = 0x0016, "open_model_on", FdRule::None;
+    /// Open a model from a passed descriptor on a named device (needs `DEVICES`).
+    OpenModelFdOn(OpenModelFdOn) = 0x0017, "open_model_fd_on", FdRule::One;
     /// Lease a layer.
     Acquire(Acquire) = 0x0020, "acquire", FdRule::None;
     /// Wait until a leased layer's bytes are on the device.
@@ -147,8 +151,12 @@ messages! {
     ListModels(ListModels) = 0x0041, "list_models", FdRule::None;
     /// The connected clients.
     ListClients(ListClients) = 0x0042, "list_clients", FdRule::None;
+    /// List the server's devices, with their counters (needs `DEVICES`).
+    ListDevices(ListDevices) = 0x0043, "list_devices", FdRule::None;
     /// Ask for the host arena's memfd.
     MapArena(MapArena) = 0x0050, "map_arena", FdRule::None;
+    /// Ask for a named device's host arena descriptor (needs `HOST_ARENA` and `DEVICES`).
+    MapArenaOn(MapArenaOn) = 0x0051, "map_arena_on", FdRule::None;
     /// Server → client: success without a payload.
     Ack(Ack) = 0x8000, "ack", FdRule::None;
     /// Server → client: the handshake's answer.
@@ -169,6 +177,8 @@ messages! {
     Models(Models) = 0x8041, "models", FdRule::None;
     /// Server → client: answer to `ListClients`.
     Clients(Clients) = 0x8042, "clients", FdRule::None;
+    /// Answer to `ListDevices`.
+    Devices(Devices) = 0x8043, "devices", FdRule::None;
     /// Server → client: answer to `MapArena`, with the arena's memfd (exactly one fd).
     ArenaFd(ArenaFd) = 0x8050, "arena_fd", FdRule::One;
     /// Server → client: a request failed (or the connection is being closed).
@@ -242,6 +252,29 @@ pub struct OpenModel {
 pub struct OpenModelFd {
     /// A display name for logs and `ListModels` (may be empty).
     pub name: String,
+}
+
+/// How a request names a device: ferryd's device index (as [`Devices`] lists it) or the
+/// device's UUID, its stable identity (`GPU-…`; `HOST-000N` for simulated host devices).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceSel {
+    Index(u32),
+    Uuid(String),
+}
+
+/// [`OpenModel`] on a named device. Answered with [`ModelOpened`]; the model's id carries the
+/// device's index in its top 16 bits. The same files opened on two devices are two models.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenModelOn {
+    pub path: String,
+    pub device: DeviceSel,
+}
+
+/// [`OpenModelFd`] on a named device. Answered with [`ModelOpened`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenModelFdOn {
+    pub name: String,
+    pub device: DeviceSel,
 }
 
 /// The client no longer uses a model (or view). Answered with `Ack`.
@@ -405,6 +438,17 @@ pub struct ListClients {}
 /// `arena_offset`. Needs [`super::features::HOST_ARENA`]. Answered with [`ArenaFd`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MapArena {}
+
+/// [`MapArena`] for a named device's arena (a tensor's `arena_offset` is relative to the arena
+/// of the device its model is on). Answered with [`ArenaFd`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapArenaOn {
+    pub device: DeviceSel,
+}
+
+/// List the devices. Answered with [`Devices`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListDevices {}
 
 // ---------------------------------------------------------------------------------------------
 // Replies
@@ -578,6 +622,35 @@ pub struct ModelInfo {
     pub policy: Option<Policy>,
     /// Connections that have the model open.
     pub clients: u32,
+}
+
+/// The server's devices, by index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Devices {
+    pub devices: Vec<DeviceEntry>,
+}
+
+/// One device. A device that failed to open is listed with `error` set (and no `stats`);
+/// requests naming it get `device_unavailable` with that reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceEntry {
+    /// ferryd's device index (the top 16 bits of the ids of models on it).
+    pub index: u32,
+    /// `cuda:0`, `host:1`: backend and ordinal.
+    pub label: String,
+    /// Stable identity (empty if the device could not be identified).
+    pub uuid: String,
+    /// Product name (empty for a failed device).
+    pub name: String,
+    pub total_memory: u64,
+    /// The NUMA node its staging ring and I/O threads are bound to, if any.
+    pub numa_node: Option<u32>,
+    /// Why the device does not serve.
+    pub error: Option<String>,
+    /// Its engine's counters (`budget` is its arena).
+    pub stats: Option<StatsReply>,
+    /// Models (and views) open on it.
+    pub models: u32,
 }
 
 /// The connected clients.

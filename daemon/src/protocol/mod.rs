@@ -73,8 +73,12 @@ pub mod features {
     pub const LORA: u64 = 1 << 3;
     /// Reserved for CUDA shareable handles (no message uses it yet).
     pub const CUDA_IPC: u64 = 1 << 4;
+    /// Several devices: [`OpenModelOn`](super::OpenModelOn),
+    /// [`OpenModelFdOn`](super::OpenModelFdOn), [`ListDevices`](super::ListDevices),
+    /// [`MapArenaOn`](super::MapArenaOn). Every ferryd offers it, with one device or more.
+    pub const DEVICES: u64 = 1 << 5;
     /// Every bit this implementation knows.
-    pub const KNOWN: u64 = FD_PASSING | OPEN_PATH | HOST_ARENA | LORA | CUDA_IPC;
+    pub const KNOWN: u64 = FD_PASSING | OPEN_PATH | HOST_ARENA | LORA | CUDA_IPC | DEVICES;
 }
 
 /// The bincode configuration of every body: little-endian, fixed-size integers (`u64` lengths,

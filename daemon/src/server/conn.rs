@@ -12,13 +12,15 @@ use tracing::{debug, info, warn};
 
 use super::{ClientEntry, ModelEntry, Shared};
 use crate::device::ClientDone;
-use crate::engine::{EngineError, Lease, LeaseId, ModelId};
+use crate::devices::DeviceRef;
+use crate::engine::{Engine, EngineError, Lease, LeaseId, ModelId, id_prefix_of};
 use crate::protocol::socket::{FrameReader, discard_input};
 use crate::protocol::{
-    Ack, Acquire, ApplyLora, ArenaFd, ClientInfo, Clients, DeviceSummary, ErrorCode, ErrorReply,
-    Kind, Leased, LoraSource, MAX_BODY_LEN, MAX_FDS, MIN_PROTOCOL_VERSION, Message, ModelInfo,
-    ModelOpened, Models, Offloaded, PROTOCOL_VERSION, ProtocolError, Ready, SetResidency,
-    StatsReply, TensorDesc, ViewCreated, Welcome, features, negotiate,
+    Ack, Acquire, ApplyLora, ArenaFd, ClientInfo, Clients, DeviceEntry, DeviceSel, DeviceSummary,
+    Devices, ErrorCode, ErrorReply, Kind, Leased, LoraSource, MAX_BODY_LEN, MAX_FDS,
+    MIN_PROTOCOL_VERSION, Message, ModelInfo, ModelOpened, Models, Offloaded, PROTOCOL_VERSION,
+    ProtocolError, Ready, SetResidency, StatsReply, TensorDesc, ViewCreated, Welcome, features,
+    negotiate,
 };
 
 type Reply = Result<Message, ErrorReply>;
@@ -147,7 +149,7 @@ impl Conn<'_> {
                                 features = n.features,
                                 "handshake done"
                             );
-                            let engine = &self.shared.engine;
+                            let engine = self.shared.devices.default_engine();
                             Ok(Message::Welcome(Welcome {
                                 version: n.version,
                                 features: n.features,
@@ -173,7 +175,11 @@ impl Conn<'_> {
                     let _ = self.send(id, &Ack {}.into());
                     return "goodbye".into();
                 }
-                (Some(_), Message::MapArena(_)) => match self.map_arena(id) {
+                (Some(_), Message::MapArena(_)) => match self.map_arena(id, None) {
+                    Ok(()) => continue,
+                    Err(e) => Err(e),
+                },
+                (Some(_), Message::MapArenaOn(m)) => match self.map_arena(id, Some(m.device)) {
                     Ok(()) => continue,
                     Err(e) => Err(e),
                 },
@@ -226,11 +232,49 @@ impl Conn<'_> {
         self.entry.leases.store(self.leases.len() as u32, Ordering::Relaxed);
     }
 
+    /// The device a request names (for the requests that name one).
+    fn device(&self, sel: DeviceSel) -> Result<(u32, Engine), ErrorReply> {
+        self.need(features::DEVICES, "naming a device")?;
+        let wanted: DeviceRef = sel.into();
+        let (index, engine) =
+            self.shared.devices.select(&wanted).map_err(|e| ErrorReply::from(&e))?;
+        Ok((index, engine.clone()))
+    }
+
+    /// The device of requests that name none.
+    fn default_device(&self) -> (u32, Engine) {
+        let (index, engine) = self.shared.devices.ready().next().map_or_else(
+            || (0, self.shared.devices.default_engine().clone()),
+            |(i, e)| (i, e.clone()),
+        );
+        (index, engine)
+    }
+
     fn handle(&mut self, msg: Message, fds: Vec<OwnedFd>) -> Reply {
-        let engine = &self.shared.engine;
+        // Requests about a model, view or lease go to the device whose engine handed out the
+        // id (its top 16 bits); the connection's own checks come first.
+        let engine_of = |id: u64| self.shared.engine_of(id).cloned();
         match msg {
-            Message::OpenModel(m) => self.open_model(&m.path),
-            Message::OpenModelFd(m) => self.open_model_fd(&m.name, fds),
+            Message::OpenModel(m) => {
+                let device = self.default_device();
+                self.open_model(&m.path, device)
+            }
+            Message::OpenModelFd(m) => {
+                let device = self.default_device();
+                self.open_model_fd(&m.name, fds, device)
+            }
+            Message::OpenModelOn(m) => {
+                let device = self.device(m.device)?;
+                self.open_model(&m.path, device)
+            }
+            Message::OpenModelFdOn(m) => {
+                let device = self.device(m.device)?;
+                self.open_model_fd(&m.name, fds, device)
+            }
+            Message::ListDevices(_) => {
+                self.need(features::DEVICES, "list_devices")?;
+                Ok(self.list_devices().into())
+            }
             Message::CloseModel(m) => self.close_model(m.model),
             Message::SetResidency(m) => self.set_residency(m),
             // Manual offload acts on the shared model: a whole-model offload takes it off the
@@ -238,14 +282,17 @@ impl Conn<'_> {
             // them); a layer any client holds leased makes it `busy`.
             Message::Offload(m) => {
                 self.check_open(m.model)?;
-                let bytes =
-                    engine.offload(m.model, m.component.as_deref()).map_err(|e| engine_err(&e))?;
+                let bytes = engine_of(m.model)?
+                    .offload(m.model, m.component.as_deref())
+                    .map_err(|e| engine_err(&e))?;
                 info!(conn = self.id(), model = m.model, component = ?m.component, bytes, "offloaded");
                 Ok(Offloaded { bytes }.into())
             }
             Message::Onload(m) => {
                 self.check_open(m.model)?;
-                engine.onload(m.model, m.component.as_deref()).map_err(|e| engine_err(&e))?;
+                engine_of(m.model)?
+                    .onload(m.model, m.component.as_deref())
+                    .map_err(|e| engine_err(&e))?;
                 Ok(Ack {}.into())
             }
             Message::Acquire(m) => self.acquire(m),
@@ -258,7 +305,7 @@ impl Conn<'_> {
                 if !self.leases.contains_key(&m.lease) {
                     return Err(unknown_lease(m.lease));
                 }
-                engine
+                engine_of(m.lease)?
                     .release_as(self.id(), m.model, m.lease, ClientDone::Now)
                     .map_err(|e| engine_err(&e))?;
                 // Released already: dropping the handle only finds it gone.
@@ -268,34 +315,36 @@ impl Conn<'_> {
             }
             Message::Prefetch(m) => {
                 self.check_open(m.model)?;
-                engine
+                engine_of(m.model)?
                     .prefetch(m.model, &m.component, m.layer as usize)
                     .map_err(|e| engine_err(&e))?;
                 Ok(Ack {}.into())
             }
             Message::ApplyLora(m) => self.apply_lora(m, &fds),
             Message::RemoveLora(m) => self.remove_view(m.view),
-            Message::Stats(_) => Ok(StatsReply::from(&engine.stats()).into()),
+            Message::Stats(_) => Ok(StatsReply::from(&self.shared.devices.total_stats()).into()),
             Message::ListModels(_) => Ok(self.list_models().into()),
             Message::ListClients(_) => Ok(self.list_clients().into()),
             other => Err(unexpected(other.kind(), "not a request this server handles here")),
         }
     }
 
-    fn open_model(&mut self, path: &str) -> Reply {
+    fn open_model(&mut self, path: &str, (index, engine): (u32, Engine)) -> Reply {
         let canonical = self.shared.resolve_under_roots(path, "model")?;
         self.need(features::OPEN_PATH, "open_model")?;
         let shown = canonical.display().to_string();
-        let engine = self.shared.engine.clone();
-        self.hold_model(canonical.clone(), shown, || engine.open_model(&canonical))
+        self.hold_model((index, canonical.clone()), shown, &engine, || {
+            engine.open_model(&canonical)
+        })
     }
 
     /// Makes this connection a holder of the model registered under `key`, opening it with
     /// `open` (and registering it as `shown`) if no client has it open yet.
     fn hold_model(
         &mut self,
-        key: PathBuf,
+        key: (u32, PathBuf),
         shown: String,
+        engine: &Engine,
         open: impl FnOnce() -> Result<ModelId, EngineError>,
     ) -> Reply {
         let id = {
@@ -305,12 +354,12 @@ impl Conn<'_> {
                 None => {
                     let id = open().map_err(|e| engine_err(&e))?;
                     reg.by_path.insert(key.clone(), id);
-                    info!(conn = self.id(), model = id, path = %shown, "model opened");
+                    info!(conn = self.id(), model = id, device = key.0, path = %shown, "model opened");
                     reg.models.insert(
                         id,
                         ModelEntry {
                             path: shown,
-                            canonical: Some(key),
+                            canonical: Some(key.1),
                             view_of: None,
                             holders: HashSet::new(),
                             policy: None,
@@ -326,14 +375,19 @@ impl Conn<'_> {
         };
         self.open.insert(id);
         self.update_counts();
-        let model = self.shared.engine.model(id).map_err(|e| engine_err(&e))?;
+        let model = engine.model(id).map_err(|e| engine_err(&e))?;
         Ok(ModelOpened::describe(id, &model).into())
     }
 
     /// A model from the client's descriptor: ferryd reads only what the descriptor gives
     /// access to (model roots do not apply). Clients passing the same file (or folder) share
     /// one model, by the descriptor's identity (device, inode, size, mtime).
-    fn open_model_fd(&mut self, name: &str, fds: Vec<OwnedFd>) -> Reply {
+    fn open_model_fd(
+        &mut self,
+        name: &str,
+        fds: Vec<OwnedFd>,
+        (index, engine): (u32, Engine),
+    ) -> Reply {
         self.need(features::FD_PASSING, "open_model_fd")?;
         let mut fds = fds.into_iter();
         let (Some(fd), None) = (fds.next(), fds.next()) else {
@@ -365,8 +419,7 @@ impl Conn<'_> {
             meta.mtime_nsec()
         ));
         let label = if name.is_empty() { "(unnamed)" } else { name };
-        let engine = self.shared.engine.clone();
-        self.hold_model(key, format!("{label} (by descriptor)"), || {
+        self.hold_model((index, key), format!("{label} (by descriptor)"), &engine, || {
             engine.open_model_file(file, label)
         })
     }
@@ -410,16 +463,20 @@ impl Conn<'_> {
         };
         entry.holders.remove(&self.id());
         if entry.holders.is_empty() {
-            if let Err(e) = self.shared.engine.close_model(model) {
+            let closed = match self.shared.engine_of(model) {
+                Ok(engine) => engine.close_model(model).map_err(|e| engine_err(&e)),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = closed {
                 if let Some(entry) = reg.models.get_mut(&model) {
                     entry.holders.insert(self.id());
                 }
-                return Err(engine_err(&e));
+                return Err(e);
             }
             if let Some(e) = reg.models.remove(&model)
                 && let Some(c) = e.canonical
             {
-                reg.by_path.remove(&c);
+                reg.by_path.remove(&(u32::from(id_prefix_of(model)), c));
             }
             info!(conn = self.id(), model, "model closed");
         }
@@ -443,7 +500,7 @@ impl Conn<'_> {
                 format!("removing view {view}: this client holds {held} lease(s) through it"),
             ));
         }
-        self.shared.engine.close_model(view).map_err(|e| engine_err(&e))?;
+        self.shared.engine_of(view)?.close_model(view).map_err(|e| engine_err(&e))?;
         self.shared.registry().models.remove(&view);
         self.views.remove(&view);
         self.open.remove(&view);
@@ -455,7 +512,7 @@ impl Conn<'_> {
         self.check_open(m.model)?;
         let spec = m.policy.to_choice().map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e))?;
         self.shared
-            .engine
+            .engine_of(m.model)?
             .set_residency(m.model, m.component.as_deref(), spec)
             .map_err(|e| engine_err(&e))?;
         if m.component.is_none()
@@ -477,7 +534,7 @@ impl Conn<'_> {
         }
         let lease = self
             .shared
-            .engine
+            .engine_of(m.model)?
             .acquire_as(self.id(), m.model, &m.component, m.layer as usize)
             .map_err(|e| engine_err(&e))?;
         // On error the lease is dropped, which releases it.
@@ -555,7 +612,7 @@ impl Conn<'_> {
         }
         let (view, report) = self
             .shared
-            .engine
+            .engine_of(m.model)?
             .create_view(m.model, &stack, m.mode.into())
             .map_err(|e| engine_err(&e))?;
         {
@@ -579,11 +636,14 @@ impl Conn<'_> {
         Ok(ViewCreated::from_report(view, &report).into())
     }
 
-    fn map_arena(&self, id: u64) -> Result<(), ErrorReply> {
+    /// Sends the arena descriptor of the named device (`None`: the default one).
+    fn map_arena(&self, id: u64, device: Option<DeviceSel>) -> Result<(), ErrorReply> {
         self.need(features::HOST_ARENA, "map_arena")?;
-        let (fd, len) = self
-            .shared
-            .arena_fd()
+        let (_, engine) = match device {
+            Some(d) => self.device(d)?,
+            None => self.default_device(),
+        };
+        let (fd, len) = super::Shared::arena_fd(&engine)
             .ok_or_else(|| {
                 ErrorReply::new(ErrorCode::Unsupported, "the device's arena cannot be mapped")
             })?
@@ -597,13 +657,29 @@ impl Conn<'_> {
         })
     }
 
+    fn list_devices(&self) -> Devices {
+        let mut per_device: HashMap<u32, u32> = HashMap::new();
+        for &id in self.shared.registry().models.keys() {
+            *per_device.entry(u32::from(id_prefix_of(id))).or_default() += 1;
+        }
+        Devices {
+            devices: self
+                .shared
+                .devices
+                .slots()
+                .iter()
+                .map(|s| DeviceEntry::describe(s, per_device.get(&s.index).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+
     fn list_models(&self) -> Models {
-        let engine = &self.shared.engine;
         let reg = self.shared.registry();
         let mut models: Vec<ModelInfo> = reg
             .models
             .iter()
             .filter_map(|(&id, e)| {
+                let engine = self.shared.devices.for_id(id)?;
                 let m = engine.model(id).ok()?;
                 let source = serde_json::to_value(m.kind())
                     .ok()
@@ -651,11 +727,14 @@ impl Drop for Conn<'_> {
     /// Gives back everything the client held: leases, views, models.
     fn drop(&mut self) {
         let id = self.id();
-        let released = self.shared.engine.release_owner(id);
+        let released: usize =
+            self.shared.devices.ready().map(|(_, engine)| engine.release_owner(id)).sum();
         // Released already: dropping the handles only finds them gone.
         self.leases.clear();
         for view in std::mem::take(&mut self.views) {
-            if let Err(e) = self.shared.engine.close_model(view) {
+            if let Some(engine) = self.shared.devices.for_id(view)
+                && let Err(e) = engine.close_model(view)
+            {
                 warn!(conn = id, view, "closing a view failed: {e}");
             }
             self.shared.registry().models.remove(&view);

@@ -69,6 +69,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::device::{ArenaInner, Backend};
+use crate::devices::DeviceSet;
 use crate::engine::{Engine, ModelId};
 use crate::protocol::socket::{FrameWriter, SpinLimit, discard_input, send_frame};
 use crate::protocol::{
@@ -208,7 +209,8 @@ pub(crate) struct ModelEntry {
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     pub(crate) models: HashMap<ModelId, ModelEntry>,
-    pub(crate) by_path: HashMap<PathBuf, ModelId>,
+    /// Open models by (device index, canonical path or descriptor identity).
+    pub(crate) by_path: HashMap<(u32, PathBuf), ModelId>,
 }
 
 /// A connected client, as `list_clients` shows it (and what shutdown needs to close it).
@@ -337,7 +339,8 @@ fn turn_away(stream: UnixStream, code: ErrorCode, message: String) {
 /// State shared by the accept thread and every connection.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) engine: Engine,
+    /// One engine per device; ids route requests to theirs.
+    pub(crate) devices: DeviceSet,
     /// Replaced as a whole by [`Server::reload`] (SIGHUP); readers take a short read lock.
     config: RwLock<ServerConfig>,
     /// Canonical model roots (replaced with `config`).
@@ -438,10 +441,17 @@ impl Shared {
         }
     }
 
-    /// A read-only descriptor of the arena's memfd (host backend only): clients read layers
-    /// through it and cannot write into another client's weights.
-    pub(crate) fn arena_fd(&self) -> Option<std::io::Result<(OwnedFd, u64)>> {
-        let arena = self.engine.arena()?;
+    /// The engine that handed out `id` (a model, view or lease id).
+    pub(crate) fn engine_of(&self, id: u64) -> Result<&Engine, ErrorReply> {
+        self.devices.for_id(id).ok_or_else(|| {
+            ErrorReply::new(ErrorCode::UnknownModel, format!("no open model has id {id}"))
+        })
+    }
+
+    /// A read-only descriptor of `engine`'s arena memfd (host backend only): clients read
+    /// layers through it and cannot write into another client's weights.
+    pub(crate) fn arena_fd(engine: &Engine) -> Option<std::io::Result<(OwnedFd, u64)>> {
+        let arena = engine.arena()?;
         match &arena.inner {
             ArenaInner::Host(h) => Some(h.read_only_fd().map(|fd| (fd, arena.len))),
             ArenaInner::Cuda(_) => None,
@@ -463,28 +473,32 @@ pub struct Server {
 
 impl Server {
     /// Binds the socket and starts accepting connections (module docs).
-    pub fn start(engine: Engine, config: ServerConfig) -> Result<Server, ServerError> {
-        Server::start_on(engine, config, None)
+    /// `devices`: a [`DeviceSet`], or one [`Engine`].
+    pub fn start(
+        devices: impl Into<DeviceSet>,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
+        Server::start_on(devices.into(), config, None)
     }
 
     /// Like [`Server::start`], on a listener bound by someone else (systemd socket activation):
     /// `config.socket` names it for logs, and the server neither binds nor removes it.
     pub fn start_with_listener(
-        engine: Engine,
+        devices: impl Into<DeviceSet>,
         config: ServerConfig,
         listener: UnixListener,
     ) -> Result<Server, ServerError> {
-        Server::start_on(engine, config, Some(listener))
+        Server::start_on(devices.into(), config, Some(listener))
     }
 
     fn start_on(
-        engine: Engine,
+        devices: DeviceSet,
         config: ServerConfig,
         inherited: Option<UnixListener>,
     ) -> Result<Server, ServerError> {
         let roots = checked_roots(&config)?;
-        let mut offered = features::LORA | features::FD_PASSING;
-        if engine.device_info().backend == Backend::Host {
+        let mut offered = features::LORA | features::FD_PASSING | features::DEVICES;
+        if devices.default_engine().device_info().backend == Backend::Host {
             offered |= features::HOST_ARENA;
         }
         let owns_socket = inherited.is_none();
@@ -495,7 +509,7 @@ impl Server {
         let (wake_r, wake_w) = pipe().map_err(io_err("creating the wake pipe"))?;
         let socket = config.socket.clone();
         let shared = Arc::new(Shared {
-            engine,
+            devices,
             config: RwLock::new(config),
             roots: RwLock::new(roots),
             base_features: offered,
@@ -563,10 +577,15 @@ impl Server {
     /// Registers models opened before the server started (ferryd's `--preload`): clients that
     /// open the same path get this id, and the server never closes it.
     pub fn adopt_model(&self, id: ModelId) -> Result<(), ServerError> {
-        let model = self.shared.engine.model(id).map_err(|e| ServerError::Config(e.to_string()))?;
+        let engine = self
+            .shared
+            .devices
+            .for_id(id)
+            .ok_or_else(|| ServerError::Config(format!("no device serves model {id}")))?;
+        let model = engine.model(id).map_err(|e| ServerError::Config(e.to_string()))?;
         let canonical = model.root().to_path_buf();
         let mut reg = self.shared.registry();
-        reg.by_path.insert(canonical.clone(), id);
+        reg.by_path.insert((u32::from(crate::engine::id_prefix_of(id)), canonical.clone()), id);
         reg.models.insert(
             id,
             ModelEntry {
