@@ -500,6 +500,29 @@ enum ferry_status ferry_engine_open(const struct ferry_engine_config *config,
 enum ferry_status ferry_connect(const char *socket_path, struct ferry_engine **out);
 
 /**
+ * `ferry_connect` to one of the daemon's devices: `device` is ferryd's device index
+ * (`"1"`) or the device's UUID (`"GPU-…"`, `"HOST-0001"`), as `ferryctl devices` lists them;
+ * NULL is the daemon's default device (the same as `ferry_connect`). Models opened on the
+ * engine are opened on that device, and tensor addresses point into its arena. Prefer the
+ * UUID: indices change with the daemon's configuration. One engine per device; connect once
+ * per device for several.
+ *
+ * On failure `*out` is set to NULL. Errors: as for `ferry_connect`, and
+ * `FERRY_ERR_INVALID_ARGUMENT` (`device` is neither an index nor a UUID),
+ * `FERRY_ERR_NOT_FOUND` (the daemon has no such device), `FERRY_ERR_DEVICE` (the device failed
+ * to open in the daemon; the message says why), `FERRY_ERR_UNSUPPORTED` (the daemon predates
+ * naming devices). Thread-safe.
+ *
+ * # Safety
+ *
+ * `socket_path` and `device` must be NULL or NUL-terminated strings; `out` NULL or valid for
+ * a write of a pointer.
+ */
+enum ferry_status ferry_connect_device(const char *socket_path,
+                                       const char *device,
+                                       struct ferry_engine **out);
+
+/**
  * Closes an engine: releases and frees every lease still held on it (their `ferry_lease *`
  * become invalid), closes its models, waits for copies in flight, frees its device memory.
  * In daemon mode: frees the leases, unmaps the arena and closes the connection, after which

@@ -223,9 +223,15 @@ struct Ferryd {
 
 impl Ferryd {
     fn start(dir: &Path, root: &Path) -> Ferryd {
+        Ferryd::start_with(dir, root, &[])
+    }
+
+    /// [`Ferryd::start`] with more flags.
+    fn start_with(dir: &Path, root: &Path, extra: &[&str]) -> Ferryd {
         let socket = dir.join("ferryd.sock");
         let child = Command::new(cargo_bin("ferryd"))
             .args(["--device", "host", "--budget", "1048576", "--host-memory", "2097152"])
+            .args(extra)
             .args(["--log", "warn", "--socket"])
             .arg(&socket)
             .arg("--model-root")
@@ -273,6 +279,22 @@ fn c_engine_sequential_pass_daemon_mode() {
     let daemon = Ferryd::start(dir.path(), dir.path());
     let out = run(&exe, &[&model, &expected, &manifest, &daemon.socket]);
     assert!(out.contains("engine.c (daemon mode)"), "{out}");
+}
+
+/// tests/c/devices.c: one daemon-mode engine per simulated device (by index and by UUID), each
+/// reading its own device's arena; a device that failed to open, an unknown one and a malformed
+/// name each fail with their own status.
+#[test]
+fn c_engines_on_named_devices_daemon_mode() {
+    let Some(lib_dir) = setup() else { return };
+    let exe = compile(&lib_dir, "devices");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, _) = write_offload_models(dir.path());
+    let daemon =
+        Ferryd::start_with(dir.path(), dir.path(), &["--host-devices", "3", "--numa-node", "2=99"]);
+    let layer = OFFLOAD_LAYER.to_string();
+    let out = run(&exe, &[&base, Path::new(&layer), &daemon.socket]);
+    assert!(out.contains("devices.c (daemon mode): ok"), "{out}");
 }
 
 /// Bytes of each layer of the offload models: six base layers and five refiner layers each fit

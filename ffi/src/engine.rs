@@ -371,7 +371,53 @@ pub unsafe extern "C" fn ferry_connect(
             Some(c) => path_of(c)?,
             None => ferry::server::default_socket_path(),
         };
-        let remote = Remote::connect(&socket)?;
+        let remote = Remote::connect(&socket, None)?;
+        out.write(ptr::engine_into_raw(EngineHandle::new(Mode::Daemon(Arc::new(remote)))));
+        Ok(())
+    })
+}
+
+/// `ferry_connect` to one of the daemon's devices: `device` is ferryd's device index
+/// (`"1"`) or the device's UUID (`"GPU-…"`, `"HOST-0001"`), as `ferryctl devices` lists them;
+/// NULL is the daemon's default device (the same as `ferry_connect`). Models opened on the
+/// engine are opened on that device, and tensor addresses point into its arena. Prefer the
+/// UUID: indices change with the daemon's configuration. One engine per device; connect once
+/// per device for several.
+///
+/// On failure `*out` is set to NULL. Errors: as for `ferry_connect`, and
+/// `FERRY_ERR_INVALID_ARGUMENT` (`device` is neither an index nor a UUID),
+/// `FERRY_ERR_NOT_FOUND` (the daemon has no such device), `FERRY_ERR_DEVICE` (the device failed
+/// to open in the daemon; the message says why), `FERRY_ERR_UNSUPPORTED` (the daemon predates
+/// naming devices). Thread-safe.
+///
+/// # Safety
+///
+/// `socket_path` and `device` must be NULL or NUL-terminated strings; `out` NULL or valid for
+/// a write of a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferry_connect_device(
+    socket_path: *const c_char,
+    device: *const c_char,
+    out: *mut *mut ferry_engine,
+) -> ferry_status {
+    boundary::call(|| {
+        // SAFETY: the caller guarantees `out`, when non-NULL, is valid for a write.
+        let out = unsafe { ptr::out(out) }.ok_or_else(|| FfiError::null("out"))?;
+        out.write(core::ptr::null_mut());
+        // SAFETY: the caller guarantees both strings are NULL or NUL-terminated.
+        let (socket, device) = unsafe { (ptr::cstr(socket_path), ptr::cstr(device)) };
+        let socket = match socket {
+            Some(c) => path_of(c)?,
+            None => ferry::server::default_socket_path(),
+        };
+        let device = match device {
+            None => None,
+            Some(d) => {
+                let text = d.to_str().map_err(|_| FfiError::invalid("device is not UTF-8"))?;
+                Some(text.parse::<ferry::devices::DeviceRef>().map_err(FfiError::invalid)?)
+            }
+        };
+        let remote = Remote::connect(&socket, device)?;
         out.write(ptr::engine_into_raw(EngineHandle::new(Mode::Daemon(Arc::new(remote)))));
         Ok(())
     })

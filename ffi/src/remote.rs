@@ -23,9 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ferry::client::{Client, ClientError};
+use ferry::devices::DeviceRef;
 use ferry::protocol::{
-    Acquire, ErrorCode, Kind, Leased, LoraMode, LoraRef, LoraSource, Message, ModelOpened, Policy,
-    Prefetch, ProtocolError, Release, StatsReply, WaitReady, features,
+    Acquire, DeviceSel, ErrorCode, Kind, Leased, LoraMode, LoraRef, LoraSource, Message,
+    ModelOpened, Policy, Prefetch, ProtocolError, Release, StatsReply, WaitReady, features,
 };
 use memmap2::{Mmap, MmapOptions};
 
@@ -43,6 +44,8 @@ type ClientResult<T> = core::result::Result<T, ClientError>;
 #[derive(Debug)]
 pub(crate) struct Remote {
     socket: PathBuf,
+    /// The daemon device this engine opens models on (`None`: the daemon's default device).
+    device: Option<DeviceSel>,
     state: Mutex<State>,
     /// The daemon's host arena, mapped read-only and shared. Never read through a Rust
     /// reference: only its address range is handed out (the daemon writes into it).
@@ -139,9 +142,9 @@ fn wire_layer(layer: usize) -> Result<u32> {
 }
 
 impl Remote {
-    /// Connects to ferryd at `socket`, checks its device can be shared with this process and
-    /// maps its arena.
-    pub(crate) fn connect(socket: &Path) -> Result<Remote> {
+    /// Connects to ferryd at `socket`, checks its device (`device`, or the daemon's default)
+    /// can be shared with this process and maps its arena.
+    pub(crate) fn connect(socket: &Path, wanted: Option<DeviceRef>) -> Result<Remote> {
         let at = socket.display();
         let mut client = Client::connect(socket, &client_name()).map_err(|e| {
             let status = match &e {
@@ -180,8 +183,26 @@ impl Remote {
                 ),
             ));
         }
-        let (info, fd) = client.map_arena().map_err(|e| {
-            FfiError::new(classify(&e).0, format!("asking ferryd at {at} for its arena: {e}"))
+        let wanted: Option<DeviceSel> = wanted.map(Into::into);
+        let arena = match &wanted {
+            None => client.map_arena(),
+            Some(d) => {
+                if !client.has_feature(features::DEVICES) {
+                    return Err(FfiError::new(
+                        ferry_status::FERRY_ERR_UNSUPPORTED,
+                        format!("ferryd at {at} does not let clients name a device"),
+                    ));
+                }
+                client.map_arena_on(d.clone())
+            }
+        };
+        let (info, fd) = arena.map_err(|e| {
+            let status = match e.code() {
+                Some(ErrorCode::UnknownDevice) => ferry_status::FERRY_ERR_NOT_FOUND,
+                Some(ErrorCode::DeviceUnavailable) => ferry_status::FERRY_ERR_DEVICE,
+                _ => classify(&e).0,
+            };
+            FfiError::new(status, format!("asking ferryd at {at} for its arena: {e}"))
         })?;
         let file = File::from(fd);
         let size = file
@@ -209,6 +230,7 @@ impl Remote {
         })?;
         Ok(Remote {
             socket: socket.to_path_buf(),
+            device: wanted,
             state: Mutex::new(State {
                 client: Some(client),
                 lost: String::new(),
@@ -279,7 +301,10 @@ impl Remote {
     pub(crate) fn open_model(&self, path: &Path) -> Result<u64> {
         let wire = wire_path(path, "model")?;
         self.with("opening a model", |c, models| {
-            let opened: ModelOpened = c.open_model(Path::new(&wire))?;
+            let opened: ModelOpened = match &self.device {
+                None => c.open_model(Path::new(&wire))?,
+                Some(d) => c.open_model_on(Path::new(&wire), d.clone())?,
+            };
             let layout = opened
                 .components
                 .into_iter()

@@ -11,18 +11,19 @@
 from . import errors, messages, wire
 from .client import POLICY_NAMES, Arena, Client, Lease, make_policy
 from .errors import (
-    Busy, ConnectionLost, FerryError, NotFound, NotPermitted, ProtocolError, RequestError,
-    ServerError, ShuttingDown, Timeout, UnknownComponent, UnknownLayer, UnknownLease,
-    UnknownModel, Unsupported,
+    Busy, ConnectionLost, DeviceUnavailable, FerryError, NotFound, NotPermitted, ProtocolError,
+    RequestError, ServerError, ShuttingDown, Timeout, UnknownComponent, UnknownDevice,
+    UnknownLayer, UnknownLease, UnknownModel, Unsupported,
 )
-from .messages import ModelInfo, ModelOpened, TensorDesc
+from .messages import DeviceEntry, DeviceSel, ModelInfo, ModelOpened, TensorDesc
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "POLICY_NAMES", "Arena", "Busy", "Client", "ConnectionLost", "FerryError", "Lease", "ModelInfo",
-    "ModelOpened", "NotFound", "NotPermitted", "ProtocolError", "RequestError", "ServerError",
-    "ShuttingDown", "TensorDesc", "Timeout", "UnknownComponent", "UnknownLayer",
+    "POLICY_NAMES", "Arena", "Busy", "Client", "ConnectionLost", "DeviceEntry", "DeviceSel",
+    "DeviceUnavailable", "FerryError", "Lease", "ModelInfo", "ModelOpened", "NotFound",
+    "NotPermitted", "ProtocolError", "RequestError", "ServerError", "ShuttingDown",
+    "TensorDesc", "Timeout", "UnknownComponent", "UnknownDevice", "UnknownLayer",
     "UnknownLease", "UnknownModel", "Unsupported", "errors", "make_policy", "messages",
     "wire", "__version__",
 ]

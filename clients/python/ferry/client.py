@@ -29,6 +29,8 @@ _NUMPY_DTYPES = {
 }
 
 PolicyArg = Union[m.Policy, str]
+# A device: ferryd's index (int), its UUID (str), or a selector; None is the server's default.
+DeviceArg = Union[int, str, m.DeviceSel, None]
 
 
 def _threshold(t: Union[m.Threshold, int, float, None]) -> m.Threshold:
@@ -92,12 +94,15 @@ class Frame:
 
 
 class Arena:
-    """The host arena, mapped read-only (``map_arena``)."""
+    """A device's host arena, mapped read-only (``map_arena``). ``device`` is the selector it
+    was asked for by (``None``: the server's default device)."""
 
-    def __init__(self, map: mmap.mmap, length: int, backend: str):
+    def __init__(self, map: mmap.mmap, length: int, backend: str,
+                 device: Optional[m.DeviceSel] = None):
         self.mmap = map
         self.len = length
         self.backend = backend
+        self.device = device
         self.view = memoryview(map)
 
     def close(self) -> None:
@@ -124,6 +129,15 @@ class Lease:
         self.tensors: List[m.TensorDesc] = leased.tensors
         self.released = False
 
+    @property
+    def device(self) -> int:
+        """The index of the device the layer is on (its model's, from the model id)."""
+        return m.device_of(self.model)
+
+    def arena(self) -> Arena:
+        """The mapped arena of the device the layer is on (mapped on first use)."""
+        return self.client.arena_for(self.model)
+
     def wait_ready(self) -> "Lease":
         if not self.ready:
             self.client.wait_ready(self.id)
@@ -142,13 +156,13 @@ class Lease:
         raise KeyError(name)
 
     def view(self, tensor: Union[m.TensorDesc, str]) -> memoryview:
-        """The tensor's bytes in the mapped host arena (maps it on first use). Valid only
-        while the lease is held and once it is ready."""
+        """The tensor's bytes in the mapped host arena of the layer's device (maps it on first
+        use). Valid only while the lease is held and once it is ready."""
         t = self.tensor(tensor) if isinstance(tensor, str) else tensor
         if self.released:
             raise errors.UnknownLease(f"lease {self.id} was released", None)
         self.wait_ready()
-        arena = self.client.map_arena()
+        arena = self.arena()
         if t.arena_offset + t.len > arena.len:
             raise errors.ProtocolError(f"tensor {t.name} lies past the arena's end")
         return arena.view[t.arena_offset:t.arena_offset + t.len]
@@ -197,7 +211,11 @@ class Client:
         self._lock = threading.RLock()
         self._next_id = 1
         self._stash: Dict[int, Frame] = {}
-        self._arena: Optional[Arena] = None
+        self._arena: Optional[Arena] = None  # the default device's (plain map_arena)
+        # Arenas mapped with map_arena_on, by the selector's value (an index or a UUID).
+        self._arenas: Dict[Union[int, str], Arena] = {}
+        # The index of the device plain open_model/open_model_fd use, once a reply shows it.
+        self._default_device: Optional[int] = None
         self._closed = False
         self.version = MAX_VERSION
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -348,13 +366,33 @@ class Client:
 
     # ---- requests ----------------------------------------------------------------------
 
-    def open_model(self, path: Union[str, "os.PathLike[str]"]) -> m.ModelOpened:
-        """Opens a model under one of the server's roots (absolute path)."""
-        return self._call(m.OpenModel(os.path.abspath(os.fspath(path))), m.ModelOpened)
+    def _opened(self, reply: m.ModelOpened, device: DeviceArg) -> m.ModelOpened:
+        if device is None:
+            with self._lock:
+                self._default_device = reply.device
+        return reply
 
-    def open_model_fd(self, fd: int, name: str = "") -> m.ModelOpened:
-        """Opens a model from a descriptor this process opened (needs ``FD_PASSING``)."""
-        return self._call(m.OpenModelFd(name), m.ModelOpened, [fd])
+    def open_model(self, path: Union[str, "os.PathLike[str]"],
+                   device: DeviceArg = None) -> m.ModelOpened:
+        """Opens a model under one of the server's roots (absolute path). ``device``: None for
+        the server's default device, else an index (int) or a UUID (str) of ``devices()``
+        (needs ``DEVICES``); the model's id then carries that device's index
+        (``reply.device``). The same files opened on two devices are two models."""
+        path = os.path.abspath(os.fspath(path))
+        if device is None:
+            msg: m.Message = m.OpenModel(path)
+        else:
+            msg = m.OpenModelOn(path, m.DeviceSel.of(device))
+        return self._opened(self._call(msg, m.ModelOpened), device)
+
+    def open_model_fd(self, fd: int, name: str = "", device: DeviceArg = None) -> m.ModelOpened:
+        """Opens a model from a descriptor this process opened (needs ``FD_PASSING``), on the
+        default device or on ``device`` (as in :meth:`open_model`)."""
+        if device is None:
+            msg: m.Message = m.OpenModelFd(name)
+        else:
+            msg = m.OpenModelFdOn(name, m.DeviceSel.of(device))
+        return self._opened(self._call(msg, m.ModelOpened, [fd]), device)
 
     def close_model(self, model: int) -> None:
         self._call(m.CloseModel(model), m.Ack)
@@ -429,20 +467,45 @@ class Client:
     def list_clients(self) -> List[m.ClientInfo]:
         return self._call(m.ListClients(), m.Clients).clients
 
-    def map_arena(self) -> Arena:
-        """Maps the host arena read-only (once per client; later calls return the same)."""
+    def devices(self) -> List[m.DeviceEntry]:
+        """ferryd's devices by index, with their counters (needs ``DEVICES``). A device that
+        failed to open is listed with ``error`` set."""
+        return self._call(m.ListDevices(), m.Devices).devices
+
+    def map_arena(self, device: DeviceArg = None) -> Arena:
+        """Maps a host arena read-only: the default device's (``device`` None), else that of
+        ``device``, an index or a UUID (needs ``DEVICES``). Once per client and device; later
+        calls return the same :class:`Arena`."""
+        sel = None if device is None else m.DeviceSel.of(device)
         with self._lock:
-            if self._arena is not None:
-                return self._arena
-            frame = self._roundtrip(m.MapArena(), m.ArenaFd)
+            cached = self._arena if sel is None else self._arenas.get(sel.value)
+            if cached is not None:
+                return cached
+            req: m.Message = m.MapArena() if sel is None else m.MapArenaOn(sel)
+            frame = self._roundtrip(req, m.ArenaFd)
             reply: m.ArenaFd = frame.message  # type: ignore[assignment]
             (fd,) = frame.fds
             try:
                 mp = mmap.mmap(fd, reply.len, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
             finally:
                 os.close(fd)
-            self._arena = Arena(mp, reply.len, reply.backend)
-            return self._arena
+            arena = Arena(mp, reply.len, reply.backend, sel)
+            if sel is None:
+                self._arena = arena
+            else:
+                self._arenas[sel.value] = arena
+            return arena
+
+    def arena_for(self, model: int) -> Arena:
+        """The mapped arena holding the leased bytes of ``model`` (a model or view id): that of
+        the device in the id's top 16 bits. The default device's is mapped with plain
+        ``map_arena``, as is every arena when ``DEVICES`` was not agreed (then every model of
+        this client is on the default device); another device's with ``map_arena_on``."""
+        index = m.device_of(model)
+        with self._lock:
+            if not self.features & m.DEVICES or index == self._default_device:
+                return self.map_arena()
+            return self.map_arena(index)
 
     def close(self) -> None:
         """Says goodbye (if still connected) and closes the socket."""
@@ -452,9 +515,11 @@ class Client:
             except errors.FerryError:
                 pass
             self._shutdown()
-        if self._arena is not None:
-            self._arena.close()
-            self._arena = None
+        for arena in [self._arena, *self._arenas.values()]:
+            if arena is not None:
+                arena.close()
+        self._arena = None
+        self._arenas.clear()
 
     def __enter__(self) -> "Client":
         return self

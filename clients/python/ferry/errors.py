@@ -111,6 +111,13 @@ BadLora = _define(218, "bad_lora", "BadLora", RequestError, "A LoRA file could n
 LimitExceeded = _define(
     219, "limit_exceeded", "LimitExceeded", RequestError, "A per-client limit was reached."
 )
+UnknownDevice = _define(
+    220, "unknown_device", "UnknownDevice", RequestError, "No device has this index or UUID."
+)
+DeviceUnavailable = _define(
+    221, "device_unavailable", "DeviceUnavailable", RequestError,
+    "The named device failed to open (the message says why); the others serve."
+)
 
 
 class ShuttingDown(ServerError, ConnectionLost):
@@ -130,7 +137,7 @@ BY_CODE: Dict[int, Type[FerryError]] = {
         NotPermitted, NotFound, BadModel, UnknownModel, UnknownComponent, UnknownLayer,
         UnknownLease, LeaseOfOtherModel, UnknownView, Busy, Timeout, OutOfDeviceMemory,
         BudgetTooSmall, FileTruncated, ModelFailed, DeviceError, BadLora, LimitExceeded,
-        ShuttingDown, Internal,
+        UnknownDevice, DeviceUnavailable, ShuttingDown, Internal,
     )
 }
 

@@ -7,7 +7,7 @@ the spec and in the golden vectors); its fields are in wire order, each with its
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional, Type
+from typing import ClassVar, Dict, List, Optional, Type, Union
 
 from .wire import WireEnum, wf
 
@@ -18,7 +18,17 @@ OPEN_PATH = 0x02
 HOST_ARENA = 0x04
 LORA = 0x08
 CUDA_IPC = 0x10
-KNOWN_FEATURES = FD_PASSING | OPEN_PATH | HOST_ARENA | LORA | CUDA_IPC
+DEVICES = 0x20  # open_model_on, open_model_fd_on, list_devices, map_arena_on
+KNOWN_FEATURES = FD_PASSING | OPEN_PATH | HOST_ARENA | LORA | CUDA_IPC | DEVICES
+
+# Model, view and lease ids carry the index of the device they are on in their top 16 bits.
+DEVICE_SHIFT = 48
+
+
+def device_of(ident: int) -> int:
+    """The index of the device a model, view or lease id belongs to (``ident >> 48``)."""
+    return ident >> DEVICE_SHIFT
+
 
 # ---- shared types (section 6.2) ---------------------------------------------------------
 
@@ -159,6 +169,49 @@ class LoraReport:
     unrecognised: List[str] = wf(("list", "str"))
 
 
+class DeviceSel(WireEnum):
+    """How a request names a device: ferryd's index (as ``list_devices`` gives it) or its
+    UUID (``GPU-...``; ``HOST-000N`` for simulated host devices). Variant indices: ``Index``
+    0, ``Uuid`` 1."""
+
+    @staticmethod
+    def of(device: "Union[DeviceSel, int, str]") -> "DeviceSel":
+        """``device`` as a selector: an int is an index, a str a UUID."""
+        if isinstance(device, DeviceSel):
+            return device
+        if isinstance(device, bool) or not isinstance(device, (int, str)):
+            raise TypeError("a device is an index (int) or a UUID (str), not "
+                            f"{type(device).__name__} {device!r}")
+        if isinstance(device, int):
+            if not 0 <= device <= 0xFFFFFFFF:
+                raise ValueError(f"device index {device} is outside 0..=4294967295")
+            return DeviceIndex(device)
+        if not device:
+            raise ValueError("a device UUID cannot be empty")
+        return DeviceUuid(device)
+
+
+@dataclass
+class DeviceIndex(DeviceSel):
+    """ferryd's device index (the Rust variant ``Index``)."""
+
+    VARIANT: ClassVar[str] = "Index"
+    TUPLE: ClassVar[bool] = True
+    value: int = wf("u32")
+
+
+@dataclass
+class DeviceUuid(DeviceSel):
+    """The device's UUID (the Rust variant ``Uuid``)."""
+
+    VARIANT: ClassVar[str] = "Uuid"
+    TUPLE: ClassVar[bool] = True
+    value: str = wf("str")
+
+
+DeviceSel.VARIANTS = (DeviceIndex, DeviceUuid)
+
+
 @dataclass
 class DeviceSummary:
     backend: str = wf("str")
@@ -254,6 +307,28 @@ class OpenModelFd(Message):
     NAME: ClassVar[str] = "open_model_fd"
     FDS: ClassVar[str] = "one"
     name: str = wf("str")
+
+
+@dataclass
+class OpenModelOn(Message):
+    """``open_model`` on a named device (needs ``DEVICES``); the model id carries the
+    device's index in its top 16 bits."""
+
+    KIND: ClassVar[int] = 0x0016
+    NAME: ClassVar[str] = "open_model_on"
+    path: str = wf("str")
+    device: DeviceSel = wf(DeviceSel)
+
+
+@dataclass
+class OpenModelFdOn(Message):
+    """``open_model_fd`` on a named device (needs ``DEVICES``)."""
+
+    KIND: ClassVar[int] = 0x0017
+    NAME: ClassVar[str] = "open_model_fd_on"
+    FDS: ClassVar[str] = "one"
+    name: str = wf("str")
+    device: DeviceSel = wf(DeviceSel)
 
 
 @dataclass
@@ -362,9 +437,27 @@ class ListClients(Message):
 
 
 @dataclass
+class ListDevices(Message):
+    """Needs ``DEVICES``; answered with :class:`Devices`."""
+
+    KIND: ClassVar[int] = 0x0043
+    NAME: ClassVar[str] = "list_devices"
+
+
+@dataclass
 class MapArena(Message):
     KIND: ClassVar[int] = 0x0050
     NAME: ClassVar[str] = "map_arena"
+
+
+@dataclass
+class MapArenaOn(Message):
+    """``map_arena`` for a named device's arena (needs ``HOST_ARENA`` and ``DEVICES``): a
+    tensor's ``arena_offset`` is relative to the arena of the device its model is on."""
+
+    KIND: ClassVar[int] = 0x0051
+    NAME: ClassVar[str] = "map_arena_on"
+    device: DeviceSel = wf(DeviceSel)
 
 
 # replies
@@ -395,6 +488,11 @@ class ModelOpened(Message):
     NAME: ClassVar[str] = "model_opened"
     model: int = wf("u64")
     components: List[ComponentSummary] = wf(("list", ComponentSummary))
+
+    @property
+    def device(self) -> int:
+        """The index of the device the model is on (the top 16 bits of its id)."""
+        return device_of(self.model)
 
     def component(self, name: str) -> ComponentSummary:
         for c in self.components:
@@ -468,6 +566,29 @@ class Clients(Message):
 
 
 @dataclass
+class DeviceEntry:
+    """One device of ferryd. A device that failed to open has ``error`` set and no ``stats``;
+    requests naming it get :class:`ferry.errors.DeviceUnavailable`."""
+
+    index: int = wf("u32")  # the top 16 bits of the ids of models on it
+    label: str = wf("str")  # backend and ordinal: ``cuda:0``, ``host:1``
+    uuid: str = wf("str")  # empty if the device could not be identified
+    name: str = wf("str")  # product name (empty for a failed device)
+    total_memory: int = wf("u64")
+    numa_node: Optional[int] = wf(("option", "u32"))
+    error: Optional[str] = wf(("option", "str"))
+    stats: Optional[StatsReply] = wf(("option", StatsReply))  # ``budget`` is its arena
+    models: int = wf("u32")  # models and views open on it
+
+
+@dataclass
+class Devices(Message):
+    KIND: ClassVar[int] = 0x8043
+    NAME: ClassVar[str] = "devices"
+    devices: List[DeviceEntry] = wf(("list", DeviceEntry))
+
+
+@dataclass
 class ArenaFd(Message):
     KIND: ClassVar[int] = 0x8050
     NAME: ClassVar[str] = "arena_fd"
@@ -485,9 +606,10 @@ class Error(Message):
 
 
 ALL: List[Type[Message]] = [
-    Hello, Goodbye, OpenModel, OpenModelFd, CloseModel, SetResidency, Offload, Onload, Acquire,
-    WaitReady, Release, Prefetch, ApplyLora, RemoveLora, Stats, ListModels, ListClients,
-    MapArena, Ack, Welcome, ModelOpened, Offloaded, Leased, Ready, ViewCreated, StatsReply, Models, Clients,
+    Hello, Goodbye, OpenModel, OpenModelFd, CloseModel, SetResidency, Offload, Onload,
+    OpenModelOn, OpenModelFdOn, Acquire, WaitReady, Release, Prefetch, ApplyLora, RemoveLora,
+    Stats, ListModels, ListClients, ListDevices, MapArena, MapArenaOn, Ack, Welcome,
+    ModelOpened, Offloaded, Leased, Ready, ViewCreated, StatsReply, Models, Clients, Devices,
     ArenaFd, Error,
 ]
 BY_KIND: Dict[int, Type[Message]] = {m.KIND: m for m in ALL}

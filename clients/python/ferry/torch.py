@@ -36,7 +36,8 @@ How it works:
 
 Backends (the piece that turns a lease into tensors is :func:`tensor_source`):
 
-* **host**: tensors are zero-copy views of ferryd's arena, mapped read-only
+* **host**: tensors are zero-copy views of ferryd's arena (that of the device the model is on,
+  ``device=`` when a session opens it), mapped read-only
   (``torch.frombuffer`` with the tensor's dtype, ``BF16`` and ``F16`` included). PyTorch cannot
   mark a tensor read-only: the mapping is ``PROT_READ``, so code that writes into a served
   weight crashes the process rather than corrupting ferry's memory. Forward passes do not write
@@ -82,7 +83,7 @@ from typing import (
 
 from . import errors
 from . import messages as m
-from .client import Client, Lease, PolicyArg
+from .client import Client, DeviceArg, Lease, PolicyArg
 
 nn = torch.nn
 
@@ -145,10 +146,16 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 class _HostArena:
-    """Host backend: each tensor is a zero-copy view of the arena mapped read-only."""
+    """Host backend: each tensor is a zero-copy view of the arena mapped read-only: that of
+    the device ``model`` (a model or view id) is on, or the default device's."""
 
-    def __init__(self, client: Client):
-        self.arena = client.map_arena()
+    @staticmethod
+    def check(client: Client) -> None:
+        """Whether this source can serve ``client`` (it can)."""
+
+    def __init__(self, client: Client, model: Optional[int] = None):
+        self.check(client)
+        self.arena = client.map_arena() if model is None else client.arena_for(model)
         if self.arena.len > 0:
             self.base = self._frombuffer(self.arena.view[0:1], torch.uint8).data_ptr()
         else:
@@ -198,7 +205,12 @@ class _CudaArena:
     makes the current stream wait for the ready event, and records a done event before release.
     """
 
-    def __init__(self, client: Client):
+    def __init__(self, client: Client, model: Optional[int] = None):
+        self.check(client)
+
+    @staticmethod
+    def check(client: Client) -> None:
+        """Always raises: see the class docs."""
         raise CudaSharingUnavailable(
             f"ferryd CUDA sharing not available: ferryd at {client.path} runs on the CUDA "
             f"backend ({client.device.name or 'a GPU'}), and protocol version {client.version} "
@@ -210,14 +222,22 @@ class _CudaArena:
 _SOURCES = {"host": _HostArena, "cuda": _CudaArena}
 
 
-def tensor_source(client: Client) -> Any:
-    """What turns ``client``'s leases into torch tensors, by the server's device backend.
-    Raises :class:`CudaSharingUnavailable` on the CUDA backend."""
+def _source_class(client: Client) -> Any:
+    """The tensor source class for ``client``'s backend, once it has said it can serve it
+    (nothing is mapped or opened yet). Raises as :func:`tensor_source` does."""
     cls = _SOURCES.get(client.device.backend)
     if cls is None:
         raise FerryTorchError(f"ferryd's device backend {client.device.backend!r} is unknown "
                               "to this client")
-    return cls(client)
+    cls.check(client)
+    return cls
+
+
+def tensor_source(client: Client, model: Optional[int] = None) -> Any:
+    """What turns ``client``'s leases of ``model`` (a model or view id; None: any model on the
+    server's default device) into torch tensors, by the server's device backend. Raises
+    :class:`CudaSharingUnavailable` on the CUDA backend."""
+    return _source_class(client)(client, model)
 
 
 # ---- building modules without weights ------------------------------------------------------
@@ -608,9 +628,14 @@ class Session:
     model (``None`` leaves it as it is), ``lookahead``/``threshold`` as in
     :meth:`ferry.Client.set_residency`; ``component_policies`` sets some components apart.
     ``loras``: ``(path, strength)`` pairs; ``lora_mode``: ``backup`` or ``fuse``.
+    ``device``: the ferryd device the session opens the model on, an index (int) or a UUID
+    (str) as :meth:`ferry.Client.devices` lists them (``None``: the server's default). With an
+    already opened model it must be ``None`` or that model's index (``opened.device``):
+    tensors are read from the arena of the device the model is on either way.
     """
 
     def __init__(self, model: ModelArg, client: Union[Client, str, None] = None, *,
+                 device: DeviceArg = None,
                  policy: Optional[PolicyArg] = "sequential", lookahead: int = 1,
                  threshold: Union[m.Threshold, int, float, None] = None,
                  component_policies: Optional[Mapping[str, PolicyArg]] = None,
@@ -626,13 +651,19 @@ class Session:
         self._closed = False
         try:
             # First, so that a CUDA ferryd fails before anything is opened or changed.
-            self._source = tensor_source(self.client)
+            source = _source_class(self.client)
             if isinstance(model, m.ModelOpened):
+                if device is not None and m.DeviceSel.of(device) != m.DeviceIndex(model.device):
+                    raise FerryTorchError(
+                        f"model {model.model} is already open on device {model.device}; "
+                        f"device={device!r} applies only to a model the session opens")
                 self.opened = model
             else:
-                self.opened = self.client.open_model(model)
+                self.opened = self.client.open_model(model, device)
                 self._owns_model = True
             self.model = self.opened.model
+            # The arena of the device the model is on (its views are on the same device).
+            self._source = source(self.client, self.model)
             if policy is not None:
                 self.client.set_residency(self.model, policy, lookahead=lookahead,
                                           threshold=threshold)
@@ -856,16 +887,18 @@ class Session:
 
 
 def attach(module: "nn.Module", model: ModelArg, client: Union[Client, str, None] = None, *,
-           component: Optional[str] = None, policy: Optional[PolicyArg] = "sequential",
+           component: Optional[str] = None, device: DeviceArg = None,
+           policy: Optional[PolicyArg] = "sequential",
            lookahead: int = 1, threshold: Union[m.Threshold, int, float, None] = None,
            loras: LoraStack = (), lora_mode: Union[m.LoraMode, str] = "backup",
            prefix: str = "", strip: str = "", rename: Optional[NameMap] = None,
            strict: bool = True, check_dtypes: bool = True,
            placeholder: str = "meta") -> Attachment:
     """Serves one module from ferryd: a :class:`Session` of its own (closed with the returned
-    :class:`Attachment`: ``att.close()`` or ``with``) and :meth:`Session.attach`."""
-    session = Session(model, client, policy=policy, lookahead=lookahead, threshold=threshold,
-                      loras=loras, lora_mode=lora_mode)
+    :class:`Attachment`: ``att.close()`` or ``with``) and :meth:`Session.attach`. ``device``:
+    the ferryd device to open the model on (see :class:`Session`)."""
+    session = Session(model, client, device=device, policy=policy, lookahead=lookahead,
+                      threshold=threshold, loras=loras, lora_mode=lora_mode)
     try:
         att = session.attach(module, component, prefix=prefix, strip=strip, rename=rename,
                              strict=strict, check_dtypes=check_dtypes, placeholder=placeholder)
@@ -877,16 +910,18 @@ def attach(module: "nn.Module", model: ModelArg, client: Union[Client, str, None
 
 
 def attach_pipeline(pipe: Any, model: ModelArg, client: Union[Client, str, None] = None, *,
-                    components: Optional[Sequence[str]] = None,
+                    components: Optional[Sequence[str]] = None, device: DeviceArg = None,
                     policy: Optional[PolicyArg] = "sequential", lookahead: int = 1,
                     threshold: Union[m.Threshold, int, float, None] = None,
                     component_policies: Optional[Mapping[str, PolicyArg]] = None,
                     loras: LoraStack = (), lora_mode: Union[m.LoraMode, str] = "backup",
                     **kwargs: Any) -> Session:
     """Serves a pipeline's modules (a diffusers pipeline folder opened as one ferry model):
-    a :class:`Session` with :meth:`Session.attach_pipeline`. Close the session when done."""
-    session = Session(model, client, policy=policy, lookahead=lookahead, threshold=threshold,
-                      component_policies=component_policies, loras=loras, lora_mode=lora_mode)
+    a :class:`Session` with :meth:`Session.attach_pipeline`. Close the session when done.
+    ``device``: the ferryd device to open the model on (see :class:`Session`)."""
+    session = Session(model, client, device=device, policy=policy, lookahead=lookahead,
+                      threshold=threshold, component_policies=component_policies, loras=loras,
+                      lora_mode=lora_mode)
     try:
         session.attach_pipeline(pipe, components, **kwargs)
     except BaseException:
