@@ -82,6 +82,16 @@ fn variants() -> Vec<Golden> {
         ),
         gx("auto", 6, "The server picks the policy from its device's memory", set(Policy::Auto)),
         gx(
+            "ipc",
+            16,
+            "A cuMemAlloc arena shared by its legacy IPC handle (no descriptor)",
+            CudaArena {
+                len: 60 << 30,
+                device_uuid: "GPU-0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9".into(),
+                handle: CudaHandle::Ipc { handle: (0u8..64).collect() },
+            },
+        ),
+        gx(
             "lowvram",
             6,
             "SD.Next's lowvram preset (= sequential, lookahead 1) for all of model 1",
@@ -427,6 +437,16 @@ fn examples() -> Vec<Golden> {
             1,
             "The 3 GiB host arena; its memfd travels with the frame",
             ArenaFd { len: 3 << 30, backend: "host".into() },
+        ),
+        g(
+            16,
+            1,
+            "A 60 GiB CUDA arena exported as a VMM file descriptor, which travels with the frame",
+            CudaArena {
+                len: 60 << 30,
+                device_uuid: "GPU-0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9".into(),
+                handle: CudaHandle::PosixFd { alloc_len: 60 << 30 },
+            },
         ),
         g(
             9,

@@ -19,13 +19,23 @@ use std::time::Duration;
 
 use crate::protocol::socket::{FrameReader, FrameWriter, Received, SpinLimit};
 use crate::protocol::{
-    ApplyLora, ArenaFd, ClientInfo, CloseModel, DeviceEntry, DeviceSel, ErrorCode, ErrorReply,
-    Goodbye, Hello, Kind, ListClients, ListDevices, ListModels, LoraMode, LoraRef,
-    MIN_PROTOCOL_VERSION, MapArena, MapArenaOn, Message, ModelInfo, ModelOpened, Offload,
+    ApplyLora, ArenaFd, ClientInfo, CloseModel, CudaArena, CudaHandle, DeviceEntry, DeviceSel,
+    ErrorCode, ErrorReply, Goodbye, Hello, Kind, ListClients, ListDevices, ListModels, LoraMode,
+    LoraRef, MIN_PROTOCOL_VERSION, MapArena, MapArenaOn, Message, ModelInfo, ModelOpened, Offload,
     Offloaded, Onload, OpenModel, OpenModelFd, OpenModelFdOn, OpenModelOn, PROTOCOL_VERSION,
     Policy, ProtocolError, RemoveLora, SetResidency, Stats, StatsReply, ViewCreated, Welcome,
     features,
 };
+
+/// A device's arena as a client process reaches it ([`Client::arena_handle`]).
+#[derive(Debug)]
+pub enum ArenaHandle {
+    /// The host arena's memfd, read-only: `mmap` `len` bytes of it.
+    Host { len: u64, fd: OwnedFd },
+    /// A CUDA arena: the handle, and the VMM descriptor that came with it (for
+    /// [`CudaHandle::PosixFd`]); map it with [`crate::device::cuda_import`].
+    Cuda { arena: CudaArena, fd: Option<OwnedFd> },
+}
 
 /// How long a reply may take by default before the call fails with [`ClientError::Io`]
 /// (`TimedOut`/`WouldBlock`).
@@ -317,6 +327,63 @@ impl Client {
                     received: 0,
                 })?;
                 Ok((a, fd))
+            }
+            Message::Error(e) => Err(e.into()),
+            other => Err(unexpected(Kind::ArenaFd, &other)),
+        }
+    }
+
+    /// How this process reaches a device's arena (`None`: the default device), whatever the
+    /// backend: the host arena's memfd (needs [`features::HOST_ARENA`]) or a CUDA arena's
+    /// handle (needs [`features::CUDA_IPC`]), its descriptor checked against its kind.
+    pub fn arena_handle(&mut self, device: Option<DeviceSel>) -> Result<ArenaHandle, ClientError> {
+        let msg: Message = match device {
+            None => MapArena {}.into(),
+            Some(device) => MapArenaOn { device }.into(),
+        };
+        let id = self.send(msg, &[])?;
+        let r = self.recv()?;
+        check_id(id, r.header.request_id, &r.message)?;
+        let flagged = r.header.carries_fds();
+        let mut fds = r.fds.into_iter();
+        match r.message {
+            Message::ArenaFd(a) => match fds.next() {
+                Some(fd) => Ok(ArenaHandle::Host { len: a.len, fd }),
+                None => {
+                    Err(ProtocolError::BadFds { kind: Kind::ArenaFd, flagged, received: 0 }.into())
+                }
+            },
+            Message::CudaArena(a) => {
+                let fd = fds.next();
+                let received = usize::from(fd.is_some());
+                let bad = |reason: String| -> ClientError {
+                    ProtocolError::UnexpectedMessage { kind: Kind::CudaArena, reason }.into()
+                };
+                match (&a.handle, &fd) {
+                    (CudaHandle::PosixFd { alloc_len }, Some(_)) if *alloc_len >= a.len => {}
+                    (CudaHandle::PosixFd { alloc_len }, Some(_)) => {
+                        return Err(bad(format!(
+                            "allocation of {alloc_len} bytes is smaller than the arena ({})",
+                            a.len
+                        )));
+                    }
+                    (CudaHandle::Ipc { handle }, None) if handle.len() == 64 => {}
+                    (CudaHandle::Ipc { handle }, None) => {
+                        return Err(bad(format!(
+                            "an IPC handle has 64 bytes, this one {}",
+                            handle.len()
+                        )));
+                    }
+                    _ => {
+                        return Err(ProtocolError::BadFds {
+                            kind: Kind::CudaArena,
+                            flagged,
+                            received,
+                        }
+                        .into());
+                    }
+                }
+                Ok(ArenaHandle::Cuda { arena: a, fd })
             }
             Message::Error(e) => Err(e.into()),
             other => Err(unexpected(Kind::ArenaFd, &other)),

@@ -177,10 +177,13 @@ messages! {
     Models(Models) = 0x8041, "models", FdRule::None;
     /// Server → client: answer to `ListClients`.
     Clients(Clients) = 0x8042, "clients", FdRule::None;
-    /// Answer to `ListDevices`.
+    /// Server → client: answer to `ListDevices`.
     Devices(Devices) = 0x8043, "devices", FdRule::None;
     /// Server → client: answer to `MapArena`, with the arena's memfd (exactly one fd).
     ArenaFd(ArenaFd) = 0x8050, "arena_fd", FdRule::One;
+    /// Server → client: answer to `MapArena`/`MapArenaOn` on a CUDA device: how to map its
+    /// device memory (needs `CUDA_IPC`; a VMM handle's descriptor travels with the frame).
+    CudaArena(CudaArena) = 0x8051, "cuda_arena", FdRule::UpTo(1);
     /// Server → client: a request failed (or the connection is being closed).
     Error(ErrorReply) = 0xffff, "error", FdRule::None;
 }
@@ -681,6 +684,35 @@ pub struct ArenaFd {
     pub len: u64,
     /// `host`.
     pub backend: String,
+}
+
+/// A CUDA device's arena, for a client process to map into its own context once (on the
+/// device with `device_uuid`: ordinals differ between processes). A tensor's device address
+/// in the client is the mapping's base plus its `arena_offset`.
+///
+/// ferryd's copies into the arena are ordered on its own stream: read a leased layer only
+/// after `wait_ready` (or a `leased` reply with `ready` set), and synchronise your own work on
+/// it before `release` (the memory may be reused as soon as the release is acknowledged).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CudaArena {
+    /// Bytes of the arena: every `arena_offset + len` is within it.
+    pub len: u64,
+    /// The device's UUID (`GPU-…`).
+    pub device_uuid: String,
+    pub handle: CudaHandle,
+}
+
+/// How a CUDA arena is shared.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CudaHandle {
+    /// A VMM allocation exported as a POSIX file descriptor, which travels with the frame
+    /// (exactly one): `cuMemImportFromShareableHandle`, `cuMemAddressReserve(alloc_len)`,
+    /// `cuMemMap`, `cuMemSetAccess`; `alloc_len` (a multiple of the allocation granularity,
+    /// at least `len`) is the size to reserve and map.
+    PosixFd { alloc_len: u64 },
+    /// A legacy IPC memory handle (`cuIpcOpenMemHandle`; 64 bytes); no descriptor. Needs the
+    /// client in ferryd's IPC namespace.
+    Ipc { handle: Vec<u8> },
 }
 
 /// A request failed: a typed code ([`ErrorCode`], the table in docs/protocol.md) and a

@@ -12,15 +12,16 @@ use tracing::{debug, info, warn};
 
 use super::{ClientEntry, ModelEntry, Shared};
 use crate::device::ClientDone;
+use crate::device::{ArenaShare, Backend};
 use crate::devices::DeviceRef;
 use crate::engine::{Engine, EngineError, Lease, LeaseId, ModelId, id_prefix_of};
 use crate::protocol::socket::{FrameReader, discard_input};
 use crate::protocol::{
-    Ack, Acquire, ApplyLora, ArenaFd, ClientInfo, Clients, DeviceEntry, DeviceSel, DeviceSummary,
-    Devices, ErrorCode, ErrorReply, Kind, Leased, LoraSource, MAX_BODY_LEN, MAX_FDS,
-    MIN_PROTOCOL_VERSION, Message, ModelInfo, ModelOpened, Models, Offloaded, PROTOCOL_VERSION,
-    ProtocolError, Ready, SetResidency, StatsReply, TensorDesc, ViewCreated, Welcome, features,
-    negotiate,
+    Ack, Acquire, ApplyLora, ArenaFd, ClientInfo, Clients, CudaArena, CudaHandle, DeviceEntry,
+    DeviceSel, DeviceSummary, Devices, ErrorCode, ErrorReply, Kind, Leased, LoraSource,
+    MAX_BODY_LEN, MAX_FDS, MIN_PROTOCOL_VERSION, Message, ModelInfo, ModelOpened, Models,
+    Offloaded, PROTOCOL_VERSION, ProtocolError, Ready, SetResidency, StatsReply, TensorDesc,
+    ViewCreated, Welcome, features, negotiate,
 };
 
 type Reply = Result<Message, ErrorReply>;
@@ -638,22 +639,52 @@ impl Conn<'_> {
 
     /// Sends the arena descriptor of the named device (`None`: the default one).
     fn map_arena(&self, id: u64, device: Option<DeviceSel>) -> Result<(), ErrorReply> {
-        self.need(features::HOST_ARENA, "map_arena")?;
         let (_, engine) = match device {
             Some(d) => self.device(d)?,
             None => self.default_device(),
         };
-        let (fd, len) = super::Shared::arena_fd(&engine)
-            .ok_or_else(|| {
-                ErrorReply::new(ErrorCode::Unsupported, "the device's arena cannot be mapped")
-            })?
-            .map_err(|e| {
-                ErrorReply::new(ErrorCode::Internal, format!("reopening the arena read-only: {e}"))
-            })?;
-        let msg = Message::ArenaFd(ArenaFd { len, backend: "host".into() });
+        let arena = engine.arena().ok_or_else(|| {
+            ErrorReply::new(ErrorCode::Internal, "the device has no arena (it is closing)")
+        })?;
+        let uuid = engine.device_info().uuid.clone();
+        // Features first: a client that did not agree to a way of sharing gets `unsupported`,
+        // whatever the device.
+        match engine.device_info().backend {
+            Backend::Host => self.need(features::HOST_ARENA, "map_arena on the host backend")?,
+            Backend::Cuda => self.need(features::CUDA_IPC, "map_arena on a CUDA device")?,
+        }
+        let share = arena.share().map_err(|e| {
+            ErrorReply::new(ErrorCode::Device, format!("sharing the arena of {uuid}: {e}"))
+        })?;
+        let (msg, fd): (Message, Option<OwnedFd>) = match share {
+            ArenaShare::HostFd(fd) => {
+                (ArenaFd { len: arena.len, backend: "host".into() }.into(), Some(fd))
+            }
+            ArenaShare::CudaFd { fd, alloc_len } => (
+                CudaArena {
+                    len: arena.len,
+                    device_uuid: uuid,
+                    handle: CudaHandle::PosixFd { alloc_len },
+                }
+                .into(),
+                Some(fd),
+            ),
+            ArenaShare::CudaIpc { handle } => (
+                CudaArena {
+                    len: arena.len,
+                    device_uuid: uuid,
+                    handle: CudaHandle::Ipc { handle: handle.to_vec() },
+                }
+                .into(),
+                None,
+            ),
+        };
         let version = self.version.unwrap_or(PROTOCOL_VERSION);
-        self.entry.send(version, id, &msg, &[fd.as_fd()]).map_err(|e| {
-            ErrorReply::new(ErrorCode::Internal, format!("sending the arena descriptor: {e}"))
+        let fds: Vec<_> = fd.iter().map(AsFd::as_fd).collect();
+        // The descriptor is ours until sent; dropping it after the send closes this process's
+        // copy (the client holds its own).
+        self.entry.send(version, id, &msg, &fds).map_err(|e| {
+            ErrorReply::new(ErrorCode::Internal, format!("sending the arena handle: {e}"))
         })
     }
 

@@ -35,9 +35,12 @@
 //! - Models opened by descriptor are shared between clients by the descriptor's identity
 //!   (device, inode, size, mtime), not with the same file opened by path (two engine models,
 //!   two device copies).
-//! - `map_arena` works on the host backend only (CUDA: 201 `unsupported`; CUDA IPC is reserved).
-//!   The descriptor sent is a read-only reopening of the arena's memfd: clients can map and read
-//!   layers, not write into them.
+//! - `map_arena` on the host backend sends a read-only reopening of the arena's memfd: clients
+//!   can map and read layers, not write into them. On CUDA it sends the arena's exported VMM
+//!   handle (a descriptor) or its legacy IPC handle ([`crate::device::ArenaShare`]); the client
+//!   maps it read-write (CUDA has no read-only import), so a CUDA client is trusted not to
+//!   write into weights. Cross-process ready events are not offered: a client waits with
+//!   `wait_ready` (one round trip) and synchronises its stream before `release`.
 //! - Requests of one connection are answered in order by its thread: a `wait_ready` holds up the
 //!   requests after it on the same connection (docs/protocol.md defines this: replies come in
 //!   request order). Opening models is serialised server-wide (the registry lock is held across
@@ -68,7 +71,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::device::{ArenaInner, Backend};
+use crate::device::Backend;
 use crate::devices::DeviceSet;
 use crate::engine::{Engine, ModelId};
 use crate::protocol::socket::{FrameWriter, SpinLimit, discard_input, send_frame};
@@ -447,16 +450,6 @@ impl Shared {
             ErrorReply::new(ErrorCode::UnknownModel, format!("no open model has id {id}"))
         })
     }
-
-    /// A read-only descriptor of `engine`'s arena memfd (host backend only): clients read
-    /// layers through it and cannot write into another client's weights.
-    pub(crate) fn arena_fd(engine: &Engine) -> Option<std::io::Result<(OwnedFd, u64)>> {
-        let arena = engine.arena()?;
-        match &arena.inner {
-            ArenaInner::Host(h) => Some(h.read_only_fd().map(|fd| (fd, arena.len))),
-            ArenaInner::Cuda(_) => None,
-        }
-    }
 }
 
 /// The running server (module docs). Dropping it shuts it down.
@@ -498,9 +491,11 @@ impl Server {
     ) -> Result<Server, ServerError> {
         let roots = checked_roots(&config)?;
         let mut offered = features::LORA | features::FD_PASSING | features::DEVICES;
-        if devices.default_engine().device_info().backend == Backend::Host {
-            offered |= features::HOST_ARENA;
-        }
+        // Every device of a set has the same backend.
+        offered |= match devices.default_engine().device_info().backend {
+            Backend::Host => features::HOST_ARENA,
+            Backend::Cuda => features::CUDA_IPC,
+        };
         let owns_socket = inherited.is_none();
         let listener = match inherited {
             Some(l) => l,
