@@ -76,7 +76,7 @@ fn ask(dir: &Path, case: usize) -> Result<ArenaHandle, ClientError> {
     });
     let mut c = Client::connect(&socket, "cuda arena test").expect("connect");
     assert!(c.has_feature(features::CUDA_IPC));
-    let r = c.arena_handle(if case % 2 == 0 { None } else { Some(DeviceSel::Index(0)) });
+    let r = c.arena_handle(if case.is_multiple_of(2) { None } else { Some(DeviceSel::Index(0)) });
     drop(c);
     server.join().expect("fake daemon");
     r

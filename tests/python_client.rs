@@ -105,13 +105,16 @@ fn daemon_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// Starts `ferryd` on the host backend with `root` as its model root; waits for its socket.
+/// Starts `ferryd` on the host backend (two devices of 64 MiB) with `root` as its model root;
+/// waits for its socket.
 fn start_ferryd(root: &Path) -> (Daemon, PathBuf, PathBuf) {
     let socket = root.join("s.sock");
     let log = root.join("ferryd.log");
     let mut daemon = Daemon(
         Command::new(cargo_bin("ferryd"))
-            .args(["--device", "host", "--host-memory", "67108864"])
+            // Two simulated devices (HOST-0000, HOST-0001) for the LiveDevices suite; device 0
+            // is the default, so the other suites run as on a single-device ferryd.
+            .args(["--device", "host", "--host-memory", "67108864", "--host-devices", "2"])
             .arg("--socket")
             .arg(&socket)
             .arg("--model-root")

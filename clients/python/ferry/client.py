@@ -206,7 +206,7 @@ class Client:
     """A connection to ferryd: connects and completes the handshake on construction."""
 
     def __init__(self, path: Optional[str] = None, *, timeout: Optional[float] = None,
-                 features: int = m.KNOWN_FEATURES, client_name: str = CLIENT_NAME):
+                 features: int = m.DEFAULT_FEATURES, client_name: str = CLIENT_NAME):
         self.path = path or os.environ.get("FERRY_SOCKET") or DEFAULT_SOCKET
         self._lock = threading.RLock()
         self._next_id = 1
@@ -332,6 +332,10 @@ class Client:
             if cls.FDS == "one" and len(fds) != 1:
                 raise errors.BadFds(f"{cls.NAME} came with {len(fds)} descriptors", None)
             msg = wire.decode(cls, body)
+            want = getattr(msg, "fds_expected", None)
+            if want is not None and len(fds) != want:
+                raise errors.BadFds(
+                    f"{cls.NAME} came with {len(fds)} descriptors, its body says {want}", None)
         except errors.ProtocolError:
             # The stream cannot be trusted to be at a frame boundary any more.
             self._close_fds(fds)
@@ -339,7 +343,8 @@ class Client:
             raise
         return Frame(header, msg, fds)
 
-    def _roundtrip(self, msg: m.Message, expect: type, fds: Sequence[int] = ()) -> Frame:
+    def _roundtrip(self, msg: m.Message, expect: Union[type, Tuple[type, ...]],
+                   fds: Sequence[int] = ()) -> Frame:
         with self._lock:
             rid = self._send(msg, fds)
             while True:
@@ -482,7 +487,14 @@ class Client:
             if cached is not None:
                 return cached
             req: m.Message = m.MapArena() if sel is None else m.MapArenaOn(sel)
-            frame = self._roundtrip(req, m.ArenaFd)
+            frame = self._roundtrip(req, (m.ArenaFd, m.CudaArena))
+            if isinstance(frame.message, m.CudaArena):
+                # Granted CUDA_IPC (asked for explicitly): CUDA memory, which this client
+                # cannot map. The connection stays usable.
+                self._close_fds(frame.fds)
+                raise errors.Unsupported(
+                    f"the arena of device {frame.message.device_uuid} is CUDA memory "
+                    "(cuda_arena); this client maps host arenas only", None)
             reply: m.ArenaFd = frame.message  # type: ignore[assignment]
             (fd,) = frame.fds
             try:

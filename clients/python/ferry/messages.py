@@ -20,6 +20,10 @@ LORA = 0x08
 CUDA_IPC = 0x10
 DEVICES = 0x20  # open_model_on, open_model_fd_on, list_devices, map_arena_on
 KNOWN_FEATURES = FD_PASSING | OPEN_PATH | HOST_ARENA | LORA | CUDA_IPC | DEVICES
+# What Client asks for by default: not CUDA_IPC, since mapping CUDA memory needs a CUDA driver
+# binding this stdlib-only client does not have (a CUDA ferryd then answers map_arena with
+# ``unsupported`` instead of exporting its arena for nothing).
+DEFAULT_FEATURES = KNOWN_FEATURES & ~CUDA_IPC
 
 # Model, view and lease ids carry the index of the device they are on in their top 16 bits.
 DEVICE_SHIFT = 48
@@ -272,7 +276,8 @@ class ClientInfo:
 class Message:
     KIND: ClassVar[int] = -1
     NAME: ClassVar[str] = ""
-    FDS: ClassVar[str] = "none"  # "none", "one" or "some" (0 to 16)
+    # "none", "one", "at_most_one" (the body says which: ``fds_expected``) or "some" (0 to 16)
+    FDS: ClassVar[str] = "none"
 
 
 # requests
@@ -597,6 +602,49 @@ class ArenaFd(Message):
     backend: str = wf("str")
 
 
+class CudaHandle(WireEnum):
+    """How a CUDA arena is shared. Variant indices: ``PosixFd`` 0, ``Ipc`` 1."""
+
+
+@dataclass
+class CudaPosixFd(CudaHandle):
+    """A VMM allocation exported as a POSIX descriptor, which travels with the frame; reserve
+    and map ``alloc_len`` bytes (the Rust variant ``PosixFd``)."""
+
+    VARIANT: ClassVar[str] = "PosixFd"
+    alloc_len: int = wf("u64")
+
+
+@dataclass
+class CudaIpc(CudaHandle):
+    """A legacy IPC memory handle (64 bytes; no descriptor) (the Rust variant ``Ipc``)."""
+
+    VARIANT: ClassVar[str] = "Ipc"
+    handle: List[int] = wf(("list", "u8"))
+
+
+CudaHandle.VARIANTS = (CudaPosixFd, CudaIpc)
+
+
+@dataclass
+class CudaArena(Message):
+    """Answer to ``map_arena``/``map_arena_on`` on a CUDA device (needs ``CUDA_IPC``). This
+    client decodes it but cannot map CUDA memory (``Client.map_arena`` raises
+    ``Unsupported``)."""
+
+    KIND: ClassVar[int] = 0x8051
+    NAME: ClassVar[str] = "cuda_arena"
+    FDS: ClassVar[str] = "at_most_one"
+    len: int = wf("u64")
+    device_uuid: str = wf("str")
+    handle: CudaHandle = wf(CudaHandle)
+
+    @property
+    def fds_expected(self) -> int:
+        """One descriptor with a ``PosixFd`` handle, none with ``Ipc``."""
+        return 1 if isinstance(self.handle, CudaPosixFd) else 0
+
+
 @dataclass
 class Error(Message):
     KIND: ClassVar[int] = 0xFFFF
@@ -610,7 +658,7 @@ ALL: List[Type[Message]] = [
     OpenModelOn, OpenModelFdOn, Acquire, WaitReady, Release, Prefetch, ApplyLora, RemoveLora,
     Stats, ListModels, ListClients, ListDevices, MapArena, MapArenaOn, Ack, Welcome,
     ModelOpened, Offloaded, Leased, Ready, ViewCreated, StatsReply, Models, Clients, Devices,
-    ArenaFd, Error,
+    ArenaFd, CudaArena, Error,
 ]
 BY_KIND: Dict[int, Type[Message]] = {m.KIND: m for m in ALL}
 BY_NAME: Dict[str, Type[Message]] = {m.NAME: m for m in ALL}

@@ -43,10 +43,11 @@ Backends (the piece that turns a lease into tensors is :func:`tensor_source`):
   weight crashes the process rather than corrupting ferry's memory. Forward passes do not write
   weights; a BatchNorm in training mode would update its running statistics, so that is refused
   with :class:`FerryTorchError` before the forward.
-* **cuda**: not available. Protocol version 1 gives arena offsets, which mean nothing in another
-  process without a shareable handle to ferryd's device memory and its ready events (the
-  ``CUDA_IPC`` feature bit is reserved for that; no message carries one yet). Attaching to a
-  ferryd on the CUDA backend raises :class:`CudaSharingUnavailable` before anything is changed.
+* **cuda**: not available. Arena offsets mean nothing in another process without mapping
+  ferryd's device memory: the protocol's ``cuda_arena`` reply (feature ``CUDA_IPC``) carries a
+  VMM descriptor or a legacy IPC handle for that, but mapping it needs the CUDA driver API,
+  which this client does not bind yet. Attaching to a ferryd on the CUDA backend raises
+  :class:`CudaSharingUnavailable` before anything is changed.
 
 Layers nest: a layer hooked on a module that contains other hooked modules (a bare parameter
 of the root, such as ``logit_scale``, is served around the root's whole forward) stays leased
@@ -196,13 +197,13 @@ class _HostArena:
 class _CudaArena:
     """CUDA backend: not available, and said so at once.
 
-    What is missing is in the protocol, not here: version 1 sends arena offsets, and another
-    process can only use them with a shareable handle to ferryd's device memory (the arena
-    comes from ``cuMemAlloc`` so that ``cuIpcGetMemHandle`` can export it) plus the lease's
-    ready event and a way to hand back a done event. The ``CUDA_IPC`` feature bit is reserved
-    for those. Once a message carries them, this class opens the handle once, builds each
-    tensor over ``base + arena_offset`` (``__cuda_array_interface__`` or ``torch.as_strided``),
-    makes the current stream wait for the ready event, and records a done event before release.
+    Another process can only use arena offsets by mapping ferryd's device memory. The protocol
+    has that now (``map_arena`` answered ``cuda_arena`` under ``CUDA_IPC``: a VMM descriptor to
+    import and map, or a legacy IPC handle), but mapping it takes CUDA driver calls
+    (``cuMemImportFromShareableHandle``/``cuMemMap`` or ``cuIpcOpenMemHandle``) this client does
+    not make yet. Doing so, this class would map once per device, build each tensor over
+    ``base + arena_offset`` (``__cuda_array_interface__`` or ``torch.as_strided``), read a layer
+    only after ``wait_ready`` and synchronise the current stream before release.
     """
 
     def __init__(self, client: Client, model: Optional[int] = None):
@@ -213,10 +214,10 @@ class _CudaArena:
         """Always raises: see the class docs."""
         raise CudaSharingUnavailable(
             f"ferryd CUDA sharing not available: ferryd at {client.path} runs on the CUDA "
-            f"backend ({client.device.name or 'a GPU'}), and protocol version {client.version} "
-            "has no way to share its device memory with another process (the CUDA_IPC "
-            "feature is reserved, no message uses it yet); run ferryd with --device host, or "
-            "use ferry in-process through its C ABI")
+            f"backend ({client.device.name or 'a GPU'}), whose memory protocol version "
+            f"{client.version} shares only through cuda_arena handles, which this client "
+            "cannot map yet (no CUDA driver binding); run ferryd with --device host, or use "
+            "ferry in-process through its C ABI")
 
 
 _SOURCES = {"host": _HostArena, "cuda": _CudaArena}

@@ -3,6 +3,7 @@ index.json, and encoding those values gives the same bytes."""
 
 import json
 import os
+import re
 import struct
 import unittest
 
@@ -40,7 +41,8 @@ class GoldenVectors(unittest.TestCase):
             self.assertEqual(cls.NAME, v["kind_name"])
             suffix = "" if v["variant"] is None else "." + v["variant"]
             self.assertEqual(v["file"], v["kind_name"] + suffix + ".bin")
-            want_fds = {"none": [0], "one": [1], "some": list(range(17))}[cls.FDS]
+            want_fds = {"none": [0], "one": [1], "at_most_one": [0, 1],
+                        "some": list(range(17))}[cls.FDS]
             self.assertIn(v["fds"], want_fds, v["file"])
 
     def test_decode_and_reencode_every_vector(self):
@@ -59,6 +61,8 @@ class GoldenVectors(unittest.TestCase):
                 body = frame[wire.HEADER_LEN:]
                 msg = wire.decode(cls, body)
                 self.assertEqual(wire.to_json(cls, msg), v["fields"])
+                if cls.FDS == "at_most_one":
+                    self.assertEqual(msg.fds_expected, v["fds"], v["file"])
                 # Encode the listed values (not the decoded object) and compare the bytes.
                 again = wire.from_json(cls, v["fields"])
                 self.assertEqual(again, msg)
@@ -107,6 +111,87 @@ class GoldenVectors(unittest.TestCase):
             self.assertIs(messages.BY_NAME[cls.NAME], cls)
         with open(os.path.join(FIXTURES, "offload.bin"), "rb") as f:
             self.assertEqual(f.read()[wire.HEADER_LEN:], whole)
+
+    def test_devices_by_hand(self):
+        """DeviceSel: u32 variant index (Index 0, Uuid 1), then a u32 or a string."""
+        on = wire.encode(messages.OpenModelOn("/m", messages.DeviceIndex(1)))
+        self.assertEqual(on.hex(), "0200000000000000" + b"/m".hex() + "00000000" + "01000000")
+        fd_on = wire.encode(messages.OpenModelFdOn("", messages.DeviceUuid("HOST-0001")))
+        self.assertEqual(fd_on.hex(), "0000000000000000" + "01000000" + "0900000000000000"
+                         + b"HOST-0001".hex())
+        arena_on = wire.encode(messages.MapArenaOn(messages.DeviceUuid("HOST-0001")))
+        self.assertEqual(arena_on.hex(), "01000000" + "0900000000000000" + b"HOST-0001".hex())
+        with open(os.path.join(FIXTURES, "map_arena_on.bin"), "rb") as f:
+            self.assertEqual(f.read()[wire.HEADER_LEN:], arena_on)
+        self.assertEqual(wire.encode(messages.ListDevices()), b"")
+        self.assertEqual(messages.OpenModelFdOn.FDS, "one")
+        self.assertEqual(messages.MapArenaOn.FDS, "none")
+        # No DeviceSel variant 2.
+        with self.assertRaises(errors.BadBody):
+            wire.decode(messages.MapArenaOn, struct.pack("<I", 2))
+        # A DeviceEntry: both options absent, then numa_node and error present.
+        entry = messages.DeviceEntry(3, "host:3", "HOST-0003", "host memory", 1 << 20, None,
+                                     None, None, 2)
+        body = wire.encode(messages.Devices([entry]))
+        self.assertEqual(body.hex(), (
+            "0100000000000000" "03000000"
+            "0600000000000000" + b"host:3".hex() + "0900000000000000" + b"HOST-0003".hex()
+            + "0b00000000000000" + b"host memory".hex() + "0000100000000000"
+            "00" "00" "00" "02000000"))
+        self.assertEqual(wire.decode(messages.Devices, body).devices, [entry])
+        failed = messages.DeviceEntry(1, "cuda:1", "", "", 0, 7, "gone", None, 0)
+        self.assertEqual(wire.decode(messages.Devices, wire.encode(messages.Devices([failed]))),
+                         messages.Devices([failed]))
+
+    def test_golden_devices_reply(self):
+        with open(os.path.join(FIXTURES, "devices.bin"), "rb") as f:
+            frame = f.read()
+        devs = wire.decode(messages.Devices, frame[wire.HEADER_LEN:]).devices
+        self.assertEqual([d.index for d in devs], [0, 1])
+        self.assertEqual(devs[0].numa_node, 1)
+        self.assertIsNone(devs[0].error)
+        self.assertEqual(devs[0].stats.budget, 64424509440)
+        self.assertIsNone(devs[1].stats)
+        self.assertIsNone(devs[1].numa_node)
+        self.assertIn("out of memory", devs[1].error)
+
+    def test_device_selectors_and_ids(self):
+        of = messages.DeviceSel.of
+        self.assertEqual(of(1), messages.DeviceIndex(1))
+        self.assertEqual(of(0), messages.DeviceIndex(0))
+        self.assertEqual(of("HOST-0001"), messages.DeviceUuid("HOST-0001"))
+        sel = messages.DeviceUuid("GPU-x")
+        self.assertIs(of(sel), sel)
+        for bad, exc in ((True, TypeError), (1.0, TypeError), (None, TypeError),
+                         (-1, ValueError), (1 << 32, ValueError), ("", ValueError)):
+            with self.subTest(device=bad):
+                with self.assertRaises(exc) as cm:
+                    of(bad)
+                self.assertIn(repr(bad) if exc is TypeError else "device", str(cm.exception))
+        self.assertEqual(messages.device_of((1 << 48) | 5), 1)
+        self.assertEqual(messages.device_of(5), 0)
+        self.assertEqual(messages.device_of((0xFFFF << 48) | 1), 0xFFFF)
+        self.assertEqual(messages.ModelOpened((2 << 48) | 9, []).device, 2)
+        self.assertEqual(wire.to_json(messages.DeviceSel, of(1)), {"Index": 1})
+        self.assertEqual(wire.from_json(messages.DeviceSel, {"Uuid": "HOST-0000"}),
+                         messages.DeviceUuid("HOST-0000"))
+
+    def test_feature_bits_and_error_codes_mirror_the_rust_definitions(self):
+        """Every feature bit of daemon/src/protocol/mod.rs and every code of codes.rs, by name
+        and number, read from the Rust source itself."""
+        proto = os.path.join(_util.repo_root(), "daemon", "src", "protocol")
+        with open(os.path.join(proto, "mod.rs"), encoding="utf-8") as f:
+            rust_bits = {name: 1 << int(bit) for name, bit in
+                         re.findall(r"pub const (\w+): u64 = 1 << (\d+);", f.read())}
+        self.assertIn("DEVICES", rust_bits)
+        py_bits = {name: getattr(messages, name) for name in rust_bits}
+        self.assertEqual(py_bits, rust_bits)
+        self.assertEqual(messages.KNOWN_FEATURES, sum(rust_bits.values()))
+        with open(os.path.join(proto, "codes.rs"), encoding="utf-8") as f:
+            rust_codes = {int(code): name for code, name in
+                          re.findall(r"^\s*\w+ = (\d+), \"(\w+)\";", f.read(), re.M)}
+        self.assertEqual(rust_codes[220], "unknown_device")
+        self.assertEqual({c: cls.name for c, cls in errors.BY_CODE.items()}, rust_codes)
 
     def test_worked_example_acquire(self):
         body = wire.encode(messages.Acquire(model=1, component="unet", layer=3))
@@ -172,7 +257,15 @@ class BodyErrors(unittest.TestCase):
         self.assertIsInstance(errors.from_code(250, "x"), errors.RequestError)
         self.assertIsInstance(errors.from_code(300, "x"), errors.ConnectionLost)
         self.assertIsInstance(errors.from_code(106, "x"), errors.BadBody)
-        self.assertEqual(len({c for c in errors.BY_CODE}), 32)
+        e = errors.from_code(220, "no device 5")
+        self.assertIsInstance(e, errors.UnknownDevice)
+        self.assertIsInstance(e, errors.RequestError)
+        self.assertIs(ferry.UnknownDevice, errors.UnknownDevice)
+        e = errors.from_code(221, "device 1 failed to open: out of memory")
+        self.assertIsInstance(e, ferry.DeviceUnavailable)
+        self.assertEqual(str(e), "[221 device_unavailable] device 1 failed to open: out of memory")
+        self.assertFalse(errors.is_fatal(220) or errors.is_fatal(221))
+        self.assertEqual(len({c for c in errors.BY_CODE}), 34)
 
 
 class PolicyNames(unittest.TestCase):

@@ -425,6 +425,169 @@ class LiveLora(unittest.TestCase):
         self.assertFalse(c.closed)
 
 
+@unittest.skipUnless(LIVE, "set FERRY_SOCKET, FERRY_MODEL and FERRY_EXPECTED to run")
+class LiveDevices(unittest.TestCase):
+    """Against a ferryd with two simulated host devices (``--host-devices 2``; device 0 is the
+    default): models on device 1 by index and by UUID, read through device 1's arena."""
+
+    def setUp(self):
+        self.client = ferry.Client(SOCKET, timeout=30)
+        self.addCleanup(self.client.close)
+
+    def sent_kinds(self, c):
+        """Records the message classes ``c`` sends from now on."""
+        sent = []
+        real_send = c._send
+
+        def recording_send(msg, fds=()):
+            sent.append(type(msg))
+            return real_send(msg, fds)
+
+        c._send = recording_send
+        self.addCleanup(delattr, c, "_send")
+        return sent
+
+    def read_every_layer(self, model, expected):
+        """Every tensor's bytes read through its lease's view, checked against the file's."""
+        c = self.client
+        seen = set()
+        for comp in model.components:
+            for i in range(len(comp.layers)):
+                with c.acquire(model.model, comp.name, i) as lease:
+                    self.assertEqual(lease.device, model.device)
+                    for t in lease.tensors:
+                        key = find_expected(expected, comp.name, t.name)
+                        seen.add(key)
+                        self.assertEqual(bytes(lease.view(t)), expected[key], key)
+        self.assertEqual(seen, set(expected), "every tensor of the model was read")
+
+    def test_devices_are_listed(self):
+        c = self.client
+        self.assertTrue(c.features & messages.DEVICES, f"features {c.features:#x}")
+        devs = c.devices()
+        self.assertEqual([d.index for d in devs], [0, 1])
+        self.assertEqual([d.uuid for d in devs], ["HOST-0000", "HOST-0001"])
+        self.assertEqual([d.label for d in devs], ["host:0", "host:1"])
+        for d in devs:
+            self.assertIsInstance(d, ferry.DeviceEntry)
+            self.assertIsNone(d.error)
+            self.assertIsNotNone(d.stats)
+            self.assertGreater(d.total_memory, 0)
+            self.assertLessEqual(d.stats.peak_device_bytes, d.stats.budget)
+
+    def test_open_on_device_1_by_index_and_by_uuid_reads_the_files_bytes(self):
+        c = self.client
+        expected = expected_tensors()
+        by_index = c.open_model(MODEL, device=1)
+        self.addCleanup(c.close_model, by_index.model)
+        self.assertEqual(by_index.model >> 48, 1)
+        self.assertEqual(by_index.device, 1)
+        by_uuid = c.open_model(MODEL, device="HOST-0001")
+        self.assertEqual(by_uuid.model >> 48, 1)
+        self.assertEqual(by_uuid.model, by_index.model, "the same files on the same device")
+        default = c.open_model(MODEL)
+        self.assertEqual(default.device, 0)
+        self.assertNotEqual(default.model, by_index.model, "two devices, two models")
+        self.assertEqual([x.name for x in default.components],
+                         [x.name for x in by_index.components])
+
+        sent = self.sent_kinds(c)
+        self.read_every_layer(by_index, expected)
+        self.assertEqual(sent.count(messages.MapArenaOn), 1, "device 1's arena, mapped once")
+        self.assertNotIn(messages.MapArena, sent)
+        comp = by_index.components[0]
+        with c.acquire(by_index.model, comp.name, 0) as lease:
+            one = lease.arena()
+            self.assertEqual(one.device, messages.DeviceIndex(1))
+            self.assertIs(one, c.map_arena(1))
+        # The default device's model reads through the plain map_arena, as with one device.
+        del sent[:]
+        self.read_every_layer(default, expected)
+        self.assertEqual(sent.count(messages.MapArena), 1)
+        self.assertNotIn(messages.MapArenaOn, sent)
+        self.assertIsNot(c.map_arena(), one)
+
+        infos = {m.model: m for m in c.list_models()}
+        self.assertIn(by_index.model, infos)
+        self.assertIn(default.model, infos)
+        devs = c.devices()
+        self.assertGreaterEqual(devs[1].models, 1)
+        self.assertGreater(devs[1].stats.acquires, 0)
+        self.assertLessEqual(devs[1].stats.peak_device_bytes, devs[1].stats.budget)
+
+    def test_open_model_fd_on_a_device(self):
+        c = self.client
+        d = tempfile.mkdtemp(prefix="ferry-fd-")
+        self.addCleanup(shutil.rmtree, d)
+        path = os.path.join(d, "one.safetensors")
+        data = bytes(range(256)) * 4
+        _util.write_safetensors(path, [("blocks.0.w", "U8", [len(data)], data)])
+        fd = os.open(path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        ids = set()
+        for device in ("HOST-0001", 1):
+            with self.subTest(device=device):
+                model = c.open_model_fd(fd, "one", device=device)
+                ids.add(model.model)
+                self.assertEqual(model.device, 1)
+                comp = model.components[0]
+                with c.acquire(model.model, comp.name, 0) as lease:
+                    self.assertEqual(bytes(lease.view("blocks.0.w")), data)
+        self.assertEqual(len(ids), 1, "the same file on the same device is one model")
+        model = c.open_model_fd(fd, "one")
+        self.assertEqual(model.device, 0)
+        with c.acquire(model.model, model.components[0].name, 0) as lease:
+            self.assertEqual(bytes(lease.view("blocks.0.w")), data)
+        for ident in ids | {model.model}:
+            c.close_model(ident)
+
+    def test_unknown_devices_are_typed_errors(self):
+        c = self.client
+        for device in (5, "HOST-0005", "GPU-00000000-0000-0000-0000-000000000000"):
+            with self.subTest(device=device):
+                with self.assertRaises(ferry.UnknownDevice) as cm:
+                    c.open_model(MODEL, device=device)
+                self.assertEqual(cm.exception.code, 220)
+                self.assertTrue(cm.exception.message)
+        with self.assertRaises(ferry.UnknownDevice):
+            c.map_arena(5)
+        fd = os.open(MODEL, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        with self.assertRaises(ferry.UnknownDevice):
+            c.open_model_fd(fd, "m", device=7)
+        # Bad selectors never reach the server.
+        sent = self.sent_kinds(c)
+        for bad, exc in ((-1, ValueError), (True, TypeError), ("", ValueError)):
+            with self.assertRaises(exc):
+                c.open_model(MODEL, device=bad)
+        self.assertEqual(sent, [])
+        self.assertFalse(c.closed)
+        self.assertEqual(len(c.devices()), 2)
+
+    def test_without_the_devices_feature(self):
+        """A client that does not ask for DEVICES: the device requests are Unsupported, and a
+        lease reads through the plain map_arena."""
+        c = ferry.Client(SOCKET, timeout=30,
+                         features=messages.KNOWN_FEATURES & ~messages.DEVICES)
+        self.addCleanup(c.close)
+        self.assertFalse(c.features & messages.DEVICES)
+        with self.assertRaises(ferry.Unsupported):
+            c.devices()
+        with self.assertRaises(ferry.Unsupported):
+            c.open_model(MODEL, device=1)
+        with self.assertRaises(ferry.Unsupported):
+            c.map_arena(1)
+        model = c.open_model(MODEL)
+        self.assertEqual(model.device, 0)
+        comp = model.components[0]
+        with c.acquire(model.model, comp.name, 0) as lease:
+            self.assertIs(lease.arena(), c.map_arena())
+            expected = expected_tensors()
+            for t in lease.tensors:
+                key = find_expected(expected, comp.name, t.name)
+                self.assertEqual(bytes(lease.view(t)), expected[key], key)
+
+
 if os.environ.get("FERRY_SHUTDOWN_MARKER"):
 
     class LiveShutdown(unittest.TestCase):
@@ -451,7 +614,7 @@ if os.environ.get("FERRY_SHUTDOWN_MARKER"):
 class FakeServer(unittest.TestCase):
     """A server that answers the handshake and then misbehaves or leaves."""
 
-    def serve(self, after_hello):
+    def serve(self, after_hello, hello=None):
         d = tempfile.mkdtemp(prefix="ferry-fake-")
         self.addCleanup(shutil.rmtree, d)
         path = os.path.join(d, "s.sock")
@@ -464,7 +627,9 @@ class FakeServer(unittest.TestCase):
             conn, _ = listener.accept()
             with conn:
                 head = wire.unpack_header(_recv_all(conn, wire.HEADER_LEN))
-                _recv_all(conn, head.body_len)
+                got = wire.decode(messages.Hello, _recv_all(conn, head.body_len))
+                if hello is not None:
+                    hello["features"] = got.features
                 welcome = messages.Welcome(
                     1, messages.OPEN_PATH, 7, "fake", wire.MAX_BODY_LEN, 16,
                     messages.DeviceSummary("host", "fake", "fake-0", 1 << 20, 1 << 20))
@@ -475,6 +640,59 @@ class FakeServer(unittest.TestCase):
         t.start()
         self.addCleanup(t.join, 10)
         return path
+
+    def test_cuda_arena_reply_is_unsupported_and_its_descriptor_closed(self):
+        """A client that asked for CUDA_IPC itself gets cuda_arena from a CUDA ferryd: typed
+        Unsupported, the descriptor closed, the connection still usable. A cuda_arena whose
+        descriptors disagree with its handle is a protocol error."""
+        hello = {}
+        r, w = os.pipe()
+        os.close(w)
+
+        def after(conn):
+            # map_arena -> cuda_arena (PosixFd) with one descriptor
+            head = wire.unpack_header(_recv_all(conn, wire.HEADER_LEN))
+            _recv_all(conn, head.body_len)
+            reply = messages.CudaArena(1 << 20, "GPU-1", messages.CudaPosixFd(2 << 20))
+            body = wire.encode(reply)
+            data = wire.pack_header(reply.KIND, head.request_id, len(body), flags=wire.FLAG_FDS)
+            socket.send_fds(conn, [data + body], [r])
+            # stats -> stats_reply
+            head = wire.unpack_header(_recv_all(conn, wire.HEADER_LEN))
+            conn.sendall(_frame(messages.StatsReply(*[0] * 11), head.request_id))
+            # map_arena_on -> cuda_arena (PosixFd) without its descriptor
+            head = wire.unpack_header(_recv_all(conn, wire.HEADER_LEN))
+            _recv_all(conn, head.body_len)
+            conn.sendall(_frame(reply, head.request_id))
+            try:
+                _recv_all(conn, 1)
+            except (EOFError, OSError):
+                pass
+
+        path = self.serve(after, hello)
+        c = ferry.Client(path, timeout=10, features=messages.KNOWN_FEATURES)
+        self.addCleanup(os.close, r)
+        self.assertEqual(hello["features"], messages.KNOWN_FEATURES)
+        before = set(os.listdir("/proc/self/fd"))
+        with self.assertRaises(ferry.Unsupported) as cm:
+            c.map_arena()
+        self.assertIn("GPU-1", str(cm.exception))
+        self.assertEqual(cm.exception.code, 201)
+        self.assertEqual(set(os.listdir("/proc/self/fd")), before, "the descriptor was closed")
+        self.assertFalse(c.closed)
+        self.assertIsInstance(c.stats(), messages.StatsReply)
+        with self.assertRaises(errors.BadFds):
+            c.map_arena(1)
+        self.assertTrue(c.closed)
+
+    def test_default_features_leave_out_cuda_ipc(self):
+        hello = {}
+        c = ferry.Client(self.serve(lambda conn: None, hello), timeout=10)
+        self.addCleanup(c.close)
+        self.assertEqual(hello["features"], messages.DEFAULT_FEATURES)
+        self.assertEqual(messages.DEFAULT_FEATURES,
+                         messages.KNOWN_FEATURES & ~messages.CUDA_IPC)
+        self.assertTrue(messages.DEFAULT_FEATURES & messages.DEVICES)
 
     def test_server_gone_is_connection_lost(self):
         c = ferry.Client(self.serve(lambda conn: None), timeout=10)

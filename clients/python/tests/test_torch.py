@@ -341,6 +341,51 @@ class Live(unittest.TestCase):
                 infos = [i for i in self.client.list_models() if i.path == path]
                 self.assertEqual(infos, [], "the session closed the model")
 
+    def test_device_choice(self):
+        """``device=`` (index or UUID) opens the model on that ferryd device (the suite's
+        ferryd has two): the weights are zero-copy views of that device's arena and the output
+        is exact; an already opened model keeps its device."""
+        net = seeded(Net, 4)
+        x = torch.randn(3, 6)
+        with torch.no_grad():
+            want = net(x)
+        path = self.save(net)
+        for device in (1, "HOST-0001", None):
+            with self.subTest(device=device):
+                mod = fresh(Net)
+                with ft.attach(mod, path, self.client, device=device) as att:
+                    session = att.session
+                    index = 0 if device is None else 1
+                    self.assertEqual(session.opened.device, index)
+                    self.assertEqual(session.model >> 48, index)
+                    src = session._source
+                    if device is None:
+                        self.assertIs(src.arena, self.client.map_arena())
+                    else:
+                        self.assertIs(src.arena, self.client.map_arena(1))
+                    seen = {}
+                    mod.blocks[0].register_forward_pre_hook(
+                        lambda m, a: seen.update(own=src.owns(m.fc.weight)))
+                    with torch.no_grad():
+                        self.assertTrue(torch.equal(mod(x), want))
+                    self.assertTrue(seen["own"], "a view of the model's device's arena")
+                    self.assertEqual(self.my_leases(), 0)
+        opened = self.client.open_model(path, device=1)
+        self.addCleanup(self.client.close_model, opened.model)
+        mod = fresh(Net)
+        with ft.attach(mod, opened, self.client, device=1) as att:
+            self.assertIs(att.session._source.arena, self.client.map_arena(1))
+            with torch.no_grad():
+                self.assertTrue(torch.equal(mod(x), want))
+        with self.assertRaises(ft.FerryTorchError) as cm:
+            ft.attach(fresh(Net), opened, self.client, device=0)
+        self.assertIn("already open on device 1", str(cm.exception))
+        with self.assertRaises(ferry.UnknownDevice):
+            ft.attach(fresh(Net), path, self.client, device=9)
+        infos = [i for i in self.client.list_models() if i.path == path]
+        self.assertEqual([i.model for i in infos], [opened.model],
+                         "sessions closed the models they opened")
+
     def test_half_precision(self):
         for dtype in (torch.bfloat16, torch.float16):
             with self.subTest(dtype=dtype):

@@ -542,11 +542,17 @@ fn welcome_json(w: &Welcome, socket: &Path) -> serde_json::Value {
 fn status(conn: &Conn) -> Result<(), String> {
     let (mut c, socket) = conn.connect()?;
     let stats = c.stats().map_err(ctx(&socket))?;
+    let devices = if c.has_feature(features::DEVICES) {
+        c.list_devices().map_err(ctx(&socket))?
+    } else {
+        Vec::new()
+    };
     let w = c.welcome().clone();
     let _ = c.close();
     if conn.json {
         let mut v = welcome_json(&w, &socket);
         v["stats"] = serde_json::to_value(&stats).map_err(|e| e.to_string())?;
+        v["devices"] = serde_json::to_value(&devices).map_err(|e| e.to_string())?;
         return to_json(&v).map(|t| out(&t));
     }
     let d = &w.device;
@@ -559,6 +565,14 @@ fn status(conn: &Conn) -> Result<(), String> {
         ("total memory", bytes(d.total_memory)),
         ("budget", bytes(d.budget)),
         ("features", if granted.is_empty() { "-".into() } else { granted.join(", ") }),
+        ("devices", {
+            let failed = devices.iter().filter(|d| d.error.is_some()).count();
+            match (devices.len(), failed) {
+                (0, _) => "-".into(),
+                (n, 0) => format!("{n} (ferryctl devices)"),
+                (n, f) => format!("{n}, {f} unavailable (ferryctl devices)"),
+            }
+        }),
     ]));
     t.push_str("stats\n");
     t.push_str(&key_values(&stats_rows(&stats)));

@@ -199,7 +199,9 @@ impl Kind {
     pub fn reply(self) -> Option<Kind> {
         Some(match self {
             Kind::Hello => Kind::Welcome,
-            Kind::OpenModel | Kind::OpenModelFd => Kind::ModelOpened,
+            Kind::OpenModel | Kind::OpenModelFd | Kind::OpenModelOn | Kind::OpenModelFdOn => {
+                Kind::ModelOpened
+            }
             Kind::Acquire => Kind::Leased,
             Kind::WaitReady => Kind::Ready,
             Kind::ApplyLora => Kind::ViewCreated,
@@ -207,7 +209,9 @@ impl Kind {
             Kind::Stats => Kind::StatsReply,
             Kind::ListModels => Kind::Models,
             Kind::ListClients => Kind::Clients,
-            Kind::MapArena => Kind::ArenaFd,
+            Kind::ListDevices => Kind::Devices,
+            // `CudaArena` on a CUDA device.
+            Kind::MapArena | Kind::MapArenaOn => Kind::ArenaFd,
             Kind::Goodbye
             | Kind::CloseModel
             | Kind::SetResidency
