@@ -109,8 +109,9 @@ typedef enum ferry_status {
   FERRY_ERR_DISCONNECTED = 16,
   /**
    * Daemon mode: the daemon's device memory cannot be mapped into this process, so its
-   * tensor addresses would mean nothing here. This is the answer of a daemon streaming to a
-   * CUDA device: the protocol cannot share CUDA memory yet. Use `ferry_engine_open` instead.
+   * tensor addresses would mean nothing here: the daemon does not share it, or it is on a
+   * GPU this process cannot reach (no CUDA driver, no GPU with that UUID). Use
+   * `ferry_engine_open` instead.
    */
   FERRY_ERR_NOT_SHAREABLE = 17,
   /**
@@ -488,8 +489,9 @@ enum ferry_status ferry_engine_open(const struct ferry_engine_config *config,
  * On failure `*out` is set to NULL. Errors: `FERRY_ERR_NULL_ARGUMENT` (`out` NULL),
  * `FERRY_ERR_INVALID_ARGUMENT` (a path the kernel cannot take for a socket, e.g. longer than
  * 107 bytes), `FERRY_ERR_DISCONNECTED` (no daemon answers at the socket),
- * `FERRY_ERR_NOT_SHAREABLE` (the daemon streams to a CUDA device, whose memory the protocol
- * cannot share yet: use `ferry_engine_open`), `FERRY_ERR_NOT_PERMITTED` (the daemon does not
+ * `FERRY_ERR_NOT_SHAREABLE` (the daemon does not share its device memory with clients, or it
+ * streams to a GPU this process cannot map: no CUDA driver here, or no GPU with the daemon's
+ * UUID; use `ferry_engine_open`), `FERRY_ERR_NOT_PERMITTED` (the daemon does not
  * serve this process), `FERRY_ERR_UNSUPPORTED` (no common protocol version). Thread-safe.
  *
  * # Safety
@@ -763,8 +765,11 @@ enum ferry_status ferry_last_error_copy(char *buf, size_t len, size_t *needed);
  * Returns as soon as the layer's copy is under way, without waiting for it. Before reading
  * the tensors either call `ferry_lease_wait` (host sync), or, on CUDA, pass the `CUstream`
  * your kernels run on as `cuda_stream`: the stream is then made to wait (on the device) for
- * the copy, and the host does not block. On the host backend `cuda_stream` must be NULL, and
- * so in daemon mode (which serves host-backend daemons only).
+ * the copy, and the host does not block. On the host backend `cuda_stream` must be NULL. In
+ * daemon mode with a CUDA daemon, tensor addresses are device pointers into the daemon's
+ * arena imported into this process, and a stream passed here is honoured by waiting for the
+ * layer on the host before returning (no interprocess event exists for the stream to wait
+ * on).
  *
  * Blocks (up to the configured acquire timeout) only when every layer that could make room
  * is leased. Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND` (model, component, or
@@ -840,7 +845,9 @@ enum ferry_status ferry_lease_tensor_by_name(const struct ferry_lease *lease,
  *
  * `cuda_stream`: on CUDA, the stream your kernels reading the layer were queued on; the
  * engine then waits (on the device) for that work before reusing the memory, so you need not
- * synchronise. NULL means your use is already over (the only choice on the host backend).
+ * synchronise. NULL means your use is already over (the only choice on the host backend). In
+ * daemon mode with a CUDA daemon the stream is synchronised (on the host) before the release
+ * is sent: the daemon may reuse the memory as soon as it acknowledges.
  *
  * On `FERRY_OK` the lease is freed and the pointer must not be used again. On failure the
  * lease is untouched and still held (e.g. `FERRY_ERR_INVALID_ARGUMENT` for a stream on the

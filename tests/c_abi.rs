@@ -22,8 +22,9 @@ use ferry::Dtype;
 use ferry::lora::math::{self, Delta, Factor};
 use ferry::protocol::socket::{recv_frame, send_frame};
 use ferry::protocol::{
-    Ack, ArenaFd, ComponentSummary, DeviceSummary, ErrorCode, ErrorReply, LayerSummary, Leased,
-    MAX_BODY_LEN, MAX_FDS, Message, ModelOpened, PROTOCOL_VERSION, TensorDesc, Welcome, features,
+    Ack, ArenaFd, ComponentSummary, CudaArena, CudaHandle, DeviceSummary, ErrorCode, ErrorReply,
+    LayerSummary, Leased, MAX_BODY_LEN, MAX_FDS, Message, ModelOpened, PROTOCOL_VERSION,
+    TensorDesc, Welcome, features,
 };
 use ferry_tests::{Tensor, build_ffi, cargo_bin, workspace_root as root, write_file};
 
@@ -572,6 +573,48 @@ fn fake_daemons(dir: &Path) {
             // Until the client hangs up.
             let mut buf = [0u8; 256];
             while (&stream).read(&mut buf).is_ok_and(|n| n > 0) {}
+        }
+    });
+    serve("cuda-ipc.sock", |stream| {
+        let mut version = None;
+        while let Ok(r) = recv_frame(&stream, version) {
+            let id = r.header.request_id;
+            let sent = match r.message {
+                Message::Hello(hello) => {
+                    version = Some(PROTOCOL_VERSION);
+                    let welcome = Welcome {
+                        version: PROTOCOL_VERSION,
+                        features: hello.features
+                            & (features::OPEN_PATH | features::CUDA_IPC | features::DEVICES),
+                        client_id: 1,
+                        server_version: "fake".into(),
+                        max_body_len: MAX_BODY_LEN,
+                        max_fds: MAX_FDS as u32,
+                        device: DeviceSummary {
+                            backend: "cuda".into(),
+                            name: "Fake GPU".into(),
+                            uuid: "GPU-00000000-0000-0000-0000-000000000000".into(),
+                            total_memory: 80 << 30,
+                            budget: 1 << 30,
+                        },
+                    };
+                    send_frame(&stream, PROTOCOL_VERSION, id, &welcome.into(), &[])
+                }
+                Message::MapArena(_) => {
+                    let stand_in = tempfile::tempfile().expect("stand-in descriptor");
+                    let msg = CudaArena {
+                        len: 1 << 30,
+                        device_uuid: "GPU-00000000-0000-0000-0000-000000000000".into(),
+                        handle: CudaHandle::PosixFd { alloc_len: 1 << 30 },
+                    };
+                    let fds = [std::os::fd::AsFd::as_fd(&stand_in)];
+                    send_frame(&stream, PROTOCOL_VERSION, id, &msg.into(), &fds)
+                }
+                _ => return,
+            };
+            if sent.is_err() {
+                return;
+            }
         }
     });
     serve("hangup.sock", drop);

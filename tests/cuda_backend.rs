@@ -542,3 +542,220 @@ fn engine_lora_modes_on_the_gpu_match_the_cpu_merge() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sharing the arena with other processes: a VMM arena exported as a file descriptor (legacy IPC
+// handles on devices without VMM), imported with `ImportedArena` in this process and in a
+// child process, and read back at each tensor's arena offset.
+
+/// A small LLM-shaped model written to `dir` and opened by `e`: its id and the store's view.
+fn shared_model(
+    e: &ferry::engine::Engine,
+    dir: &std::path::Path,
+) -> (ferry::engine::ModelId, std::sync::Arc<ferry::Model>) {
+    let path = dir.join("llm.safetensors");
+    ferry_tests::write_file(&path, &ferry_tests::llm_like(4, 2, 96 << 10)).expect("model");
+    let id = e.open_model(&path).expect("open");
+    let model = e.model(id).expect("model");
+    (id, model)
+}
+
+/// The file's bytes of every tensor of a lease, in the lease's order.
+fn file_bytes(model: &ferry::Model, lease: &ferry::engine::Lease) -> Vec<Vec<u8>> {
+    lease
+        .tensors()
+        .iter()
+        .map(|t| {
+            let id = model.find("model", &t.name).expect("tensor in the file");
+            model.tensor_bytes(id).expect("bytes").to_vec()
+        })
+        .collect()
+}
+
+fn sha256_hex(parts: &[Vec<u8>]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_vmm_arena_maps_a_second_time_in_this_process() {
+    use ferry::device::ArenaShare;
+    use ferry::device::cuda_import::{ImportKind, ImportedArena};
+    let _one_at_a_time = GPU.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(e) = cuda_engine() else { return };
+    let Device::Cuda(cuda) = e.device() else { panic!("a CUDA engine on another backend") };
+    let arena = e.arena().expect("arena");
+    let uuid = e.device_info().uuid.clone();
+    let share = arena.share().expect("share");
+    if !cuda.vmm_arenas() {
+        // Legacy IPC handles cannot be opened by the process that exported them: the child
+        // process test covers them.
+        assert!(matches!(share, ArenaShare::CudaIpc { .. }), "{share:?}");
+        println!("skipping: no VMM / POSIX-fd handles on this device (legacy IPC arenas)");
+        return;
+    }
+    let ArenaShare::CudaFd { fd, alloc_len } = share else {
+        panic!("a VMM arena shared as {share:?}")
+    };
+    let granularity = cuda.vmm_granularity().expect("VMM granularity");
+    assert!(alloc_len >= arena.len && alloc_len % granularity == 0, "{alloc_len} ({granularity})");
+    assert!(alloc_len - arena.len < granularity, "rounded up by less than one granule");
+
+    // A share the driver is never asked about: too small, and a UUID this machine lacks.
+    let small = arena.share().expect("share");
+    assert!(matches!(
+        ImportedArena::import(&uuid, small, alloc_len + 1),
+        Err(DeviceError::ShareTooSmall { .. })
+    ));
+    let nowhere = "GPU-00000000-0000-0000-0000-000000000000";
+    match ImportedArena::import(nowhere, arena.share().expect("share"), arena.len) {
+        Err(DeviceError::UnknownUuid { uuid: u, visible }) => {
+            assert_eq!(u, nowhere);
+            assert!(visible.contains(&uuid), "{visible:?} lacks {uuid}");
+        }
+        other => panic!("expected UnknownUuid, got {other:?}"),
+    }
+
+    let imported = ImportedArena::import(&uuid, ArenaShare::CudaFd { fd, alloc_len }, arena.len)
+        .expect("import the arena");
+    assert_eq!(imported.len(), arena.len);
+    assert_ne!(imported.base(), arena.base, "a second mapping of the same memory");
+    assert!(matches!(imported.kind(), ImportKind::Vmm { .. }));
+    println!("imported read-only: {}", imported.read_only());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (id, model) = shared_model(&e, dir.path());
+    let layers = model.component("model").expect("component").layers.len();
+    for layer in 0..layers {
+        let lease = e.acquire(id, "model", layer).expect("acquire");
+        lease.wait_ready().expect("ready");
+        for (t, want) in lease.tensors().iter().zip(file_bytes(&model, &lease)) {
+            let mut got = vec![0u8; t.len as usize];
+            imported.read(t.arena_offset, &mut got).expect("read through the import");
+            assert!(got == want, "layer {layer} tensor {}", t.name);
+            assert_eq!(t.addr - arena.base, t.arena_offset);
+        }
+        e.release(lease, ClientDone::Now).expect("release");
+    }
+    let mut two = [0u8; 2];
+    assert!(matches!(imported.read(arena.len - 1, &mut two), Err(DeviceError::OutOfRange { .. })));
+    assert!(matches!(imported.read(u64::MAX, &mut two), Err(DeviceError::OutOfRange { .. })));
+    imported.read(arena.len - 2, &mut two).expect("the arena's last bytes");
+
+    // Unmapping the import leaves the engine's own mapping working.
+    drop(imported);
+    let lease = e.acquire(id, "model", 0).expect("acquire");
+    lease.wait_ready().expect("ready");
+    let want = file_bytes(&model, &lease);
+    assert!(e.read_tensor(&lease, &lease.tensors()[0]).expect("read") == want[0]);
+    e.release(lease, ClientDone::Now).expect("release");
+}
+
+/// Set in the child process of `a_child_process_maps_the_arena_and_reads_a_layer`: the
+/// `offset:len,…` ranges it reads.
+const IMPORT_CHILD: &str = "FERRY_TEST_IMPORT_CHILD";
+/// The line the child prints: `<marker> <kind> <sha256 of the ranges>`.
+const CHILD_MARK: &str = "import-child:";
+
+/// Not a test on its own: the child process of
+/// `a_child_process_maps_the_arena_and_reads_a_layer` (this test binary, re-run with
+/// [`IMPORT_CHILD`] set and a socket as its stdin). Does nothing otherwise.
+#[test]
+fn zz_import_child() {
+    use ferry::device::ArenaShare;
+    use ferry::device::cuda_import::ImportedArena;
+    use ferry::protocol::{CudaHandle, Message, socket::recv_frame};
+    use std::os::fd::AsFd;
+    let Ok(ranges) = std::env::var(IMPORT_CHILD) else { return };
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned().expect("stdin");
+    let socket = std::os::unix::net::UnixStream::from(stdin);
+    let received = recv_frame(&socket, None).expect("the arena frame");
+    let Message::CudaArena(arena) = received.message else {
+        panic!("expected cuda_arena, got {:?}", received.message)
+    };
+    let share = match arena.handle {
+        CudaHandle::PosixFd { alloc_len } => {
+            let fd = received.fds.into_iter().next().expect("the arena's descriptor");
+            ArenaShare::CudaFd { fd, alloc_len }
+        }
+        CudaHandle::Ipc { handle } => {
+            ArenaShare::CudaIpc { handle: handle.try_into().expect("a 64-byte IPC handle") }
+        }
+    };
+    let imported =
+        ImportedArena::import(&arena.device_uuid, share, arena.len).expect("import the arena");
+    let parts: Vec<Vec<u8>> = ranges
+        .split(',')
+        .map(|r| {
+            let (offset, len) = r.split_once(':').expect("offset:len");
+            let mut buf = vec![0u8; len.parse().expect("len")];
+            imported.read(offset.parse().expect("offset"), &mut buf).expect("read");
+            buf
+        })
+        .collect();
+    println!("{CHILD_MARK} {:?} {}", imported.kind(), sha256_hex(&parts));
+}
+
+#[test]
+fn a_child_process_maps_the_arena_and_reads_a_layer() {
+    use ferry::device::ArenaShare;
+    use ferry::protocol::{CudaArena, CudaHandle, Message, PROTOCOL_VERSION, socket::send_frame};
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::process::{Command, Stdio};
+    let _one_at_a_time = GPU.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(e) = cuda_engine() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (id, model) = shared_model(&e, dir.path());
+    // A middle layer, leased (so its bytes stay put) and ready before the child reads it.
+    let lease = e.acquire(id, "model", 2).expect("acquire");
+    lease.wait_ready().expect("ready");
+    let want = sha256_hex(&file_bytes(&model, &lease));
+    let ranges: Vec<String> =
+        lease.tensors().iter().map(|t| format!("{}:{}", t.arena_offset, t.len)).collect();
+
+    let arena = e.arena().expect("arena");
+    let (handle, fd) = match arena.share().expect("share") {
+        ArenaShare::CudaFd { fd, alloc_len } => (CudaHandle::PosixFd { alloc_len }, Some(fd)),
+        ArenaShare::CudaIpc { handle } => (CudaHandle::Ipc { handle: handle.to_vec() }, None),
+        other => panic!("a CUDA arena shared as {other:?}"),
+    };
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let exe = std::env::current_exe().expect("this test binary");
+    let child = Command::new(exe)
+        .args(["--exact", "zz_import_child", "--nocapture", "--test-threads", "1"])
+        .env(IMPORT_CHILD, ranges.join(","))
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the child");
+    // What ferryd's map_arena sends, descriptor and all.
+    let msg = Message::CudaArena(CudaArena {
+        len: arena.len,
+        device_uuid: e.device_info().uuid.clone(),
+        handle,
+    });
+    let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+    send_frame(&ours, PROTOCOL_VERSION, 1, &msg, &fds).expect("send the arena");
+    drop(fd);
+    let out = child.wait_with_output().expect("the child's output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(CHILD_MARK))
+        .unwrap_or_else(|| panic!("the child printed no checksum:\n{stdout}"));
+    println!("child: {line}");
+    let got = line.split_whitespace().last().expect("checksum");
+    assert_eq!(got, want, "the child read other bytes than the file's");
+    e.release(lease, ClientDone::Now).expect("release");
+}

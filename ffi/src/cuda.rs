@@ -56,6 +56,14 @@ impl Recorded {
         Ok(recorded)
     }
 
+    /// Blocks until the work queued on the stream before the event has finished.
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        // SAFETY: `self.0` is a live event owned by `self`, recorded on the caller's stream.
+        unsafe { sys::cuEventSynchronize(self.0) }
+            .result()
+            .map_err(|e| cuda_error("cuEventSynchronize", e))
+    }
+
     /// The event as the engine's done signal; valid while `self` lives.
     pub(crate) fn client_done(&self) -> ClientDone {
         // SAFETY: `self.0` is a live CUevent of this process, recorded on the caller's stream,

@@ -349,8 +349,9 @@ pub unsafe extern "C" fn ferry_engine_open(
 /// On failure `*out` is set to NULL. Errors: `FERRY_ERR_NULL_ARGUMENT` (`out` NULL),
 /// `FERRY_ERR_INVALID_ARGUMENT` (a path the kernel cannot take for a socket, e.g. longer than
 /// 107 bytes), `FERRY_ERR_DISCONNECTED` (no daemon answers at the socket),
-/// `FERRY_ERR_NOT_SHAREABLE` (the daemon streams to a CUDA device, whose memory the protocol
-/// cannot share yet: use `ferry_engine_open`), `FERRY_ERR_NOT_PERMITTED` (the daemon does not
+/// `FERRY_ERR_NOT_SHAREABLE` (the daemon does not share its device memory with clients, or it
+/// streams to a GPU this process cannot map: no CUDA driver here, or no GPU with the daemon's
+/// UUID; use `ferry_engine_open`), `FERRY_ERR_NOT_PERMITTED` (the daemon does not
 /// serve this process), `FERRY_ERR_UNSUPPORTED` (no common protocol version). Thread-safe.
 ///
 /// # Safety

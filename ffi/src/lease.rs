@@ -163,6 +163,21 @@ impl LeaseHandle {
         LeaseHandle { layer: lease.layer().to_string(), tensors, held: Held::InProcess(lease) }
     }
 
+    /// Blocks until the layer is on the device (a daemon's lease it reported ready costs no
+    /// round trip).
+    fn wait(&self) -> Result<()> {
+        match &self.held {
+            Held::InProcess(lease) => lease.wait_ready()?,
+            Held::Daemon { remote, id, ready, .. } => {
+                if !ready.load(Ordering::Acquire) {
+                    remote.wait_ready(*id)?;
+                    ready.store(true, Ordering::Release);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A daemon's lease, its tensors placed in the arena mapping. A description that does not
     /// fit the mapping (or names an unknown dtype) is refused, releasing the lease.
     fn daemon(remote: &Arc<Remote>, model: u64, leased: Leased) -> Result<LeaseHandle> {
@@ -250,8 +265,11 @@ unsafe fn lease<'a>(p: *const ferry_lease) -> Result<&'a LeaseHandle> {
 /// Returns as soon as the layer's copy is under way, without waiting for it. Before reading
 /// the tensors either call `ferry_lease_wait` (host sync), or, on CUDA, pass the `CUstream`
 /// your kernels run on as `cuda_stream`: the stream is then made to wait (on the device) for
-/// the copy, and the host does not block. On the host backend `cuda_stream` must be NULL, and
-/// so in daemon mode (which serves host-backend daemons only).
+/// the copy, and the host does not block. On the host backend `cuda_stream` must be NULL. In
+/// daemon mode with a CUDA daemon, tensor addresses are device pointers into the daemon's
+/// arena imported into this process, and a stream passed here is honoured by waiting for the
+/// layer on the host before returning (no interprocess event exists for the stream to wait
+/// on).
 ///
 /// Blocks (up to the configured acquire timeout) only when every layer that could make room
 /// is leased. Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND` (model, component, or
@@ -297,13 +315,25 @@ pub unsafe extern "C" fn ferry_acquire(
                 LeaseHandle::in_process(lease)
             }
             Mode::Daemon(r) => {
-                if !cuda_stream.is_null() {
+                if !cuda_stream.is_null() && !r.on_cuda() {
                     return Err(FfiError::invalid(
-                        "cuda_stream must be NULL in daemon mode: the daemon's device is host \
-                         memory (use ferry_lease_wait)",
+                        "cuda_stream must be NULL in daemon mode with a host-backend daemon \
+                         (use ferry_lease_wait)",
                     ));
                 }
-                LeaseHandle::daemon(r, model, r.acquire(model, component, layer)?)?
+                let leased = r.acquire(model, component, layer)?;
+                let id = leased.lease;
+                let handle = LeaseHandle::daemon(r, model, leased)?;
+                if !cuda_stream.is_null()
+                    && let Err(e) = handle.wait()
+                {
+                    // No interprocess event exists to make the stream wait on the daemon's
+                    // copy, so the host waits instead (stronger than asked); on failure the
+                    // lease is given back, as in-process.
+                    let _ = r.release(model, id);
+                    return Err(e);
+                }
+                handle
             }
         };
         let (p, addr) = ptr::lease_into_raw(Box::new(handle));
@@ -327,16 +357,7 @@ pub unsafe extern "C" fn ferry_lease_wait(lease: *const ferry_lease) -> ferry_st
     boundary::call(|| {
         // SAFETY: the caller guarantees `lease` is NULL or held.
         let l = unsafe { self::lease(lease) }?;
-        match &l.held {
-            Held::InProcess(lease) => lease.wait_ready()?,
-            Held::Daemon { remote, id, ready, .. } => {
-                if !ready.load(Ordering::Acquire) {
-                    remote.wait_ready(*id)?;
-                    ready.store(true, Ordering::Release);
-                }
-            }
-        }
-        Ok(())
+        l.wait()
     })
 }
 
@@ -420,7 +441,9 @@ pub unsafe extern "C" fn ferry_lease_tensor_by_name(
 ///
 /// `cuda_stream`: on CUDA, the stream your kernels reading the layer were queued on; the
 /// engine then waits (on the device) for that work before reusing the memory, so you need not
-/// synchronise. NULL means your use is already over (the only choice on the host backend).
+/// synchronise. NULL means your use is already over (the only choice on the host backend). In
+/// daemon mode with a CUDA daemon the stream is synchronised (on the host) before the release
+/// is sent: the daemon may reuse the memory as soon as it acknowledges.
 ///
 /// On `FERRY_OK` the lease is freed and the pointer must not be used again. On failure the
 /// lease is untouched and still held (e.g. `FERRY_ERR_INVALID_ARGUMENT` for a stream on the
@@ -455,7 +478,7 @@ pub unsafe extern "C" fn ferry_release(
         }
         let on_cuda = match &h.mode {
             Mode::InProcess(e) => e.device_info().backend == Backend::Cuda,
-            Mode::Daemon(_) => false,
+            Mode::Daemon(r) => r.on_cuda(),
         };
         if !cuda_stream.is_null() && !on_cuda {
             return Err(FfiError::invalid("cuda_stream must be NULL on the host backend"));
@@ -487,6 +510,14 @@ pub unsafe extern "C" fn ferry_release(
                 drop(recorded);
             }
             (Mode::Daemon(r), Held::Daemon { model, id, .. }) => {
+                if !cuda_stream.is_null() {
+                    // The daemon may reuse the memory as soon as it acknowledges the release,
+                    // and cannot wait for this process's stream: finish the caller's work on
+                    // the layer first.
+                    cuda::Recorded::on(cuda_stream)
+                        .and_then(|rec| rec.synchronize())
+                        .map_err(restore)?;
+                }
                 r.release(*model, *id).map_err(restore)?;
             }
             // Each engine's set holds only the leases it made, in its own mode.

@@ -13,20 +13,28 @@
 //! handle is closed (the memfd lives as long as any mapping of it), so tensors of leases held
 //! when the daemon went away can still be read: nothing faults.
 //!
-//! A CUDA daemon cannot be served: the protocol has no way to share CUDA memory yet, and its
-//! device addresses mean nothing in this process. `ferry_connect` refuses it with
-//! `FERRY_ERR_NOT_SHAREABLE`.
+//! A CUDA daemon shares its arena as a VMM descriptor or a legacy IPC handle (`cuda_arena`):
+//! it is imported once into this process's primary context of the GPU with the same UUID
+//! ([`ImportedArena`]), and tensor addresses are device pointers into that mapping. The
+//! daemon's copies are ordered on its own stream and no interprocess event exists, so a
+//! stream passed to `ferry_acquire` is honoured by waiting for the layer on the host first
+//! (`wait_ready`), and one passed to `ferry_release` is synchronised before the release is
+//! sent (the daemon may reuse the memory at once). A process without a CUDA driver, or
+//! without that GPU, gets `FERRY_ERR_NOT_SHAREABLE`.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use ferry::client::{Client, ClientError};
+use ferry::client::{ArenaHandle, Client, ClientError};
+use ferry::device::cuda_import::ImportedArena;
+use ferry::device::{ArenaShare, DeviceError};
 use ferry::devices::DeviceRef;
 use ferry::protocol::{
-    Acquire, DeviceSel, ErrorCode, Kind, Leased, LoraMode, LoraRef, LoraSource, Message,
-    ModelOpened, Policy, Prefetch, ProtocolError, Release, StatsReply, WaitReady, features,
+    Acquire, CudaHandle, DeviceSel, ErrorCode, Kind, Leased, LoraMode, LoraRef, LoraSource,
+    Message, ModelOpened, Policy, Prefetch, ProtocolError, Release, StatsReply, WaitReady,
+    features,
 };
 use memmap2::{Mmap, MmapOptions};
 
@@ -36,6 +44,51 @@ use crate::{VERSION, ferry_status, ptr};
 /// A model's layout as the daemon described it: its components in order, each with its layer
 /// names in streaming order (the index `ferry_acquire` takes).
 type Layout = Arc<Vec<(String, Vec<String>)>>;
+
+/// The daemon's arena, mapped into this process.
+#[derive(Debug)]
+enum RemoteArena {
+    /// The host arena, mapped read-only and shared. Never read through a Rust reference: only
+    /// its address range is handed out (the daemon writes into it).
+    Host(Mmap),
+    /// A CUDA arena imported into this process's primary context of the same GPU: tensor
+    /// addresses are device pointers.
+    Cuda(ImportedArena),
+}
+
+/// The host arena's memfd mapped read-only, after checking it holds `len` bytes.
+fn map_host_arena(at: &std::path::Display<'_>, len: u64, fd: std::os::fd::OwnedFd) -> Result<Mmap> {
+    let file = File::from(fd);
+    let size = file
+        .metadata()
+        .map_err(|e| FfiError::new(ferry_status::FERRY_ERR_IO, format!("the arena fd: {e}")))?
+        .len();
+    // Mapping past the end of the memfd would fault on first read: refuse instead.
+    let n = usize::try_from(len).ok().filter(|&n| n > 0 && len <= size).ok_or_else(|| {
+        FfiError::new(
+            ferry_status::FERRY_ERR_DEVICE,
+            format!(
+                "ferryd at {at} describes an arena of {len} bytes, its descriptor holds {size}"
+            ),
+        )
+    })?;
+    // SAFETY: a read-only shared mapping of `n` bytes of the arena's memfd, which holds at
+    // least that many (checked above). The daemon keeps writing into it, which is why no Rust
+    // reference to its bytes is ever made: only addresses are handed to C. The descriptor is
+    // read-only (ferryd reopens its memfd so for clients), as is the mapping.
+    unsafe { MmapOptions::new().len(n).map(&file) }.map_err(|e| {
+        FfiError::new(ferry_status::FERRY_ERR_IO, format!("mapping ferryd's arena: {e}"))
+    })
+}
+
+/// The wire's CUDA handle as the importer takes it (`None`: a VMM handle without its
+/// descriptor, which `Client::arena_handle` already refuses).
+fn arena_share(handle: CudaHandle, fd: Option<std::os::fd::OwnedFd>) -> Option<ArenaShare> {
+    match handle {
+        CudaHandle::PosixFd { alloc_len } => Some(ArenaShare::CudaFd { fd: fd?, alloc_len }),
+        CudaHandle::Ipc { handle } => Some(ArenaShare::CudaIpc { handle: handle.try_into().ok()? }),
+    }
+}
 
 /// What one exchange with the daemon gives.
 type ClientResult<T> = core::result::Result<T, ClientError>;
@@ -47,9 +100,8 @@ pub(crate) struct Remote {
     /// The daemon device this engine opens models on (`None`: the daemon's default device).
     device: Option<DeviceSel>,
     state: Mutex<State>,
-    /// The daemon's host arena, mapped read-only and shared. Never read through a Rust
-    /// reference: only its address range is handed out (the daemon writes into it).
-    arena: Mmap,
+    /// The daemon's arena as this process reaches it.
+    arena: RemoteArena,
 }
 
 #[derive(Debug)]
@@ -165,38 +217,30 @@ impl Remote {
             FfiError::new(status, format!("connecting to ferryd at {at}: {e}"))
         })?;
         let device = client.welcome().device.clone();
-        if device.backend != "host" || !client.has_feature(features::HOST_ARENA) {
-            let why = if device.backend == "host" {
-                "it does not offer its arena to clients".to_string()
-            } else {
-                format!(
-                    "it streams to a {} device ({}), whose memory the protocol cannot share yet",
-                    device.backend, device.name
-                )
-            };
+        let shareable = match device.backend.as_str() {
+            "host" => client.has_feature(features::HOST_ARENA),
+            "cuda" => client.has_feature(features::CUDA_IPC),
+            _ => false,
+        };
+        if !shareable {
             return Err(FfiError::new(
                 ferry_status::FERRY_ERR_NOT_SHAREABLE,
                 format!(
-                    "ferryd at {at} cannot serve daemon mode: {why}, so its tensor addresses \
-                     would mean nothing in this process; open an in-process engine with \
-                     ferry_engine_open instead"
+                    "ferryd at {at} cannot serve daemon mode: it does not share its {} device's \
+                     memory ({}) with clients, so its tensor addresses would mean nothing in \
+                     this process; open an in-process engine with ferry_engine_open instead",
+                    device.backend, device.name
                 ),
             ));
         }
         let wanted: Option<DeviceSel> = wanted.map(Into::into);
-        let arena = match &wanted {
-            None => client.map_arena(),
-            Some(d) => {
-                if !client.has_feature(features::DEVICES) {
-                    return Err(FfiError::new(
-                        ferry_status::FERRY_ERR_UNSUPPORTED,
-                        format!("ferryd at {at} does not let clients name a device"),
-                    ));
-                }
-                client.map_arena_on(d.clone())
-            }
-        };
-        let (info, fd) = arena.map_err(|e| {
+        if wanted.is_some() && !client.has_feature(features::DEVICES) {
+            return Err(FfiError::new(
+                ferry_status::FERRY_ERR_UNSUPPORTED,
+                format!("ferryd at {at} does not let clients name a device"),
+            ));
+        }
+        let handle = client.arena_handle(wanted.clone()).map_err(|e| {
             let status = match e.code() {
                 Some(ErrorCode::UnknownDevice) => ferry_status::FERRY_ERR_NOT_FOUND,
                 Some(ErrorCode::DeviceUnavailable) => ferry_status::FERRY_ERR_DEVICE,
@@ -204,30 +248,32 @@ impl Remote {
             };
             FfiError::new(status, format!("asking ferryd at {at} for its arena: {e}"))
         })?;
-        let file = File::from(fd);
-        let size = file
-            .metadata()
-            .map_err(|e| FfiError::new(ferry_status::FERRY_ERR_IO, format!("the arena fd: {e}")))?
-            .len();
-        // Mapping past the end of the memfd would fault on first read: refuse instead.
-        let len = usize::try_from(info.len).ok().filter(|&n| n > 0 && info.len <= size).ok_or_else(
-            || {
-                FfiError::new(
-                    ferry_status::FERRY_ERR_DEVICE,
-                    format!(
-                        "ferryd at {at} describes an arena of {} bytes, its descriptor holds {size}",
-                        info.len
-                    ),
-                )
-            },
-        )?;
-        // SAFETY: a read-only shared mapping of `len` bytes of the arena's memfd, which holds
-        // at least that many (checked above). The daemon keeps writing into it, which is why
-        // no Rust reference to its bytes is ever made: only addresses are handed to C. The
-        // descriptor is read-only (ferryd reopens its memfd so for clients), as is the mapping.
-        let arena = unsafe { MmapOptions::new().len(len).map(&file) }.map_err(|e| {
-            FfiError::new(ferry_status::FERRY_ERR_IO, format!("mapping ferryd's arena: {e}"))
-        })?;
+        let arena = match handle {
+            ArenaHandle::Host { len, fd } => RemoteArena::Host(map_host_arena(&at, len, fd)?),
+            ArenaHandle::Cuda { arena, fd } => {
+                let len = arena.len;
+                let uuid = arena.device_uuid.clone();
+                let share = arena_share(arena.handle, fd).ok_or_else(|| {
+                    FfiError::new(
+                        ferry_status::FERRY_ERR_DEVICE,
+                        format!("ferryd at {at} sent a CUDA arena handle without its descriptor"),
+                    )
+                })?;
+                let imported = ImportedArena::import(&uuid, share, len).map_err(|e| {
+                    let status = match e {
+                        DeviceError::NoCudaDriver | DeviceError::UnknownUuid { .. } => {
+                            ferry_status::FERRY_ERR_NOT_SHAREABLE
+                        }
+                        _ => ferry_status::FERRY_ERR_DEVICE,
+                    };
+                    FfiError::new(
+                        status,
+                        format!("mapping the CUDA arena of ferryd at {at} ({uuid}): {e}"),
+                    )
+                })?;
+                RemoteArena::Cuda(imported)
+            }
+        };
         Ok(Remote {
             socket: socket.to_path_buf(),
             device: wanted,
@@ -295,7 +341,15 @@ impl Remote {
 
     /// The arena mapping's first address and its length.
     pub(crate) fn arena(&self) -> (u64, u64) {
-        (ptr::addr(self.arena.as_ptr()), self.arena.len() as u64)
+        match &self.arena {
+            RemoteArena::Host(m) => (ptr::addr(m.as_ptr()), m.len() as u64),
+            RemoteArena::Cuda(c) => (c.base(), c.len()),
+        }
+    }
+
+    /// Whether tensor addresses are CUDA device pointers (else host pointers).
+    pub(crate) fn on_cuda(&self) -> bool {
+        matches!(self.arena, RemoteArena::Cuda(_))
     }
 
     pub(crate) fn open_model(&self, path: &Path) -> Result<u64> {

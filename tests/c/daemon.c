@@ -101,6 +101,13 @@ static int connect_failures(const char *fakes) {
   CHECK(e == NULL);
   CHECK(strstr(ferry_last_error(), "cuda") != NULL);
   CHECK(strstr(ferry_last_error(), "ferry_engine_open") != NULL);
+  /* A CUDA daemon that shares its arena (a VMM descriptor): this process has no CUDA driver
+   * to map it with, so daemon mode refuses it too, saying why. */
+  snprintf(path, sizeof path, "%s/cuda-ipc.sock", fakes);
+  CHECK_FAILS(ferry_connect(path, &e), FERRY_ERR_NOT_SHAREABLE);
+  CHECK(e == NULL);
+  CHECK(strstr(ferry_last_error(), "CUDA driver") != NULL);
+  CHECK(strstr(ferry_last_error(), "GPU-00000000-0000-0000-0000-000000000000") != NULL);
 
   /* Daemons that hang up, or do not speak the protocol. */
   snprintf(path, sizeof path, "%s/hangup.sock", fakes);

@@ -25,12 +25,30 @@
 //!
 //! # Memory
 //!
-//! The arena is one `cuMemAlloc_v2` allocation (cudarc's `result::malloc_sync`), owned here and
-//! freed with `cuMemFree_v2`. It is deliberately *not* cudarc's `CudaStream::alloc`: that uses
-//! `cuMemAllocAsync` (stream-ordered pool memory) whenever the device supports memory pools,
-//! and pool memory cannot be exported with `cuIpcGetMemHandle`, which the daemon needs to share
-//! arenas with client processes ([`CudaArena::ipc_handle`]). cudarc's per-slice event tracking
-//! is disabled too: ordering is expressed with explicit events.
+//! The arena is device memory other processes can map (ferryd's clients read layers in place):
+//!
+//! - **VMM** when the device offers it (`VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED` and
+//!   `HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED`, asked once at open and logged):
+//!   `cuMemCreate` (pinned device memory, POSIX-fd shareable, the size rounded up to the
+//!   recommended allocation granularity), `cuMemAddressReserve`, `cuMemMap`, `cuMemSetAccess`
+//!   (read-write for this device). [`CudaArena::share`] exports it with
+//!   `cuMemExportToShareableHandle` as a file descriptor (a new one per call) that travels over
+//!   the Unix socket (`SCM_RIGHTS`); the client maps it once
+//!   ([`super::cuda_import::ImportedArena`]). The physical memory is reference-counted by the
+//!   driver: it is freed when the arena is dropped *and* every importer has unmapped it, so a
+//!   client that outlives the arena never reads freed memory.
+//! - **`cuMemAlloc`** otherwise, or when any VMM step fails (undone step by step, logged as a
+//!   warning; the engine never fails because VMM did): shared through a legacy IPC handle
+//!   (`cuIpcGetMemHandle`), which needs the client in ferryd's IPC namespace and must be closed
+//!   by every importer before the arena is freed. A device out of memory is an
+//!   [`DeviceError::OutOfMemory`] either way, never a fallback.
+//!
+//! The arena's length is what the engine asked for (it sub-allocates exactly its budget); a
+//! VMM arena's allocation may be larger (granularity), and that size is what importers map.
+//! Neither kind is cudarc's `CudaStream::alloc`: that uses `cuMemAllocAsync` (stream-ordered
+//! pool memory) whenever the device supports memory pools, and pool memory can be exported by
+//! neither route. cudarc's per-slice event tracking is disabled too: ordering is expressed
+//! with explicit events.
 //!
 //! Every object that owns a driver resource (arena, pinned buffer, registration, event) holds
 //! the device's shared state, so the primary context outlives all of them whatever the drop
@@ -50,14 +68,15 @@
 //!
 //! # Not done (yet)
 //!
-//! - VMM export (`cuMemCreate` + `CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR` fds over
-//!   SCM_RIGHTS) and IPC events (`CU_EVENT_INTERPROCESS`); only legacy IPC memory handles are
-//!   offered.
-//! - NUMA placement: pinned buffers land on the NUMA node of the allocating thread's memory
-//!   policy; nothing binds them (or the I/O threads) to the GPU's node.
+//! - IPC events (`CU_EVENT_INTERPROCESS`): a client in another process learns that a layer is
+//!   ready from ferryd's reply, not from an event it can make its stream wait on.
+//! - Per-layer physical chunks (VMM lets layers be unmapped and remapped at stable addresses):
+//!   the arena is one allocation, sub-allocated by the engine.
+//! - Access for peer GPUs: only the arena's own device may touch a VMM arena.
 //! - Multiple copy streams / priorities, and hugepage-backed staging.
 
-use std::ffi::{CStr, c_char, c_void};
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use cudarc::cublas::sys as blas_sys;
@@ -167,12 +186,12 @@ impl Drop for Shared {
 }
 
 /// Maps a driver error to `DeviceError::Cuda` for `call`.
-fn cuda_err(call: &'static str) -> impl Fn(DriverError) -> DeviceError {
+pub(super) fn cuda_err(call: &'static str) -> impl Fn(DriverError) -> DeviceError {
     move |e| DeviceError::Cuda { call, message: describe(e) }
 }
 
 /// `CUDA_ERROR_X (driver's description)`.
-fn describe(e: DriverError) -> String {
+pub(super) fn describe(e: DriverError) -> String {
     match e.error_string() {
         Ok(s) => format!("{:?} ({})", e.0, s.to_string_lossy()),
         Err(_) => format!("{:?}", e.0),
@@ -180,9 +199,9 @@ fn describe(e: DriverError) -> String {
 }
 
 /// The context made current on this thread for the guard's life (see [`bind`]).
-struct Bound {
+pub(super) struct Bound {
     /// Another context that was current before and is made current again on drop.
-    restore: Option<sys::CUcontext>,
+    pub(super) restore: Option<sys::CUcontext>,
 }
 
 impl Drop for Bound {
@@ -205,7 +224,7 @@ impl Drop for Bound {
 ///
 /// cudarc's `CudaContext::bind_to_thread` is not used: it also returns (and clears) errors that
 /// cudarc recorded in unrelated `Drop`s, which would surface as spurious failures here.
-fn bind(ctx: &CudaContext) -> Result<Bound, DeviceError> {
+pub(super) fn bind(ctx: &CudaContext) -> Result<Bound, DeviceError> {
     let current = current_context()?;
     let ours = ctx.cu_ctx();
     if current == ours {
@@ -217,7 +236,7 @@ fn bind(ctx: &CudaContext) -> Result<Bound, DeviceError> {
 }
 
 /// The context current on the calling thread (null: none).
-fn current_context() -> Result<sys::CUcontext, DeviceError> {
+pub(super) fn current_context() -> Result<sys::CUcontext, DeviceError> {
     let mut current: sys::CUcontext = std::ptr::null_mut();
     // SAFETY: `current` is a valid out-pointer for one CUcontext.
     unsafe { sys::cuCtxGetCurrent(&mut current) }.result().map_err(cuda_err("cuCtxGetCurrent"))?;
@@ -232,6 +251,9 @@ pub struct CudaDevice {
     page_size: usize,
     /// cuBLAS, created on first use; `Err` (logged once) when it cannot be loaded or created.
     blas: OnceLock<Result<Mutex<Blas>, String>>,
+    /// The VMM allocation granularity (bytes) when arenas are exportable VMM allocations;
+    /// `None`: `cuMemAlloc` arenas (module docs, *Memory*).
+    vmm_granularity: Option<usize>,
 }
 
 impl CudaDevice {
@@ -258,6 +280,60 @@ impl CudaDevice {
             ) => Err(oom(describe(e))),
             Err(e) => Err(cuda_err("cuMemAlloc")(e)),
         }
+    }
+
+    /// A VMM arena of at least `bytes` (module docs, *Memory*): created, given an address
+    /// range, mapped and made accessible to this device. Whatever fails after `cuMemCreate` is
+    /// undone before returning.
+    fn vmm_alloc(&self, bytes: u64, granularity: usize) -> Result<VmmMemory, VmmFailure> {
+        // A size the device cannot have is out of memory, not a reason to try cuMemAlloc.
+        if bytes > self.info.total_memory {
+            return Err(VmmFailure::OutOfMemory(format!(
+                "more than the device's {} bytes",
+                self.info.total_memory
+            )));
+        }
+        let size = bytes
+            .checked_next_multiple_of(granularity as u64)
+            .and_then(|s| usize::try_from(s).ok())
+            .ok_or_else(|| VmmFailure::OutOfMemory("larger than the address space".into()))?;
+        let _bound = bind(&self.shared.ctx).map_err(VmmFailure::Other)?;
+        let dev = self.shared.ctx.cu_device();
+        let prop = vmm_prop(dev);
+        let mut handle: sys::CUmemGenericAllocationHandle = 0;
+        // SAFETY: `handle` is a valid out-pointer; `prop` is fully initialised and lives across
+        // the call; `size` is a multiple of the granularity the driver reported for `prop`.
+        match unsafe { sys::cuMemCreate(&mut handle, size, &prop, 0) }.result() {
+            Ok(()) => {}
+            Err(e @ DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
+                return Err(VmmFailure::OutOfMemory(describe(e)));
+            }
+            Err(e) => return Err(VmmFailure::Other(cuda_err("cuMemCreate")(e))),
+        }
+        let mut va: sys::CUdeviceptr = 0;
+        // SAFETY: `va` is a valid out-pointer; alignment 0 asks for the default (the
+        // granularity), address 0 for no placement hint; no flags are defined.
+        if let Err(e) = unsafe { sys::cuMemAddressReserve(&mut va, size, 0, 0, 0) }.result() {
+            vmm_undo(handle, None, size);
+            return Err(VmmFailure::Other(cuda_err("cuMemAddressReserve")(e)));
+        }
+        // SAFETY: `va..va+size` is the range just reserved, `handle` an allocation of exactly
+        // `size` bytes mapped from its start; no flags are defined.
+        if let Err(e) = unsafe { sys::cuMemMap(va, size, 0, handle, 0) }.result() {
+            vmm_undo(handle, Some((va, false)), size);
+            return Err(VmmFailure::Other(cuda_err("cuMemMap")(e)));
+        }
+        let access = sys::CUmemAccessDesc {
+            location: device_location(dev),
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the range is mapped (above); `access` is one initialised descriptor that
+        // lives across the call.
+        if let Err(e) = unsafe { sys::cuMemSetAccess(va, size, &access, 1) }.result() {
+            vmm_undo(handle, Some((va, true)), size);
+            return Err(VmmFailure::Other(cuda_err("cuMemSetAccess")(e)));
+        }
+        Ok(VmmMemory { handle, va, size })
     }
 
     /// The UUID of every visible GPU, by ordinal, without creating a context (for choosing
@@ -351,6 +427,7 @@ impl CudaDevice {
                 "read-only host registration unsupported: mapped files go through the staging ring"
             );
         }
+        let vmm_granularity = vmm_support(ctx.cu_device(), &attr);
         let pcie = pcie_link(&uuid);
         let pci_bus_id = pci_bus_id(ctx.cu_device()).unwrap_or_else(|e| {
             warn!(error = %e, "cuDeviceGetPCIBusId failed: NUMA node unknown");
@@ -380,9 +457,97 @@ impl CudaDevice {
             free = info.free_memory,
             pcie = ?info.pcie,
             mapped_reads,
+            vmm_granularity,
             "CUDA device opened"
         );
-        Ok(CudaDevice { info, shared, page_size, blas: OnceLock::new() })
+        Ok(CudaDevice { info, shared, page_size, blas: OnceLock::new(), vmm_granularity })
+    }
+
+    /// Whether arenas are VMM allocations shared as POSIX file descriptors
+    /// ([`super::ArenaShare::CudaFd`]); `false`: `cuMemAlloc` arenas shared through legacy IPC
+    /// handles. (An arena whose VMM allocation failed falls back to `cuMemAlloc` even when
+    /// this is `true`; the log says so.)
+    pub fn vmm_arenas(&self) -> bool {
+        self.vmm_granularity.is_some()
+    }
+
+    /// The allocation granularity VMM arenas are rounded up to, when arenas are VMM.
+    pub fn vmm_granularity(&self) -> Option<u64> {
+        self.vmm_granularity.map(|g| g as u64)
+    }
+}
+
+/// The allocation properties of a VMM arena on device `dev`: pinned device memory, exportable
+/// as a POSIX file descriptor.
+fn vmm_prop(dev: sys::CUdevice) -> sys::CUmemAllocationProp {
+    sys::CUmemAllocationProp {
+        type_: sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
+        requestedHandleTypes:
+            sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+        location: device_location(dev),
+        win32HandleMetaData: std::ptr::null_mut(),
+        // No compression, no GPUDirect RDMA, no special usage.
+        allocFlags: sys::CUmemAllocationProp_st__bindgen_ty_1 {
+            compressionType: 0,
+            gpuDirectRDMACapable: 0,
+            usage: 0,
+            reserved: [0; 4],
+        },
+    }
+}
+
+/// The memory location "device `dev`" (a `CUdevice`, as the VMM calls take it).
+pub(super) fn device_location(dev: sys::CUdevice) -> sys::CUmemLocation {
+    sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: dev }
+}
+
+/// Whether arenas on `dev` can be exportable VMM allocations, as their granularity (logged
+/// either way). Needs both attributes: VMM itself, and POSIX-fd handles (the only kind that
+/// crosses a Unix socket).
+fn vmm_support(dev: sys::CUdevice, attr: &dyn Fn(sys::CUdevice_attribute) -> i32) -> Option<usize> {
+    let vmm =
+        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED);
+    let posix_fd = attr(
+        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED,
+    );
+    if vmm == 0 || posix_fd == 0 {
+        info!(
+            virtual_memory_management = vmm,
+            posix_fd_handles = posix_fd,
+            "VMM export unsupported: arenas use cuMemAlloc (shared through legacy IPC handles)"
+        );
+        return None;
+    }
+    let prop = vmm_prop(dev);
+    let query = |option| {
+        let mut granularity = 0usize;
+        // SAFETY: `granularity` is a valid out-pointer; `prop` is a fully initialised property
+        // struct that lives across the call.
+        unsafe { sys::cuMemGetAllocationGranularity(&mut granularity, &prop, option) }
+            .result()
+            .map_err(cuda_err("cuMemGetAllocationGranularity"))
+            .and_then(|()| match granularity {
+                0 => Err(DeviceError::Cuda {
+                    call: "cuMemGetAllocationGranularity",
+                    message: "the driver reported a granularity of 0".into(),
+                }),
+                g => Ok(g),
+            })
+    };
+    use sys::CUmemAllocationGranularity_flags::{
+        CU_MEM_ALLOC_GRANULARITY_MINIMUM, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+    };
+    match query(CU_MEM_ALLOC_GRANULARITY_RECOMMENDED)
+        .or_else(|_| query(CU_MEM_ALLOC_GRANULARITY_MINIMUM))
+    {
+        Ok(g) => {
+            info!(granularity = g, "arenas are VMM allocations shared as POSIX file descriptors");
+            Some(g)
+        }
+        Err(e) => {
+            warn!(error = %e, "VMM granularity unknown: arenas use cuMemAlloc (legacy IPC handles)");
+            None
+        }
     }
 }
 
@@ -428,7 +593,7 @@ fn pci_bus_id(dev: sys::CUdevice) -> Result<Option<String>, DeviceError> {
 }
 
 /// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as nvidia-smi and NVML print it.
-fn format_uuid(uuid: &sys::CUuuid) -> String {
+pub(super) fn format_uuid(uuid: &sys::CUuuid) -> String {
     let b: Vec<u8> = uuid.bytes.iter().map(|&c| c as u8).collect();
     let hex =
         |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
@@ -477,17 +642,37 @@ impl BackendOps for CudaDevice {
         if bytes == 0 {
             return Err(oom("an arena cannot be empty".into()));
         }
-        // cuMemAlloc (not cuMemAllocAsync): exportable with cuIpcGetMemHandle (module docs).
-        // The memory is uninitialised, fine for raw bytes only written by copies.
-        let ptr = self.device_malloc(bytes, oom)?;
+        let vmm = match self.vmm_granularity {
+            None => None,
+            Some(granularity) => match self.vmm_alloc(bytes, granularity) {
+                Ok(memory) => Some(memory),
+                Err(VmmFailure::OutOfMemory(reason)) => return Err(oom(reason)),
+                Err(VmmFailure::Other(e)) => {
+                    warn!(
+                        error = %e,
+                        bytes,
+                        "VMM arena allocation failed: falling back to cuMemAlloc (the arena is \
+                         shared through a legacy IPC handle)"
+                    );
+                    None
+                }
+            },
+        };
+        // Either kind of memory is uninitialised, fine for raw bytes only written by copies.
+        let (ptr, memory) = match vmm {
+            Some(vmm) => (vmm.va, ArenaMemory::Vmm(vmm)),
+            // cuMemAlloc (not cuMemAllocAsync): exportable with cuIpcGetMemHandle (module docs).
+            None => (self.device_malloc(bytes, oom)?, ArenaMemory::Alloc),
+        };
+        debug!(base = format_args!("{ptr:#x}"), bytes, memory = ?memory, "device arena allocated");
         self.shared.arenas.lock().unwrap_or_else(PoisonError::into_inner).push((ptr, bytes));
-        debug!(base = format_args!("{ptr:#x}"), bytes, "device arena allocated");
         Ok(Arena {
             base: ptr,
             len: bytes,
             inner: ArenaInner::Cuda(CudaArena {
                 ptr,
                 len: bytes,
+                memory,
                 shared: Arc::clone(&self.shared),
             }),
         })
@@ -923,20 +1108,85 @@ impl CudaDevice {
     }
 }
 
-/// One `cuMemAlloc` allocation: the engine's arena. Freed (after the copy stream drains) on
-/// drop; every importer of its IPC handle must have closed it by then.
+/// Why a VMM arena could not be made.
+#[derive(Debug)]
+enum VmmFailure {
+    /// The device has no room: reported as such, like `cuMemAlloc`'s.
+    OutOfMemory(String),
+    /// Anything else (undone already): the arena falls back to `cuMemAlloc`.
+    Other(DeviceError),
+}
+
+/// A VMM allocation, mapped read-write for our device at `va..va+size`.
+#[derive(Debug)]
+struct VmmMemory {
+    handle: sys::CUmemGenericAllocationHandle,
+    va: sys::CUdeviceptr,
+    /// Bytes allocated and mapped (the arena's length rounded up to the granularity).
+    size: usize,
+}
+
+/// Releases what a VMM allocation got so far: the mapping (`mapped`) and the address range
+/// (`va`, if reserved), then the allocation handle. Each failure is logged; none stops the
+/// rest. The caller has our context bound, and nothing may use the range any more.
+fn vmm_undo(
+    handle: sys::CUmemGenericAllocationHandle,
+    va: Option<(sys::CUdeviceptr, bool)>,
+    size: usize,
+) {
+    if let Some((va, mapped)) = va {
+        if mapped {
+            // SAFETY: `va..va+size` is mapped by us and unmapped exactly once, here; the caller
+            // guarantees no operation uses it any more.
+            if let Err(e) = unsafe { sys::cuMemUnmap(va, size) }.result() {
+                error!(error = %describe(e), "cuMemUnmap of a device arena failed");
+            }
+        }
+        // SAFETY: `va..va+size` was reserved by cuMemAddressReserve and is freed exactly once,
+        // here, after its mapping is gone.
+        if let Err(e) = unsafe { sys::cuMemAddressFree(va, size) }.result() {
+            error!(error = %describe(e), "cuMemAddressFree of a device arena failed");
+        }
+    }
+    // SAFETY: `handle` came from cuMemCreate and is released exactly once, here. Memory still
+    // mapped by importers stays alive until they unmap it (the driver counts references).
+    if let Err(e) = unsafe { sys::cuMemRelease(handle) }.result() {
+        error!(error = %describe(e), "cuMemRelease of a device arena failed");
+    }
+}
+
+/// The memory behind a [`CudaArena`].
+#[derive(Debug)]
+enum ArenaMemory {
+    /// `cuMemAlloc`: shared through a legacy IPC handle.
+    Alloc,
+    /// VMM: shared as a POSIX file descriptor.
+    Vmm(VmmMemory),
+}
+
+/// The engine's arena: a VMM allocation or one `cuMemAlloc` allocation (module docs,
+/// *Memory*). Freed (after the copy stream drains) on drop; importers of a `cuMemAlloc`
+/// arena's IPC handle must have closed it by then (a VMM arena's memory lives on until every
+/// importer has unmapped it).
 #[derive(Debug)]
 pub struct CudaArena {
     ptr: sys::CUdeviceptr,
     len: u64,
+    memory: ArenaMemory,
     shared: Arc<Shared>,
 }
 
 impl CudaArena {
     /// The legacy CUDA IPC handle of the whole allocation (`cuIpcGetMemHandle`), for a client
     /// process to `cuIpcOpenMemHandle`; offsets are sent separately. The arena must outlive
-    /// every importer's mapping.
+    /// every importer's mapping. VMM arenas have none ([`DeviceError::Unsupported`]): share
+    /// them with [`CudaArena::share`].
     pub fn ipc_handle(&self) -> Result<[u8; 64], DeviceError> {
+        if let ArenaMemory::Vmm(_) = self.memory {
+            return Err(DeviceError::Unsupported(
+                "export a legacy IPC handle of a VMM arena (it is shared as a file descriptor)",
+            ));
+        }
         let _bound = bind(&self.shared.ctx)?;
         let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
         // SAFETY: `handle` is a valid out-pointer; `ptr` is the base of a live cuMemAlloc
@@ -947,6 +1197,44 @@ impl CudaArena {
         Ok(handle.reserved.map(|c| c as u8))
     }
 
+    /// How a client process maps this arena: a VMM arena as a new file descriptor of its
+    /// allocation (owned by the caller; close-on-exec), a `cuMemAlloc` arena as its legacy IPC
+    /// handle.
+    pub fn share(&self) -> Result<super::ArenaShare, DeviceError> {
+        let vmm = match &self.memory {
+            ArenaMemory::Alloc => {
+                return Ok(super::ArenaShare::CudaIpc { handle: self.ipc_handle()? });
+            }
+            ArenaMemory::Vmm(vmm) => vmm,
+        };
+        let _bound = bind(&self.shared.ctx)?;
+        let mut fd: c_int = -1;
+        // SAFETY: for POSIX_FILE_DESCRIPTOR handles the driver writes one `int` through the
+        // pointer, and `fd` is an `int` that lives across the call; `handle` is our live
+        // allocation, created with that handle type requested.
+        unsafe {
+            sys::cuMemExportToShareableHandle(
+                (&raw mut fd).cast(),
+                vmm.handle,
+                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0,
+            )
+        }
+        .result()
+        .map_err(cuda_err("cuMemExportToShareableHandle"))?;
+        if fd < 0 {
+            return Err(DeviceError::Cuda {
+                call: "cuMemExportToShareableHandle",
+                message: format!("the driver returned descriptor {fd}"),
+            });
+        }
+        // SAFETY: the driver has just opened `fd` for this call; nothing else owns or closes
+        // it, so it is owned from here on (closed when dropped).
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        set_cloexec(&fd);
+        Ok(super::ArenaShare::CudaFd { fd, alloc_len: vmm.size as u64 })
+    }
+
     /// Bytes in the arena.
     pub fn len(&self) -> u64 {
         self.len
@@ -954,6 +1242,33 @@ impl CudaArena {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether this is a VMM allocation (shared as a file descriptor).
+    pub fn is_vmm(&self) -> bool {
+        matches!(self.memory, ArenaMemory::Vmm(_))
+    }
+
+    /// Bytes allocated: the length, rounded up to the granularity for a VMM arena.
+    pub fn alloc_len(&self) -> u64 {
+        match &self.memory {
+            ArenaMemory::Alloc => self.len,
+            ArenaMemory::Vmm(vmm) => vmm.size as u64,
+        }
+    }
+}
+
+/// Marks a descriptor the driver made close-on-exec, so it leaks into no child process
+/// (the driver does not document the flag on descriptors it exports). Failing only logs.
+fn set_cloexec(fd: &OwnedFd) {
+    let raw = fd.as_raw_fd();
+    // SAFETY: F_GETFD / F_SETFD on a descriptor we own only read and set its flags.
+    let r = unsafe {
+        let flags = libc::fcntl(raw, libc::F_GETFD);
+        if flags < 0 { flags } else { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) }
+    };
+    if r < 0 {
+        warn!(error = %std::io::Error::last_os_error(), "marking an exported arena descriptor close-on-exec");
     }
 }
 
@@ -971,10 +1286,18 @@ impl Drop for CudaArena {
         else {
             return;
         };
-        // SAFETY: `ptr` came from cuMemAlloc in our context (alive through `shared`), is freed
-        // exactly once here, and no copy into it is pending (the stream was drained above).
-        if let Err(e) = unsafe { sys::cuMemFree_v2(self.ptr) }.result() {
-            error!(error = %describe(e), "cuMemFree of a device arena failed");
+        match &self.memory {
+            // Released exactly once, here; no copy into it is pending (the stream was drained
+            // above).
+            ArenaMemory::Vmm(vmm) => vmm_undo(vmm.handle, Some((vmm.va, true)), vmm.size),
+            ArenaMemory::Alloc => {
+                // SAFETY: `ptr` came from cuMemAlloc in our context (alive through `shared`),
+                // is freed exactly once here, and no copy into it is pending (the stream was
+                // drained above).
+                if let Err(e) = unsafe { sys::cuMemFree_v2(self.ptr) }.result() {
+                    error!(error = %describe(e), "cuMemFree of a device arena failed");
+                }
+            }
         }
     }
 }
@@ -1198,7 +1521,7 @@ mod tests {
 
     /// Needs a GPU; passes trivially without one.
     #[test]
-    fn arenas_export_an_ipc_handle() {
+    fn arenas_are_shared_by_their_kind() {
         if !super::super::cuda_driver_present() {
             return;
         }
@@ -1207,13 +1530,31 @@ mod tests {
             Err(DeviceError::NoSuchDevice { count: 0, .. }) => return,
             Err(e) => panic!("opening the CUDA device: {e}"),
         };
-        let arena = device.alloc_arena(4 << 20).unwrap();
+        // Not a multiple of any granularity: a VMM allocation is rounded up, the arena not.
+        let len = (4 << 20) + 4096;
+        let arena = device.alloc_arena(len).expect("arena");
         let ArenaInner::Cuda(cuda) = &arena.inner else {
             panic!("a CUDA device made a host arena")
         };
-        assert_eq!(cuda.len(), 4 << 20);
-        let handle = cuda.ipc_handle().unwrap();
-        assert!(handle.iter().any(|&b| b != 0), "an IPC handle is not all zeros");
+        assert_eq!((cuda.len(), arena.len), (len, len));
+        assert_eq!(cuda.is_vmm(), device.vmm_arenas(), "VMM allocation failed (see the log)");
+        match (cuda.share().expect("share"), device.vmm_granularity()) {
+            (super::super::ArenaShare::CudaFd { fd, alloc_len }, Some(g)) => {
+                assert!(alloc_len >= len && alloc_len % g == 0, "{alloc_len} for {len} ({g})");
+                assert_eq!(alloc_len, cuda.alloc_len());
+                // A new descriptor per call, each one open.
+                let Ok(super::super::ArenaShare::CudaFd { fd: other, .. }) = cuda.share() else {
+                    panic!("a second share of a VMM arena is a descriptor too")
+                };
+                assert_ne!(fd.as_raw_fd(), other.as_raw_fd());
+                assert!(matches!(cuda.ipc_handle(), Err(DeviceError::Unsupported(_))));
+            }
+            (super::super::ArenaShare::CudaIpc { handle }, None) => {
+                assert!(handle.iter().any(|&b| b != 0), "an IPC handle is not all zeros");
+                assert_eq!(cuda.alloc_len(), len);
+            }
+            (share, g) => panic!("{share:?} from a device with VMM granularity {g:?}"),
+        }
     }
 
     /// `cublasGemmEx` with no transposes, as documented (column-major, `C = αAB + βC`), over

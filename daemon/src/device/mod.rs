@@ -24,6 +24,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub mod cuda;
+pub mod cuda_import;
 pub mod host;
 
 /// What the operator asked for.
@@ -76,6 +77,15 @@ pub enum DeviceError {
     Stopped(String),
     #[error("this device cannot {0}")]
     Unsupported(&'static str),
+    #[error("no visible GPU has UUID {uuid} (visible: {})", uuid_list(.visible))]
+    UnknownUuid { uuid: String, visible: Vec<String> },
+    #[error("a shared allocation of {alloc_len} bytes cannot hold an arena of {len} bytes")]
+    ShareTooSmall { len: u64, alloc_len: u64 },
+}
+
+/// `a, b` or `none`, for error messages.
+fn uuid_list(uuids: &[String]) -> String {
+    if uuids.is_empty() { "none".into() } else { uuids.join(", ") }
 }
 
 impl DeviceError {
@@ -138,12 +148,43 @@ pub struct Arena {
     pub(crate) inner: ArenaInner,
 }
 
+/// How another process can map an arena ([`Arena::share`]): what ferryd sends a client that
+/// asks for it (`map_arena`).
+#[derive(Debug)]
+pub enum ArenaShare {
+    /// Host backend: a read-only descriptor of the arena's memfd; `mmap` it
+    /// (`PROT_READ`, `MAP_SHARED`).
+    HostFd(std::os::fd::OwnedFd),
+    /// CUDA, a VMM allocation (`cuMemCreate`) exported as a POSIX file descriptor
+    /// (`cuMemExportToShareableHandle`). The importer maps `alloc_len` bytes (the allocation's
+    /// size, a multiple of the allocation granularity, at least the arena's length):
+    /// `cuMemImportFromShareableHandle`, `cuMemAddressReserve`, `cuMemMap`, `cuMemSetAccess`.
+    CudaFd { fd: std::os::fd::OwnedFd, alloc_len: u64 },
+    /// CUDA, a `cuMemAlloc` arena: its legacy IPC handle (`cuIpcOpenMemHandle`), for drivers or
+    /// devices without POSIX-fd VMM handles. Needs the importer in the same IPC namespace.
+    CudaIpc { handle: [u8; 64] },
+}
+
 /// The backend's allocation behind an arena, held for its `Drop` (which frees it).
 #[derive(Debug)]
 #[allow(dead_code)]
 pub(crate) enum ArenaInner {
     Host(host::HostArena),
     Cuda(cuda::CudaArena),
+}
+
+impl Arena {
+    /// A handle another process can map the arena through ([`ArenaShare`]); each call makes a
+    /// new one (a new descriptor, owned by the caller).
+    pub fn share(&self) -> Result<ArenaShare, DeviceError> {
+        match &self.inner {
+            ArenaInner::Host(h) => h
+                .read_only_fd()
+                .map(ArenaShare::HostFd)
+                .map_err(|e| DeviceError::os("reopening the arena read-only", e)),
+            ArenaInner::Cuda(c) => c.share(),
+        }
+    }
 }
 
 /// Host memory the copy engine can read fast (pinned on CUDA).
