@@ -1,6 +1,7 @@
 //! One ferryd serving several devices (issue 10), on the host backend simulating three: device 0
-//! and 1 serve (device 1 bound to NUMA node 0), device 2 is configured on a NUMA node that does
-//! not exist and so fails to open, reported clearly while the others serve.
+//! and 1 serve (device 1 bound to this machine's first NUMA node, when it reports one), device
+//! 2 is configured on a NUMA node that does not exist and so fails to open, reported clearly
+//! while the others serve.
 //!
 //! Checked against a real `ferryd`: placement by index and by UUID, the same files on two
 //! devices being two models with their own bytes in their own arenas, budgets that are
@@ -33,11 +34,15 @@ fn start() -> Setup {
     std::fs::create_dir(&root).expect("models dir");
     let socket = dir.path().join("ferryd.sock");
     let config = dir.path().join("ferryd.toml");
+    let node1 = match first_numa_node() {
+        Some(n) => format!("\"1\" = {n}, "),
+        None => String::new(),
+    };
     std::fs::write(
         &config,
         format!(
             "device = \"host\"\nhost_devices = 3\nhost_memory = {}\nbudget = {BUDGET}\n\
-             numa_nodes = {{ \"1\" = 0, \"2\" = 99 }}\nmodel_roots = [{:?}]\n\
+             numa_nodes = {{ {node1}\"2\" = 99 }}\nmodel_roots = [{:?}]\n\
              default_policy = \"sequential\"\nlog = \"warn\"\n",
             4 * BUDGET,
             root.to_str().expect("utf-8"),
@@ -46,6 +51,11 @@ fn start() -> Setup {
     .expect("config");
     let ferryd = Ferryd::start(&socket, ["--config".as_ref(), config.as_os_str()]);
     Setup { _dir: dir, ferryd, root }
+}
+
+/// The first NUMA node this machine reports (none in containers that hide sysfs).
+fn first_numa_node() -> Option<u32> {
+    ferry::numa::Topology::detect().nodes().first().map(|n| n.id)
 }
 
 fn connect(s: &Setup) -> Client {
@@ -116,7 +126,7 @@ fn devices_are_listed_and_the_failed_one_is_reported_while_the_others_serve() {
         assert_eq!(d.error, None);
         assert_eq!(d.stats.as_ref().map(|s| s.budget), Some(BUDGET), "{d:?}");
     }
-    assert_eq!(devices[1].numa_node, Some(0), "device 1 was configured on node 0");
+    assert_eq!(devices[1].numa_node, first_numa_node(), "device 1's configured node");
     let failed = &devices[2];
     assert!(failed.stats.is_none());
     let reason = failed.error.as_deref().expect("device 2 failed");
@@ -250,6 +260,11 @@ fn a_client_waiting_on_one_device_never_blocks_another_device() {
         .expect("send");
     });
     assert_eq!(rx.recv().expect("waiter started"), "asking");
+    // B is waiting inside device 0's engine (its gauge says so) before C starts.
+    let waiting_on = |c: &mut Client, i: usize| c.list_devices().expect("devices")[i].waiting;
+    ferry_tests::ferryd::wait_until("B waiting on device 0", Duration::from_secs(30), || {
+        waiting_on(&mut a, 0) == 1
+    });
 
     // Meanwhile client C streams every layer of another model on device 1, several times
     // over (its budget holds 8 of the 12 layers, so it evicts and reloads), bytes checked.
@@ -261,16 +276,65 @@ fn a_client_waiting_on_one_device_never_blocks_another_device() {
     }
     // C is done while B still waits: device 0's full budget held up nobody on device 1.
     assert!(rx.try_recv().is_err(), "B cannot have its layer while A holds device 0");
+    assert_eq!(waiting_on(&mut c, 0), 1, "B waited through all of C's passes");
+    assert_eq!(waiting_on(&mut c, 1), 0);
 
     for lease in held {
         release(&mut a, m0.model, lease);
     }
     assert_eq!(rx.recv_timeout(Duration::from_secs(30)).expect("B answered"), "leased");
     waiter.join().expect("waiter thread");
+    assert_eq!(waiting_on(&mut a, 0), 0);
     let arena0 = arena_of(&mut a, DeviceSel::Index(0));
     check_all(&mut a, &arena0, &m0, &big_tensors);
     for d in &a.list_devices().expect("devices")[..2] {
         let st = d.stats.as_ref().expect("stats");
         assert!(st.peak_device_bytes <= st.budget, "{d:?}");
     }
+}
+
+#[test]
+fn models_preload_onto_the_device_they_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, tensors) = model(dir.path(), "pre.safetensors", 3, 9);
+    let socket = dir.path().join("ferryd.sock");
+    let on = format!("HOST-0001={}", path.display());
+    let budget = BUDGET.to_string();
+    let ferryd = Ferryd::start(
+        &socket,
+        [
+            "--device",
+            "host",
+            "--host-devices",
+            "2",
+            "--budget",
+            &budget,
+            "--log",
+            "warn",
+            "--model-root",
+            dir.path().to_str().expect("utf-8"),
+            "--preload-on",
+            &on,
+        ],
+    );
+    let mut c = Client::connect(&ferryd.socket, "preload test").expect("connect");
+    let models = c.list_models().expect("models");
+    assert_eq!(models.len(), 1, "{models:?}");
+    assert_eq!(models[0].model >> 48, 1, "preloaded on device 1");
+    // Opening the same path on that device shares the preloaded model.
+    let m = c.open_model_on(&path, DeviceSel::Index(1)).expect("open on 1");
+    assert_eq!(m.model, models[0].model);
+    let arena = arena_of(&mut c, DeviceSel::Index(1));
+    check_all(&mut c, &arena, &m, &tensors);
+    drop(c);
+
+    // A device that does not serve cannot take a preload: ferryd says so and exits.
+    let out = std::process::Command::new(ferry_tests::cargo_bin("ferryd"))
+        .args(["--device", "host", "--host-devices", "2", "--check", "--preload-on"])
+        .arg(format!("5={}", path.display()))
+        .output()
+        .expect("ferryd");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("there is no device 5"), "{err}");
 }

@@ -415,6 +415,7 @@ fn examples() -> Vec<Golden> {
                             lora_cache_bytes: 0,
                         }),
                         models: 1,
+                        waiting: 2,
                     },
                     DeviceEntry {
                         index: 1,
@@ -428,6 +429,7 @@ fn examples() -> Vec<Golden> {
                         ),
                         stats: None,
                         models: 0,
+                        waiting: 0,
                     },
                 ],
             },

@@ -189,7 +189,11 @@ fn handshake_open_acquire_map_the_arena_and_read_the_exact_bytes() {
     assert_eq!(w.version, 1);
     assert_eq!(
         w.features,
-        features::FD_PASSING | features::OPEN_PATH | features::HOST_ARENA | features::LORA,
+        features::FD_PASSING
+            | features::OPEN_PATH
+            | features::HOST_ARENA
+            | features::LORA
+            | features::DEVICES,
     );
     assert_eq!(w.device.backend, "host");
     assert_eq!(w.max_body_len, MAX_BODY_LEN);

@@ -328,6 +328,15 @@ impl Client {
                 })?;
                 Ok((a, fd))
             }
+            Message::CudaArena(a) => Err(ProtocolError::UnexpectedMessage {
+                kind: Kind::CudaArena,
+                reason: format!(
+                    "the device ({}) is a GPU, whose arena is not a host mapping: use \
+                     Client::arena_handle and device::cuda_import",
+                    a.device_uuid
+                ),
+            }
+            .into()),
             Message::Error(e) => Err(e.into()),
             other => Err(unexpected(Kind::ArenaFd, &other)),
         }

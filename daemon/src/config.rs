@@ -63,6 +63,9 @@ pub struct FerrydConfig {
     /// Models opened at start and kept open.
     #[serde(default)]
     pub preload: Vec<PathBuf>,
+    /// Models opened at start on a named device (keys: ferryd device index or UUID).
+    #[serde(default)]
+    pub preload_on: BTreeMap<String, Vec<PathBuf>>,
     /// Log filter, tracing's EnvFilter syntax (`info`, `ferry=debug`, ...).
     pub log: Option<String>,
 }
@@ -149,6 +152,7 @@ mod tests {
             host_devices = 4
             numa = "off"
             numa_nodes = { "1" = 0, "HOST-0002" = 1 }
+            preload_on = { "HOST-0001" = ["/models/sdxl", "/models/refiner"] }
         "#;
         let c = FerrydConfig::parse(text, Path::new("x.toml")).unwrap();
         assert_eq!(
@@ -162,6 +166,7 @@ mod tests {
         assert_eq!(c.host_devices, Some(4));
         assert_eq!(c.numa, Some(NumaMode::Off));
         assert_eq!(c.numa_nodes.get("HOST-0002"), Some(&1));
+        assert_eq!(c.preload_on.get("HOST-0001").map(Vec::len), Some(2));
         for (bad, named) in [
             ("devices = [-1]", "negative"),
             ("devices = [\"GPU 1\"]", "neither a device index nor a UUID"),

@@ -118,6 +118,15 @@ pub enum DeviceSetError {
     TooMany { count: usize, max: usize },
     #[error("no device could be opened: {}", .0.join("; "))]
     AllFailed(Vec<String>),
+    #[error("{first} and {second} name the same GPU ({uuid}): a GPU is served once")]
+    Duplicate { first: DeviceRef, second: DeviceRef, uuid: String },
+    #[error("numa_nodes names {0}, which is not one of the configured devices")]
+    UnknownNumaDevice(DeviceRef),
+    #[error(
+        "staging rings of {total} bytes over {devices} devices exceed a quarter of the memory \
+         available to this process ({available} bytes): fewer or smaller staging slots"
+    )]
+    Staging { total: u64, devices: usize, available: u64 },
 }
 
 /// The most devices one set holds (ids keep the index in 16 bits; boxes have 8 or 16 GPUs).
@@ -198,17 +207,27 @@ struct Plan {
 }
 
 impl DeviceSet {
-    /// A set of one engine (embedding, tests, the C ABI).
+    /// A set of one engine (embedding, tests, the C ABI). The engine sits at its id prefix's
+    /// index (0 unless it was configured otherwise), so its ids route to it; any indices
+    /// before it are listed as not configured.
     pub fn single(engine: Engine) -> DeviceSet {
         let info = engine.device_info();
-        DeviceSet {
-            slots: vec![DeviceSlot {
-                index: 0,
-                label: format!("{}:{}", info.backend, info.ordinal),
-                uuid: Some(info.uuid.clone()),
-                state: SlotState::Ready(engine),
-            }],
-        }
+        let at = u32::from(engine.id_prefix());
+        let mut slots: Vec<DeviceSlot> = (0..at)
+            .map(|index| DeviceSlot {
+                index,
+                label: format!("{}:?", info.backend),
+                uuid: None,
+                state: SlotState::Failed("no device is configured at this index".into()),
+            })
+            .collect();
+        slots.push(DeviceSlot {
+            index: at,
+            label: format!("{}:{}", info.backend, info.ordinal),
+            uuid: Some(info.uuid.clone()),
+            state: SlotState::Ready(engine),
+        });
+        DeviceSet { slots }
     }
 
     /// Opens every configured device (in parallel: pinning a staging ring takes a while per
@@ -231,8 +250,14 @@ impl DeviceSet {
                 Err(e) => return Err(e.into()),
             }
         }
-        let plans = match backend {
+        let plans: Vec<Plan> = match backend {
             Backend::Host => {
+                if config.select.is_some() {
+                    tracing::warn!(
+                        "devices selects GPUs; the host backend simulates host_devices devices \
+                         instead (devices ignored)"
+                    );
+                }
                 let n = config.host_devices.max(1) as usize;
                 if n > MAX_DEVICES {
                     return Err(DeviceSetError::TooMany { count: n, max: MAX_DEVICES });
@@ -246,8 +271,41 @@ impl DeviceSet {
                     })
                     .collect()
             }
-            Backend::Cuda => cuda_plans(config.select.as_deref(), &gpus)?,
+            Backend::Cuda => {
+                if config.host_devices > 1 {
+                    tracing::warn!("host_devices applies to the host backend only (ignored)");
+                }
+                cuda_plans(config.select.as_deref(), &gpus)?
+            }
         };
+        for (r, _) in &config.numa_nodes {
+            let known = match r {
+                DeviceRef::Index(i) => (*i as usize) < plans.len(),
+                DeviceRef::Uuid(u) => plans
+                    .iter()
+                    .any(|p| p.uuid.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(u))),
+            };
+            if !known {
+                return Err(DeviceSetError::UnknownNumaDevice(r.clone()));
+            }
+        }
+        // Host memory the engines take is per device: check the sum, and split the default
+        // fuse-cache budget (a quarter of RAM) between the devices.
+        let ram = crate::sysmem::detect();
+        let staging = (config.engine.staging_slots as u64)
+            .saturating_mul(config.engine.staging_slot_bytes as u64)
+            .saturating_mul(plans.len() as u64);
+        if plans.len() > 1 && staging > ram.effective / 4 {
+            return Err(DeviceSetError::Staging {
+                total: staging,
+                devices: plans.len(),
+                available: ram.effective,
+            });
+        }
+        let fuse_cache = config
+            .engine
+            .fuse_cache_bytes
+            .or_else(|| (plans.len() > 1).then(|| ram.effective / 4 / plans.len() as u64));
         let device = match backend {
             Backend::Host => DeviceChoice::Host,
             Backend::Cuda => DeviceChoice::Cuda,
@@ -260,6 +318,7 @@ impl DeviceSet {
                 c.device = device;
                 c.device_config.ordinal = plan.ordinal;
                 c.id_prefix = index as u16;
+                c.fuse_cache_bytes = fuse_cache;
                 if let Some((_, node)) = config.numa_nodes.iter().find(|(r, _)| match r {
                     DeviceRef::Index(i) => *i as usize == index,
                     DeviceRef::Uuid(u) => plan.uuid.as_deref().is_some_and(|p| p == u),
@@ -404,6 +463,7 @@ fn cuda_plans(select: Option<&[DeviceRef]>, gpus: &[String]) -> Result<Vec<Plan>
                     ),
                 },
                 DeviceRef::Uuid(u) => match gpus.iter().position(|g| g.eq_ignore_ascii_case(u)) {
+                    // Known GPUs are checked for duplicates below.
                     Some(o) => plan(o),
                     None => Plan {
                         label: "cuda:?".into(),
@@ -420,6 +480,21 @@ fn cuda_plans(select: Option<&[DeviceRef]>, gpus: &[String]) -> Result<Vec<Plan>
     };
     if plans.is_empty() {
         return Err(DeviceSetError::Empty);
+    }
+    if let Some(list) = select {
+        for (i, p) in plans.iter().enumerate() {
+            let Some(uuid) = p.uuid.as_deref().filter(|_| p.unusable.is_none()) else { continue };
+            if let Some(j) = plans[..i].iter().position(|q| {
+                q.unusable.is_none()
+                    && q.uuid.as_deref().is_some_and(|u| u.eq_ignore_ascii_case(uuid))
+            }) {
+                return Err(DeviceSetError::Duplicate {
+                    first: list[j].clone(),
+                    second: list[i].clone(),
+                    uuid: uuid.to_string(),
+                });
+            }
+        }
     }
     if plans.len() > MAX_DEVICES {
         return Err(DeviceSetError::TooMany { count: plans.len(), max: MAX_DEVICES });
@@ -464,5 +539,11 @@ mod tests {
             Some("no visible GPU has UUID x (visible: GPU-a, GPU-b)")
         );
         assert!(matches!(cuda_plans(Some(&[]), &gpus), Err(DeviceSetError::Empty)));
+        let twice = [DeviceRef::Index(0), DeviceRef::Uuid("gpu-A".into())];
+        let err = cuda_plans(Some(&twice), &gpus).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("device 0 and device gpu-A name the same GPU (GPU-a): a GPU is served once")
+        );
     }
 }

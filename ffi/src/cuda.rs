@@ -36,6 +36,15 @@ pub(crate) fn stream_wait(stream: *mut c_void, event: u64) -> Result<()> {
     .map_err(|e| cuda_error("cuStreamWaitEvent", e))
 }
 
+/// Blocks until the work queued on the caller's `stream` so far has finished
+/// (`cuStreamSynchronize`: needs no current context).
+pub(crate) fn stream_synchronize(stream: *mut c_void) -> Result<()> {
+    // SAFETY: `stream` is the caller's live CUstream (the export's contract).
+    unsafe { sys::cuStreamSynchronize(ptr::cuda_stream(stream)) }
+        .result()
+        .map_err(|e| cuda_error("cuStreamSynchronize", e))
+}
+
 /// An event recorded on a caller's stream, destroyed on drop.
 #[derive(Debug)]
 pub(crate) struct Recorded(sys::CUevent);
@@ -54,14 +63,6 @@ impl Recorded {
             .result()
             .map_err(|e| cuda_error("cuEventRecord", e))?;
         Ok(recorded)
-    }
-
-    /// Blocks until the work queued on the stream before the event has finished.
-    pub(crate) fn synchronize(&self) -> Result<()> {
-        // SAFETY: `self.0` is a live event owned by `self`, recorded on the caller's stream.
-        unsafe { sys::cuEventSynchronize(self.0) }
-            .result()
-            .map_err(|e| cuda_error("cuEventSynchronize", e))
     }
 
     /// The event as the engine's done signal; valid while `self` lives.

@@ -737,7 +737,8 @@ pub unsafe extern "C" fn ferry_prefetch(
 }
 
 /// Stores the engine's counters in `*out` (in daemon mode, the daemon's: every client's work
-/// counts). Errors: `FERRY_ERR_NULL_ARGUMENT`. Thread-safe.
+/// counts; those of the engine's device for `ferry_connect_device`, else summed over the
+/// daemon's devices). Errors: `FERRY_ERR_NULL_ARGUMENT`. Thread-safe.
 ///
 /// # Safety
 ///

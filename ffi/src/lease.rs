@@ -514,9 +514,7 @@ pub unsafe extern "C" fn ferry_release(
                     // The daemon may reuse the memory as soon as it acknowledges the release,
                     // and cannot wait for this process's stream: finish the caller's work on
                     // the layer first.
-                    cuda::Recorded::on(cuda_stream)
-                        .and_then(|rec| rec.synchronize())
-                        .map_err(restore)?;
+                    cuda::stream_synchronize(cuda_stream).map_err(restore)?;
                 }
                 r.release(*model, *id).map_err(restore)?;
             }

@@ -259,16 +259,24 @@ impl Remote {
                         format!("ferryd at {at} sent a CUDA arena handle without its descriptor"),
                     )
                 })?;
+                // Any failure means this process cannot use the daemon's memory (no driver, no
+                // such GPU, another IPC namespace for a legacy handle, an importer refused):
+                // the caller's way out is an in-process engine, whatever the cause.
                 let imported = ImportedArena::import(&uuid, share, len).map_err(|e| {
-                    let status = match e {
-                        DeviceError::NoCudaDriver | DeviceError::UnknownUuid { .. } => {
-                            ferry_status::FERRY_ERR_NOT_SHAREABLE
+                    let why = match e {
+                        DeviceError::NoCudaDriver => {
+                            "this process has no CUDA driver (libcuda.so could not be loaded)"
+                                .to_string()
                         }
-                        _ => ferry_status::FERRY_ERR_DEVICE,
+                        other => other.to_string(),
                     };
                     FfiError::new(
-                        status,
-                        format!("mapping the CUDA arena of ferryd at {at} ({uuid}): {e}"),
+                        ferry_status::FERRY_ERR_NOT_SHAREABLE,
+                        format!(
+                            "ferryd at {at} streams to GPU {uuid}, whose memory this process \
+                             cannot map: {why}; open an in-process engine with \
+                             ferry_engine_open instead"
+                        ),
                     )
                 })?;
                 RemoteArena::Cuda(imported)
@@ -445,8 +453,24 @@ impl Remote {
         })
     }
 
+    /// The daemon's counters: of the device this engine is bound to
+    /// (`ferry_connect_device`), else summed over the daemon's devices.
     pub(crate) fn stats(&self) -> Result<StatsReply> {
-        self.with("reading the daemon's stats", |c, _| c.stats())
+        let device = self.device.clone();
+        self.with("reading the daemon's stats", |c, _| match device {
+            None => c.stats(),
+            Some(sel) => {
+                let devices = c.list_devices()?;
+                let entry = devices.into_iter().find(|d| match &sel {
+                    DeviceSel::Index(i) => d.index == *i,
+                    DeviceSel::Uuid(u) => d.uuid.eq_ignore_ascii_case(u),
+                });
+                entry.and_then(|d| d.stats).ok_or_else(|| ClientError::Server {
+                    code: ErrorCode::DeviceUnavailable as u32,
+                    message: "the device this engine is bound to no longer serves".into(),
+                })
+            }
+        })
     }
 
     /// Creates a view of `model` through `stack` (`(path, strength)`), returns its id.

@@ -65,6 +65,12 @@ int main(int argc, char **argv) {
   CHECK(m0 != m1);
   if (check_all(on1, m1) != 0) return 1;
   if (check_all(on0, m0) != 0) return 1;
+  /* A device-bound engine reports its device's counters; an unbound one the daemon's sum
+   * (two devices serve, 1 MiB budget each). */
+  ferry_engine_stats st;
+  CHECK_OK(ferry_stats(on1, &st));
+  CHECK(st.budget == (1u << 20));
+  CHECK(st.bytes_streamed >= LAYERS * layer_bytes);
 
   CHECK_FAILS(ferry_connect_device(socket, "2", &bad), FERRY_ERR_DEVICE);
   CHECK(bad == NULL);
@@ -79,6 +85,8 @@ int main(int argc, char **argv) {
   uint64_t md = 0;
   CHECK_OK(ferry_model_open(dflt, model_path, &md));
   CHECK(md == m0);
+  CHECK_OK(ferry_stats(dflt, &st));
+  CHECK(st.budget == 2 * (1u << 20));
 
   CHECK_OK(ferry_model_close(dflt, md));
   CHECK_OK(ferry_model_close(on0, m0));

@@ -137,6 +137,10 @@ enum Command {
         /// Only this component (default: the whole model).
         #[arg(long, value_name = "NAME")]
         component: Option<String>,
+        /// The device the model is on: ferryd's index or the device's UUID (default: ferryd's
+        /// first device).
+        #[arg(long, value_name = "INDEX|UUID")]
+        device: Option<ferry::devices::DeviceRef>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -149,6 +153,10 @@ enum Command {
         /// Only this component (default: the whole model).
         #[arg(long, value_name = "NAME")]
         component: Option<String>,
+        /// The device the model is on: ferryd's index or the device's UUID (default: ferryd's
+        /// first device).
+        #[arg(long, value_name = "INDEX|UUID")]
+        device: Option<ferry::devices::DeviceRef>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -207,11 +215,11 @@ fn run(cli: Cli) -> Result<(), String> {
             let policy = build_policy(policy, lookahead, threshold.as_deref())?;
             load(&conn, &path, policy, warm, device)
         }
-        Command::Offload { path, component, conn } => {
-            manual_offload(&conn, &path, component.as_deref(), true)
+        Command::Offload { path, component, device, conn } => {
+            manual_offload(&conn, &path, component.as_deref(), device, true)
         }
-        Command::Onload { path, component, conn } => {
-            manual_offload(&conn, &path, component.as_deref(), false)
+        Command::Onload { path, component, device, conn } => {
+            manual_offload(&conn, &path, component.as_deref(), device, false)
         }
         Command::Lora { model, loras, mode, conn } => lora_check(&conn, &model, &loras, &mode),
         Command::Bench(args) => ferry::bench::cli::run(*args),
@@ -604,6 +612,7 @@ fn devices(conn: &Conn) -> Result<(), String> {
                 used,
                 peak,
                 d.models.to_string(),
+                d.waiting.to_string(),
                 match &d.error {
                     Some(e) => format!("unavailable: {e}"),
                     None => d.name.clone(),
@@ -612,7 +621,18 @@ fn devices(conn: &Conn) -> Result<(), String> {
         })
         .collect();
     out(&table(
-        &["INDEX", "DEVICE", "UUID", "NUMA", "BUDGET", "IN USE", "PEAK", "MODELS", "NAME / STATE"],
+        &[
+            "INDEX",
+            "DEVICE",
+            "UUID",
+            "NUMA",
+            "BUDGET",
+            "IN USE",
+            "PEAK",
+            "MODELS",
+            "WAITING",
+            "NAME / STATE",
+        ],
         &rows,
     ));
     Ok(())
@@ -853,6 +873,7 @@ fn manual_offload(
     conn: &Conn,
     path: &Path,
     component: Option<&str>,
+    device: Option<ferry::devices::DeviceRef>,
     offload: bool,
 ) -> Result<(), String> {
     let verb = if offload { "offload" } else { "onload" };
@@ -861,7 +882,11 @@ fn manual_offload(
     let (mut c, socket) = conn.connect()?;
     let err = ctx(&socket);
     let before = c.list_models().map_err(&err)?;
-    let opened = c.open_model(&abs).map_err(|e| format!("{verb} {}: {e}", abs.display()))?;
+    let opened = match device {
+        Some(d) => c.open_model_on(&abs, d.into()),
+        None => c.open_model(&abs),
+    }
+    .map_err(|e| format!("{verb} {}: {e}", abs.display()))?;
     let was_open = before.iter().any(|m| m.model == opened.model);
     let what = match component {
         Some(name) => format!("component {name:?} of model {}", opened.model),

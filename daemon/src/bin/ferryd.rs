@@ -64,9 +64,14 @@ struct Args {
     /// Under auto: the most device memory, in bytes, that still gets sequential (default 4 GiB).
     #[arg(long, value_name = "BYTES")]
     auto_sequential_max: Option<u64>,
-    /// Models to open at start (validated, then kept mapped); may be repeated.
+    /// Models to open at start on the default device (validated, then kept mapped); may be
+    /// repeated.
     #[arg(long, value_name = "PATH")]
     preload: Vec<PathBuf>,
+    /// A model to open at start on a named device: DEVICE=PATH (DEVICE: ferryd index or UUID);
+    /// may be repeated.
+    #[arg(long = "preload-on", value_name = "DEVICE=PATH", value_parser = parse_preload_on)]
+    preload_on: Vec<(DeviceRef, PathBuf)>,
     /// Log filter (tracing's EnvFilter syntax, default `info`); RUST_LOG overrides it.
     #[arg(long)]
     log: Option<String>,
@@ -108,6 +113,17 @@ fn parse_numa_node(s: &str) -> Result<(DeviceRef, u32), String> {
     Ok((dev.parse()?, node))
 }
 
+/// `--preload-on DEVICE=PATH` (split at the first `=`: device names have none).
+fn parse_preload_on(s: &str) -> Result<(DeviceRef, PathBuf), String> {
+    let (dev, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected DEVICE=PATH, e.g. 1=/models/sdxl"))?;
+    if path.is_empty() {
+        return Err(format!("{s:?}: the path is empty"));
+    }
+    Ok((dev.parse()?, PathBuf::from(path)))
+}
+
 /// The flags, with every value the command line left out taken from the configuration file.
 fn merge(mut args: Args, file: FerrydConfig) -> Result<Args, String> {
     args.device = args.device.or(file.device);
@@ -115,6 +131,12 @@ fn merge(mut args: Args, file: FerrydConfig) -> Result<Args, String> {
         args.devices = file.devices;
     }
     args.host_devices = args.host_devices.or(file.host_devices);
+    if args.preload_on.is_empty() {
+        for (dev, paths) in file.preload_on {
+            let dev = dev.parse::<DeviceRef>().map_err(|e| format!("preload_on: {e}"))?;
+            args.preload_on.extend(paths.into_iter().map(|p| (dev.clone(), p)));
+        }
+    }
     args.numa = args.numa.or(file.numa);
     if args.numa_nodes.is_empty() {
         for (dev, node) in file.numa_nodes {
@@ -213,6 +235,7 @@ fn reload(cli: &Args, running: &Args, server: &Server) {
         ),
         ("auto_sequential_max", new.auto_sequential_max != running.auto_sequential_max),
         ("preload", new.preload != running.preload),
+        ("preload_on", new.preload_on != running.preload_on),
         ("log", new.log != running.log),
     ];
     for (key, differs) in restart_only {
@@ -323,9 +346,8 @@ fn main() -> ExitCode {
                     "device ready"
                 );
             }
-            SlotState::Failed(reason) => {
-                error!(index = slot.index, device = %slot.label, "device unavailable: {reason}");
-            }
+            // Logged (as an error, with the reason) when the set opened it.
+            SlotState::Failed(_) => {}
         }
     }
     info!(
@@ -333,16 +355,29 @@ fn main() -> ExitCode {
         policy = %devices.default_engine().default_policy(),
         "default residency policy"
     );
-    // Preloaded models live on the default device (the first that serves).
-    let engine = devices.default_engine().clone();
-
+    // `--preload` models live on the default device (the first that serves); `--preload-on`
+    // ones on the device they name, which must serve.
+    let mut wanted: Vec<(Option<DeviceRef>, PathBuf)> =
+        args.preload.iter().map(|p| (None, p.clone())).collect();
+    wanted.extend(args.preload_on.iter().map(|(d, p)| (Some(d.clone()), p.clone())));
     let mut preloaded = Vec::new();
-    for path in &args.preload {
+    for (device, path) in &wanted {
+        let engine = match device {
+            None => devices.default_engine(),
+            Some(d) => match devices.select(d) {
+                Ok((_, e)) => e,
+                Err(e) => {
+                    error!("preloading {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
         let opened = engine.open_model(path).and_then(|id| Ok((id, engine.model(id)?)));
         match opened {
             Ok((id, model)) => {
                 info!(
                     id,
+                    device = engine.id_prefix(),
                     path = %model.root().display(),
                     components = model.components().len(),
                     tensors = model.tensors().len(),
@@ -400,7 +435,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    drop(engine);
     ExitCode::SUCCESS
 }
 

@@ -389,8 +389,9 @@ impl CudaDevice {
         let _restore = Bound { restore: (!current.is_null()).then_some(current) };
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("cuDevicePrimaryCtxRetain"))?;
         // SAFETY: ferry never creates a cudarc `CudaSlice` (whose cross-stream use this tracking
-        // would guard): device memory is raw cuMemAlloc, and every ordering between the copy
-        // stream and client streams is expressed with explicit events.
+        // would guard): device memory is raw driver allocations (VMM or cuMemAlloc), and every
+        // ordering between the copy stream and client streams is expressed with explicit
+        // events.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda_err("cuStreamCreate"))?;
         let shared = Arc::new(Shared {

@@ -187,6 +187,9 @@ pub struct Stats {
     pub budget: u64,
     /// Host memory held by fused LoRA layers (fuse mode).
     pub lora_cache_bytes: u64,
+    /// Acquires waiting for device memory right now (every layer that could make room is
+    /// leased): clients stalled at this moment.
+    pub waiting_acquires: u64,
 }
 
 impl Stats {
@@ -203,11 +206,14 @@ impl Stats {
         self.peak_device_bytes += o.peak_device_bytes;
         self.budget += o.budget;
         self.lora_cache_bytes += o.lora_cache_bytes;
+        self.waiting_acquires += o.waiting_acquires;
     }
 }
 
 #[derive(Debug, Default)]
 struct Counters {
+    /// Acquires in their wait for memory now (a gauge).
+    waiting: AtomicU64,
     acquires: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -714,6 +720,11 @@ impl Engine {
         self.inner.device.info()
     }
 
+    /// The device index its ids carry ([`EngineConfig::id_prefix`]).
+    pub fn id_prefix(&self) -> u16 {
+        self.inner.config.id_prefix
+    }
+
     /// The NUMA node the device's staging ring and I/O threads live on, if any.
     pub fn placement(&self) -> &Placement {
         &self.inner.placement
@@ -1060,6 +1071,8 @@ impl Engine {
         let counters = &self.inner.counters;
         let mut guard = self.lock();
         let mut first = true;
+        // Counted in the `waiting` gauge from its first wait to its end, however it ends.
+        let mut waiting: Option<Waiting<'_>> = None;
         let mut hit = false;
         let mut warned = false;
         let (si, idx) = loop {
@@ -1079,6 +1092,7 @@ impl Engine {
                 break (si, idx);
             }
             first = false;
+            waiting.get_or_insert_with(|| Waiting::new(&counters.waiting));
             let waited = start.elapsed();
             if waited >= timeout {
                 return Err(EngineError::Timeout { layer: format!("{component}/{layer}"), waited });
@@ -1107,6 +1121,7 @@ impl Engine {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         };
+        drop(waiting);
         bump(&counters.acquires, 1);
         bump(if hit { &counters.hits } else { &counters.misses }, 1);
         if !first {
@@ -1536,6 +1551,7 @@ impl Engine {
                 .filter_map(|m| m.lora.as_ref())
                 .map(|l| l.cached_bytes())
                 .sum(),
+            waiting_acquires: c.waiting.load(Ordering::Relaxed),
         }
     }
 
@@ -1655,7 +1671,6 @@ impl Engine {
     }
 }
 
-/// (component, layer) names of scope members.
 /// The NUMA placement `config` asks for on the device `info` describes.
 fn placement(config: &EngineConfig, info: &DeviceInfo) -> Result<Placement, EngineError> {
     let requested = match config.numa {
@@ -1670,6 +1685,7 @@ fn placement(config: &EngineConfig, info: &DeviceInfo) -> Result<Placement, Engi
         .map_err(|e| EngineError::Config(format!("NUMA placement of {}: {e}", info.uuid)))
 }
 
+/// (component, layer) names of scope members.
 fn names(ms: &ModelState, members: impl Iterator<Item = (usize, usize)>) -> Vec<(String, String)> {
     let m = ms.runtime.model();
     members
@@ -1723,6 +1739,22 @@ fn teardown(st: &mut State, ms: &mut ModelState, counters: &Counters) {
     }
     for l in &mut ms.locate {
         l.iter_mut().for_each(|x| *x = None);
+    }
+}
+
+/// Membership of an acquire in the `waiting` gauge, given up on drop.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a AtomicU64) -> Waiting<'a> {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

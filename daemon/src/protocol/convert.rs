@@ -264,6 +264,7 @@ impl DeviceEntry {
         match &slot.state {
             SlotState::Ready(e) => {
                 let info = e.device_info();
+                let stats = e.stats();
                 DeviceEntry {
                     index: slot.index,
                     label: slot.label.clone(),
@@ -272,8 +273,9 @@ impl DeviceEntry {
                     total_memory: info.total_memory,
                     numa_node: e.placement().node_id(),
                     error: None,
-                    stats: Some(StatsReply::from(&e.stats())),
+                    stats: Some(StatsReply::from(&stats)),
                     models,
+                    waiting: u32::try_from(stats.waiting_acquires).unwrap_or(u32::MAX),
                 }
             }
             SlotState::Failed(reason) => DeviceEntry {
@@ -286,6 +288,7 @@ impl DeviceEntry {
                 error: Some(reason.clone()),
                 stats: None,
                 models,
+                waiting: 0,
             },
         }
     }

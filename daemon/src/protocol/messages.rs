@@ -153,9 +153,9 @@ messages! {
     ListClients(ListClients) = 0x0042, "list_clients", FdRule::None;
     /// List the server's devices, with their counters (needs `DEVICES`).
     ListDevices(ListDevices) = 0x0043, "list_devices", FdRule::None;
-    /// Ask for the host arena's memfd.
+    /// Ask how to map the default device's arena (host memfd, or CUDA handle).
     MapArena(MapArena) = 0x0050, "map_arena", FdRule::None;
-    /// Ask for a named device's host arena descriptor (needs `HOST_ARENA` and `DEVICES`).
+    /// Ask how to map a named device's arena (needs `DEVICES`).
     MapArenaOn(MapArenaOn) = 0x0051, "map_arena_on", FdRule::None;
     /// Server → client: success without a payload.
     Ack(Ack) = 0x8000, "ack", FdRule::None;
@@ -658,6 +658,8 @@ pub struct DeviceEntry {
     pub stats: Option<StatsReply>,
     /// Models (and views) open on it.
     pub models: u32,
+    /// Acquires waiting for its memory right now (clients stalled on it at this moment).
+    pub waiting: u32,
 }
 
 /// The connected clients.

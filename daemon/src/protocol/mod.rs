@@ -71,7 +71,8 @@ pub mod features {
     pub const HOST_ARENA: u64 = 1 << 2;
     /// LoRA views ([`ApplyLora`](super::ApplyLora), [`RemoveLora`](super::RemoveLora)).
     pub const LORA: u64 = 1 << 3;
-    /// Reserved for CUDA shareable handles (no message uses it yet).
+    /// CUDA arenas shared with clients: on a CUDA device, [`MapArena`](super::MapArena) and
+    /// [`MapArenaOn`](super::MapArenaOn) are answered [`CudaArena`](super::CudaArena).
     pub const CUDA_IPC: u64 = 1 << 4;
     /// Several devices: [`OpenModelOn`](super::OpenModelOn),
     /// [`OpenModelFdOn`](super::OpenModelFdOn), [`ListDevices`](super::ListDevices),

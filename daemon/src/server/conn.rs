@@ -5,8 +5,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 
 use tracing::{debug, info, warn};
 
@@ -348,36 +348,57 @@ impl Conn<'_> {
         engine: &Engine,
         open: impl FnOnce() -> Result<ModelId, EngineError>,
     ) -> Reply {
-        let id = {
-            let mut reg = self.shared.registry();
-            let id = match reg.by_path.get(&key) {
-                Some(&id) => id,
-                None => {
-                    let id = open().map_err(|e| engine_err(&e))?;
-                    reg.by_path.insert(key.clone(), id);
-                    info!(conn = self.id(), model = id, device = key.0, path = %shown, "model opened");
-                    reg.models.insert(
-                        id,
-                        ModelEntry {
-                            path: shown,
-                            canonical: Some(key.1),
-                            view_of: None,
-                            holders: HashSet::new(),
-                            policy: None,
-                        },
-                    );
-                    id
+        let id = match self.join_open(&key) {
+            Some(id) => id,
+            None => {
+                // Only opens of this key wait on this lock; the registry is not held while
+                // the engine parses and maps the files (which can take seconds).
+                let slot =
+                    Arc::clone(self.shared.registry().opening.entry(key.clone()).or_default());
+                let opened = {
+                    let _opening = slot.lock().unwrap_or_else(PoisonError::into_inner);
+                    match self.join_open(&key) {
+                        Some(id) => Ok(id),
+                        None => open().inspect(|&id| {
+                            let mut reg = self.shared.registry();
+                            reg.by_path.insert(key.clone(), id);
+                            reg.models.insert(
+                                id,
+                                ModelEntry {
+                                    path: shown.clone(),
+                                    canonical: Some(key.1.clone()),
+                                    view_of: None,
+                                    holders: HashSet::from([self.id()]),
+                                    policy: None,
+                                },
+                            );
+                            info!(conn = self.id(), model = id, device = key.0, path = %shown, "model opened");
+                        }),
+                    }
+                };
+                let mut reg = self.shared.registry();
+                // The last one out of this key's opens removes its lock (the map's reference
+                // and ours are all that is left).
+                if Arc::strong_count(&slot) == 2 {
+                    reg.opening.remove(&key);
                 }
-            };
-            if let Some(e) = reg.models.get_mut(&id) {
-                e.holders.insert(self.id());
+                drop(reg);
+                opened.map_err(|e| engine_err(&e))?
             }
-            id
         };
         self.open.insert(id);
         self.update_counts();
         let model = engine.model(id).map_err(|e| engine_err(&e))?;
         Ok(ModelOpened::describe(id, &model).into())
+    }
+
+    /// If the model registered under `key` is open, makes this connection one of its holders
+    /// and returns its id.
+    fn join_open(&self, key: &(u32, PathBuf)) -> Option<ModelId> {
+        let mut reg = self.shared.registry();
+        let id = *reg.by_path.get(key)?;
+        reg.models.get_mut(&id)?.holders.insert(self.id());
+        Some(id)
     }
 
     /// A model from the client's descriptor: ferryd reads only what the descriptor gives
@@ -458,30 +479,41 @@ impl Conn<'_> {
     fn leave_model(&mut self, model: ModelId) -> Result<(), ErrorReply> {
         let mut reg = self.shared.registry();
         let Some(entry) = reg.models.get_mut(&model) else {
+            drop(reg);
             self.open.remove(&model);
             self.update_counts();
             return Ok(());
         };
         entry.holders.remove(&self.id());
         if entry.holders.is_empty() {
+            // Unregistered first, closed outside the registry lock (closing unpins files,
+            // which takes a while on CUDA, and must not hold up other devices). A client
+            // opening the same files meanwhile opens them afresh.
+            let Some(entry) = reg.models.remove(&model) else { return Ok(()) };
+            let key = entry.canonical.clone().map(|c| (u32::from(id_prefix_of(model)), c));
+            if let Some(k) = &key {
+                reg.by_path.remove(k);
+            }
+            drop(reg);
             let closed = match self.shared.engine_of(model) {
                 Ok(engine) => engine.close_model(model).map_err(|e| engine_err(&e)),
                 Err(e) => Err(e),
             };
             if let Err(e) = closed {
-                if let Some(entry) = reg.models.get_mut(&model) {
-                    entry.holders.insert(self.id());
+                // Still open: registered again, held by this connection as before.
+                let mut reg = self.shared.registry();
+                if let Some(k) = key {
+                    reg.by_path.entry(k).or_insert(model);
                 }
+                let mut entry = entry;
+                entry.holders.insert(self.id());
+                reg.models.insert(model, entry);
                 return Err(e);
             }
-            if let Some(e) = reg.models.remove(&model)
-                && let Some(c) = e.canonical
-            {
-                reg.by_path.remove(&(u32::from(id_prefix_of(model)), c));
-            }
             info!(conn = self.id(), model, "model closed");
+        } else {
+            drop(reg);
         }
-        drop(reg);
         self.open.remove(&model);
         self.update_counts();
         Ok(())
@@ -643,16 +675,16 @@ impl Conn<'_> {
             Some(d) => self.device(d)?,
             None => self.default_device(),
         };
-        let arena = engine.arena().ok_or_else(|| {
-            ErrorReply::new(ErrorCode::Internal, "the device has no arena (it is closing)")
-        })?;
-        let uuid = engine.device_info().uuid.clone();
         // Features first: a client that did not agree to a way of sharing gets `unsupported`,
         // whatever the device.
         match engine.device_info().backend {
             Backend::Host => self.need(features::HOST_ARENA, "map_arena on the host backend")?,
             Backend::Cuda => self.need(features::CUDA_IPC, "map_arena on a CUDA device")?,
         }
+        let arena = engine.arena().ok_or_else(|| {
+            ErrorReply::new(ErrorCode::Internal, "the device has no arena (it is closing)")
+        })?;
+        let uuid = engine.device_info().uuid.clone();
         let share = arena.share().map_err(|e| {
             ErrorReply::new(ErrorCode::Device, format!("sharing the arena of {uuid}: {e}"))
         })?;
@@ -705,11 +737,21 @@ impl Conn<'_> {
     }
 
     fn list_models(&self) -> Models {
-        let reg = self.shared.registry();
-        let mut models: Vec<ModelInfo> = reg
+        // A snapshot of the registry; the engines are asked without holding it (an engine's
+        // lock may be held across a copy wait, which must not stall the other devices).
+        let entries: Vec<(ModelId, String, Option<crate::protocol::Policy>, u32)> = self
+            .shared
+            .registry()
             .models
             .iter()
-            .filter_map(|(&id, e)| {
+            .map(|(&id, e)| {
+                let clients = e.holders.iter().filter(|&&h| h != 0).count() as u32;
+                (id, e.path.clone(), e.policy, clients)
+            })
+            .collect();
+        let mut models: Vec<ModelInfo> = entries
+            .into_iter()
+            .filter_map(|(id, path, policy, clients)| {
                 let engine = self.shared.devices.for_id(id)?;
                 let m = engine.model(id).ok()?;
                 let source = serde_json::to_value(m.kind())
@@ -720,13 +762,13 @@ impl Conn<'_> {
                 let resident = engine.resident_layers(id).map(|v| v.len()).unwrap_or(0);
                 Some(ModelInfo {
                     model: id,
-                    path: e.path.clone(),
+                    path,
                     source,
                     total_bytes: m.total_bytes(),
                     layers: u32::try_from(layers).unwrap_or(u32::MAX),
                     resident_layers: u32::try_from(resident).unwrap_or(u32::MAX),
-                    policy: e.policy,
-                    clients: e.holders.iter().filter(|&&h| h != 0).count() as u32,
+                    policy,
+                    clients,
                 })
             })
             .collect();

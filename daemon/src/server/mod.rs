@@ -37,9 +37,10 @@
 //!   two device copies).
 //! - `map_arena` on the host backend sends a read-only reopening of the arena's memfd: clients
 //!   can map and read layers, not write into them. On CUDA it sends the arena's exported VMM
-//!   handle (a descriptor) or its legacy IPC handle ([`crate::device::ArenaShare`]); the client
-//!   maps it read-write (CUDA has no read-only import), so a CUDA client is trusted not to
-//!   write into weights. Cross-process ready events are not offered: a client waits with
+//!   handle (a descriptor) or its legacy IPC handle ([`crate::device::ArenaShare`]). ferry's
+//!   importer asks for read-only access and falls back to read-write where the driver refuses
+//!   it (a legacy IPC mapping is always read-write), so a CUDA client is trusted not to write
+//!   into weights. Cross-process ready events are not offered: a client waits with
 //!   `wait_ready` (one round trip) and synchronises its stream before `release`.
 //! - Requests of one connection are answered in order by its thread: a `wait_ready` holds up the
 //!   requests after it on the same connection (docs/protocol.md defines this: replies come in
@@ -214,6 +215,11 @@ pub(crate) struct Registry {
     pub(crate) models: HashMap<ModelId, ModelEntry>,
     /// Open models by (device index, canonical path or descriptor identity).
     pub(crate) by_path: HashMap<(u32, PathBuf), ModelId>,
+    /// Opens in progress, by the same key: whoever opens a key holds its lock while the engine
+    /// parses and maps the files, so a second client opening the same files waits for that
+    /// one open (and then shares its id) while the registry itself stays free for everyone
+    /// else, on every device.
+    pub(crate) opening: HashMap<(u32, PathBuf), Arc<Mutex<()>>>,
 }
 
 /// A connected client, as `list_clients` shows it (and what shutdown needs to close it).
