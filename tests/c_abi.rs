@@ -22,11 +22,11 @@ use ferry::Dtype;
 use ferry::lora::math::{self, Delta, Factor};
 use ferry::protocol::socket::{recv_frame, send_frame};
 use ferry::protocol::{
-    Ack, ArenaFd, ComponentSummary, CudaArena, CudaHandle, DeviceSummary, ErrorCode, ErrorReply,
-    LayerSummary, Leased, MAX_BODY_LEN, MAX_FDS, Message, ModelOpened, PROTOCOL_VERSION,
-    TensorDesc, Welcome, features,
+    Ack, ArenaFd, ComponentSummary, CudaArena, CudaHandle, ErrorCode, ErrorReply, LayerSummary,
+    Leased, Message, ModelOpened, PROTOCOL_VERSION, TensorDesc, features,
 };
-use ferry_tests::{Tensor, build_ffi, cargo_bin, workspace_root as root, write_file};
+use ferry_tests::ferryd::{FAKE_GPU_UUID, fake_welcome};
+use ferry_tests::{Tensor, build_ffi, cargo_bin, u8_blocks, workspace_root as root, write_file};
 
 fn have(tool: &str) -> bool {
     Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
@@ -306,14 +306,7 @@ const OFFLOAD_LAYER: usize = 128 << 10;
 /// tensor per layer, byte i of layer l = (i * 31 + seed + l) mod 256.
 fn write_offload_models(dir: &Path) -> (PathBuf, PathBuf) {
     let write = |name: &str, layers: usize, seed: usize| {
-        let tensors: Vec<Tensor> = (0..layers)
-            .map(|l| Tensor {
-                name: format!("blocks.{l}.weight"),
-                dtype: Dtype::U8,
-                shape: vec![OFFLOAD_LAYER],
-                data: (0..OFFLOAD_LAYER).map(|i| ((i * 31 + seed + l) & 0xff) as u8).collect(),
-            })
-            .collect();
+        let tensors = u8_blocks(layers, OFFLOAD_LAYER, |l, i| ((i * 31 + seed + l) & 0xff) as u8);
         let path = dir.join(name);
         write_file(&path, &tensors).expect("writing an offload model");
         path
@@ -469,22 +462,7 @@ fn serve_liar(stream: UnixStream, arena_len: u64) {
         let reply: Message = match r.message {
             Message::Hello(_) => {
                 version = Some(PROTOCOL_VERSION);
-                Welcome {
-                    version: PROTOCOL_VERSION,
-                    features: features::OPEN_PATH | features::HOST_ARENA,
-                    client_id: 1,
-                    server_version: "liar".into(),
-                    max_body_len: MAX_BODY_LEN,
-                    max_fds: MAX_FDS as u32,
-                    device: DeviceSummary {
-                        backend: "host".into(),
-                        name: "host memory".into(),
-                        uuid: "host".into(),
-                        total_memory: 1 << 20,
-                        budget: 1 << 20,
-                    },
-                }
-                .into()
+                fake_welcome("host", features::OPEN_PATH | features::HOST_ARENA).into()
             }
             Message::MapArena(_) => {
                 let file = tempfile::tempfile().expect("arena file");
@@ -551,23 +529,9 @@ fn fake_daemons(dir: &Path) {
     serve("cuda.sock", |stream| {
         let Ok(r) = recv_frame(&stream, None) else { return };
         let Message::Hello(hello) = r.message else { return };
-        let welcome = Welcome {
-            version: PROTOCOL_VERSION,
-            // A CUDA daemon never grants HOST_ARENA.
-            features: hello.features
-                & (features::FD_PASSING | features::OPEN_PATH | features::LORA),
-            client_id: 1,
-            server_version: "fake".into(),
-            max_body_len: MAX_BODY_LEN,
-            max_fds: MAX_FDS as u32,
-            device: DeviceSummary {
-                backend: "cuda".into(),
-                name: "Fake GPU".into(),
-                uuid: "GPU-00000000-0000-0000-0000-000000000000".into(),
-                total_memory: 80 << 30,
-                budget: 60 << 30,
-            },
-        };
+        // A CUDA daemon never grants HOST_ARENA; this one shares nothing.
+        let granted = features::FD_PASSING | features::OPEN_PATH | features::LORA;
+        let welcome = fake_welcome("cuda", hello.features & granted);
         if send_frame(&stream, PROTOCOL_VERSION, r.header.request_id, &welcome.into(), &[]).is_ok()
         {
             // Until the client hangs up.
@@ -582,29 +546,15 @@ fn fake_daemons(dir: &Path) {
             let sent = match r.message {
                 Message::Hello(hello) => {
                     version = Some(PROTOCOL_VERSION);
-                    let welcome = Welcome {
-                        version: PROTOCOL_VERSION,
-                        features: hello.features
-                            & (features::OPEN_PATH | features::CUDA_IPC | features::DEVICES),
-                        client_id: 1,
-                        server_version: "fake".into(),
-                        max_body_len: MAX_BODY_LEN,
-                        max_fds: MAX_FDS as u32,
-                        device: DeviceSummary {
-                            backend: "cuda".into(),
-                            name: "Fake GPU".into(),
-                            uuid: "GPU-00000000-0000-0000-0000-000000000000".into(),
-                            total_memory: 80 << 30,
-                            budget: 1 << 30,
-                        },
-                    };
+                    let granted = features::OPEN_PATH | features::CUDA_IPC | features::DEVICES;
+                    let welcome = fake_welcome("cuda", hello.features & granted);
                     send_frame(&stream, PROTOCOL_VERSION, id, &welcome.into(), &[])
                 }
                 Message::MapArena(_) => {
                     let stand_in = tempfile::tempfile().expect("stand-in descriptor");
                     let msg = CudaArena {
                         len: 1 << 30,
-                        device_uuid: "GPU-00000000-0000-0000-0000-000000000000".into(),
+                        device_uuid: FAKE_GPU_UUID.into(),
                         handle: CudaHandle::PosixFd { alloc_len: 1 << 30 },
                     };
                     let fds = [std::os::fd::AsFd::as_fd(&stand_in)];

@@ -10,8 +10,9 @@ use std::path::Path;
 use ferry::client::{ArenaHandle, Client, ClientError};
 use ferry::protocol::socket::{recv_frame, send_frame};
 use ferry::protocol::*;
+use ferry_tests::ferryd::{FAKE_GPU_UUID, fake_welcome};
 
-const UUID: &str = "GPU-0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
+const UUID: &str = FAKE_GPU_UUID;
 
 /// What the fake daemon answers the n-th `map_arena` with: the message and whether a
 /// descriptor travels with it.
@@ -38,21 +39,7 @@ fn serve(stream: UnixStream, case: usize) {
         match r.message {
             Message::Hello(h) => {
                 version = Some(PROTOCOL_VERSION);
-                let w = Welcome {
-                    version: PROTOCOL_VERSION,
-                    features: h.features & (features::CUDA_IPC | features::DEVICES),
-                    client_id: 1,
-                    server_version: "fake".into(),
-                    max_body_len: MAX_BODY_LEN,
-                    max_fds: MAX_FDS as u32,
-                    device: DeviceSummary {
-                        backend: "cuda".into(),
-                        name: "Fake GPU".into(),
-                        uuid: UUID.into(),
-                        total_memory: 80 << 30,
-                        budget: 1 << 30,
-                    },
-                };
+                let w = fake_welcome("cuda", h.features & (features::CUDA_IPC | features::DEVICES));
                 let _ = send_frame(&stream, PROTOCOL_VERSION, id, &w.into(), &[]);
             }
             Message::MapArena(_) | Message::MapArenaOn(_) => {

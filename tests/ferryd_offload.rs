@@ -7,11 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ferry::Dtype;
 use ferry::client::Client;
 use ferry::protocol::{ErrorCode, ModelOpened, Policy};
 use ferry_tests::ferryd::{Ferryd, acquire, map_arena, release};
-use ferry_tests::{Tensor, cargo_bin, write_file};
+use ferry_tests::{Tensor, cargo_bin, u8_blocks, write_file};
 
 const LAYER: usize = 64 << 10;
 /// Room for one model's reservation, not both (base 6 layers, refiner 5).
@@ -38,16 +37,8 @@ fn start(dir: &Path) -> Ferryd {
 
 /// A model of `layers` layers of `LAYER` bytes, bytes differing per `seed`.
 fn model(root: &Path, name: &str, layers: usize, seed: u8) -> (PathBuf, Vec<Tensor>) {
-    let tensors: Vec<Tensor> = (0..layers)
-        .map(|l| Tensor {
-            name: format!("blocks.{l}.weight"),
-            dtype: Dtype::U8,
-            shape: vec![LAYER],
-            data: (0..LAYER)
-                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed + l as u8))
-                .collect(),
-        })
-        .collect();
+    let tensors =
+        u8_blocks(layers, LAYER, |l, i| (i as u8).wrapping_mul(31).wrapping_add(seed + l as u8));
     let path = root.join(name);
     write_file(&path, &tensors).expect("write");
     (path, tensors)

@@ -12,11 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use ferry::Dtype;
 use ferry::client::{Client, ClientError};
 use ferry::protocol::{DeviceSel, ErrorCode, Message, ModelOpened, Policy, Threshold};
 use ferry_tests::ferryd::{Ferryd, acquire, ferryctl, release, stdout_ok};
-use ferry_tests::{Tensor, write_file};
+use ferry_tests::{Tensor, u8_blocks, write_file};
 
 const LAYER: usize = 64 << 10;
 /// Eight layers' room per device.
@@ -64,16 +63,8 @@ fn connect(s: &Setup) -> Client {
 
 /// A model of `layers` layers of `LAYER` bytes.
 fn model(root: &Path, name: &str, layers: usize, seed: u8) -> (PathBuf, Vec<Tensor>) {
-    let tensors: Vec<Tensor> = (0..layers)
-        .map(|l| Tensor {
-            name: format!("blocks.{l}.weight"),
-            dtype: Dtype::U8,
-            shape: vec![LAYER],
-            data: (0..LAYER)
-                .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed ^ l as u8))
-                .collect(),
-        })
-        .collect();
+    let tensors =
+        u8_blocks(layers, LAYER, |l, i| (i as u8).wrapping_mul(29).wrapping_add(seed ^ l as u8));
     let path = root.join(name);
     write_file(&path, &tensors).expect("write");
     (path, tensors)

@@ -108,13 +108,21 @@ fn daemon_log(path: &Path) -> String {
 /// Starts `ferryd` on the host backend (two devices of 64 MiB) with `root` as its model root;
 /// waits for its socket.
 fn start_ferryd(root: &Path) -> (Daemon, PathBuf, PathBuf) {
+    // Two simulated devices (HOST-0000, HOST-0001) for the LiveDevices suite; device 0 is the
+    // default, so the other suites run as on a single-device ferryd.
+    start_ferryd_with(
+        root,
+        &["--device", "host", "--host-memory", "67108864", "--host-devices", "2"],
+    )
+}
+
+/// Starts `ferryd` with `device_args` and `root` as its model root; waits for its socket.
+fn start_ferryd_with(root: &Path, device_args: &[&str]) -> (Daemon, PathBuf, PathBuf) {
     let socket = root.join("s.sock");
     let log = root.join("ferryd.log");
     let mut daemon = Daemon(
         Command::new(cargo_bin("ferryd"))
-            // Two simulated devices (HOST-0000, HOST-0001) for the LiveDevices suite; device 0
-            // is the default, so the other suites run as on a single-device ferryd.
-            .args(["--device", "host", "--host-memory", "67108864", "--host-devices", "2"])
+            .args(device_args)
             .arg("--socket")
             .arg(&socket)
             .arg("--model-root")
@@ -202,6 +210,72 @@ fn python_client_against_a_real_ferryd() {
         daemon_log(&log)
     );
     assert!(!socket.exists(), "ferryd removed its socket");
+}
+
+/// The Python client's CUDA binding without a GPU: typed errors without a driver, the checks of
+/// `cuda_arena` replies, and both import paths through a stand-in libcuda the suite compiles
+/// with `cc` (call order, struct layouts, clean-up), against fake CUDA ferryds.
+#[test]
+fn python_client_cuda_binding_without_a_gpu() {
+    if !python_ok() {
+        return;
+    }
+    let out = unittest("test_cuda.py", &[]).env_remove("FERRY_LIBCUDA").output().expect("python3");
+    check("test_cuda.py", &out);
+}
+
+/// The CUDA path against a real ferryd on a GPU (`ferryd --device cuda`): the arena mapped by
+/// the Python client, every tensor's bytes read back, and through torch when it has CUDA.
+/// Runs only with `FERRY_TEST_CUDA=1`, so that it never runs by accident.
+#[test]
+fn python_cuda_path_against_a_cuda_ferryd() {
+    if std::env::var("FERRY_TEST_CUDA").as_deref() != Ok("1") {
+        eprintln!("test_cuda_gpu.py NOT RUN: set FERRY_TEST_CUDA=1 on a machine with a GPU");
+        return;
+    }
+    assert!(python_ok(), "FERRY_TEST_CUDA=1 needs python3 3.9 or newer");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let tensors = llm_like(3, 2, 1000);
+    let model = write_sharded(&root.join("llm"), "model", &tensors, 2).expect("model");
+    let expected: serde_json::Map<String, serde_json::Value> =
+        tensors.iter().map(|t| (t.name.clone(), hex(&t.data).into())).collect();
+    let expected_path = root.join("expected.json");
+    std::fs::write(&expected_path, serde_json::json!({ "tensors": expected }).to_string())
+        .expect("expected bytes");
+    let models = root.join("models");
+    std::fs::create_dir(&models).expect("models folder");
+    let (mut daemon, socket, log) =
+        start_ferryd_with(root, &["--device", "cuda", "--budget", "268435456"]);
+    // The torch suite needs torch with CUDA and numpy (for __cuda_array_interface__).
+    let torch_cuda = Command::new("python3")
+        .args(["-c", "import sys, numpy, torch; sys.exit(0 if torch.cuda.is_available() else 1)"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|st| st.success());
+    let mut cmd = if torch_cuda {
+        unittest("test_cuda_gpu.py", &[])
+    } else {
+        eprintln!(
+            "test_cuda_gpu.py LiveCudaTorch NOT RUN: python3 has no torch with CUDA, or no numpy"
+        );
+        unittest("test_cuda_gpu.py", &["-k", "*.LiveCuda.*"])
+    };
+    let out = cmd
+        .env("FERRY_TEST_CUDA", "1")
+        .env("FERRY_SOCKET", &socket)
+        .env("FERRY_MODEL", &model)
+        .env("FERRY_EXPECTED", &expected_path)
+        .env("FERRY_MODEL_ROOT", &models)
+        .env_remove("FERRY_LIBCUDA")
+        .output()
+        .expect("run python3");
+    if !out.status.success() {
+        eprintln!("ferryd's log:\n{}", daemon_log(&log));
+    }
+    check("test_cuda_gpu.py", &out);
+    assert!(daemon.0.try_wait().expect("try_wait").is_none(), "ferryd is still up");
 }
 
 /// Whether `python3` can import `modules`; prints that `suite` is not run when it cannot.

@@ -132,3 +132,32 @@ pub fn map_arena(c: &mut ferry::client::Client) -> memmap2::Mmap {
     assert_eq!(map.len() as u64, a.len);
     map
 }
+
+/// UUID of the GPU that fake CUDA daemons in tests claim.
+pub const FAKE_GPU_UUID: &str = "GPU-00000000-0000-0000-0000-000000000000";
+
+/// The `welcome` of a fake daemon (tests of clients against daemons that lie or cannot be
+/// served): `backend` `"host"` (1 MiB of host memory) or `"cuda"` (an 80 GiB "Fake GPU" with
+/// UUID [`FAKE_GPU_UUID`]), granting `features`.
+pub fn fake_welcome(backend: &str, features: u64) -> ferry::protocol::Welcome {
+    use ferry::protocol::{DeviceSummary, MAX_BODY_LEN, MAX_FDS, PROTOCOL_VERSION, Welcome};
+    let (name, uuid, total) = match backend {
+        "cuda" => ("Fake GPU", FAKE_GPU_UUID, 80u64 << 30),
+        _ => ("host memory", "host", 1u64 << 20),
+    };
+    Welcome {
+        version: PROTOCOL_VERSION,
+        features,
+        client_id: 1,
+        server_version: "fake".into(),
+        max_body_len: MAX_BODY_LEN,
+        max_fds: MAX_FDS as u32,
+        device: DeviceSummary {
+            backend: backend.into(),
+            name: name.into(),
+            uuid: uuid.into(),
+            total_memory: total,
+            budget: total.min(1 << 30),
+        },
+    }
+}

@@ -69,6 +69,19 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Writes `tensors` as one safetensors file.
+/// `layers` layers of one U8 tensor each, `blocks.<l>.weight` of `len` bytes, byte `i` of
+/// layer `l` being `byte(l, i)` (models whose every byte a test can predict).
+pub fn u8_blocks(layers: usize, len: usize, byte: impl Fn(usize, usize) -> u8) -> Vec<Tensor> {
+    (0..layers)
+        .map(|l| Tensor {
+            name: format!("blocks.{l}.weight"),
+            dtype: Dtype::U8,
+            shape: vec![len],
+            data: (0..len).map(|i| byte(l, i)).collect(),
+        })
+        .collect()
+}
+
 pub fn write_file(path: &Path, tensors: &[Tensor]) -> io::Result<()> {
     let meta = HashMap::from([("writer".to_string(), "ferry-tests".to_string())]);
     safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.as_str(), t)), Some(meta), path)

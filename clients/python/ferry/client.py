@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from . import cuda
 from . import errors
 from . import messages as m
 from . import wire
@@ -29,6 +30,8 @@ _NUMPY_DTYPES = {
 }
 
 PolicyArg = Union[m.Policy, str]
+# What map_arena returns: a host arena (mmap) or a CUDA ferryd's arena mapped into this process.
+AnyArena = Union["Arena", cuda.ImportedArena]
 # A device: ferryd's index (int), its UUID (str), or a selector; None is the server's default.
 DeviceArg = Union[int, str, m.DeviceSel, None]
 
@@ -134,9 +137,14 @@ class Lease:
         """The index of the device the layer is on (its model's, from the model id)."""
         return m.device_of(self.model)
 
-    def arena(self) -> Arena:
-        """The mapped arena of the device the layer is on (mapped on first use)."""
+    def arena(self) -> AnyArena:
+        """The mapped arena of the device the layer is on (mapped on first use): an
+        :class:`Arena` on a host ferryd, a :class:`ferry.cuda.ImportedArena` on a CUDA one."""
         return self.client.arena_for(self.model)
+
+    def _on_cuda(self) -> bool:
+        # Every device of a ferryd has the same backend (the welcome's device is one of them).
+        return self.client.device.backend == "cuda"
 
     def wait_ready(self) -> "Lease":
         if not self.ready:
@@ -157,10 +165,16 @@ class Lease:
 
     def view(self, tensor: Union[m.TensorDesc, str]) -> memoryview:
         """The tensor's bytes in the mapped host arena of the layer's device (maps it on first
-        use). Valid only while the lease is held and once it is ready."""
+        use). Valid only while the lease is held and once it is ready. On a CUDA ferryd the
+        bytes are device memory, which the host cannot read: :class:`ferry.errors.
+        MemoryKindError` (use :meth:`device_ptr`)."""
         t = self.tensor(tensor) if isinstance(tensor, str) else tensor
         if self.released:
             raise errors.UnknownLease(f"lease {self.id} was released", None)
+        if self._on_cuda():
+            raise errors.MemoryKindError(
+                f"tensor {t.name} is in GPU memory (ferryd runs on CUDA), which the host cannot "
+                "read: use Lease.device_ptr (or ferry.torch) instead of view/array")
         self.wait_ready()
         arena = self.arena()
         if t.arena_offset + t.len > arena.len:
@@ -169,15 +183,37 @@ class Lease:
 
     def array(self, tensor: Union[m.TensorDesc, str]) -> Any:
         """The tensor as a read-only numpy array (needs numpy; dtypes numpy lacks, such as
-        BF16, come back as uint8 bytes)."""
-        import numpy as np
-
+        BF16, come back as uint8 bytes). Host arenas only, as :meth:`view`."""
         t = self.tensor(tensor) if isinstance(tensor, str) else tensor
         buf = self.view(t)
+        import numpy as np
+
         dt = _NUMPY_DTYPES.get(t.dtype)
         if dt is None:
             return np.frombuffer(buf, dtype="u1")
         return np.frombuffer(buf, dtype=dt).reshape([int(d) for d in t.shape])
+
+    def device_ptr(self, tensor: Union[m.TensorDesc, str]) -> int:
+        """The tensor's device address in this process, on a CUDA ferryd: the base of the
+        arena of the layer's device, mapped into this process (on first use; see
+        :meth:`Client.map_arena`), plus the tensor's ``arena_offset``. Waits until the layer is
+        ready. Valid only while the lease is held: finish (synchronise) every GPU use of it
+        before releasing. On a host ferryd: :class:`ferry.errors.MemoryKindError` (use
+        :meth:`view`)."""
+        t = self.tensor(tensor) if isinstance(tensor, str) else tensor
+        if self.released:
+            raise errors.UnknownLease(f"lease {self.id} was released", None)
+        if not self._on_cuda():
+            raise errors.MemoryKindError(
+                f"tensor {t.name} is in a host arena (ferryd runs on the "
+                f"{self.client.device.backend} backend): use Lease.view")
+        arena = self.arena()
+        if t.arena_offset + t.len > arena.len:
+            raise errors.ProtocolError(
+                f"tensor {t.name} (bytes {t.arena_offset}..{t.arena_offset + t.len}) lies "
+                f"past the arena's end ({arena.len} bytes)")
+        self.wait_ready()
+        return arena.base + t.arena_offset
 
     def __enter__(self) -> "Lease":
         try:
@@ -206,14 +242,22 @@ class Client:
     """A connection to ferryd: connects and completes the handshake on construction."""
 
     def __init__(self, path: Optional[str] = None, *, timeout: Optional[float] = None,
-                 features: int = m.DEFAULT_FEATURES, client_name: str = CLIENT_NAME):
+                 features: int = m.DEFAULT_FEATURES, client_name: str = CLIENT_NAME,
+                 cuda: bool = False):
+        """``cuda=True`` also asks for ``CUDA_IPC`` (added to ``features``): a CUDA ferryd
+        then shares its arenas with ``map_arena``, mapped into this process through the CUDA
+        driver (:mod:`ferry.cuda`). A host ferryd does not grant it and nothing changes."""
+        if not isinstance(cuda, bool):
+            raise TypeError(f"cuda must be True or False, not {cuda!r}")
+        if cuda:
+            features |= m.CUDA_IPC
         self.path = path or os.environ.get("FERRY_SOCKET") or DEFAULT_SOCKET
         self._lock = threading.RLock()
         self._next_id = 1
         self._stash: Dict[int, Frame] = {}
-        self._arena: Optional[Arena] = None  # the default device's (plain map_arena)
+        self._arena: Optional[AnyArena] = None  # the default device's (plain map_arena)
         # Arenas mapped with map_arena_on, by the selector's value (an index or a UUID).
-        self._arenas: Dict[Union[int, str], Arena] = {}
+        self._arenas: Dict[Union[int, str], AnyArena] = {}
         # The index of the device plain open_model/open_model_fd use, once a reply shows it.
         self._default_device: Optional[int] = None
         self._closed = False
@@ -477,10 +521,20 @@ class Client:
         failed to open is listed with ``error`` set."""
         return self._call(m.ListDevices(), m.Devices).devices
 
-    def map_arena(self, device: DeviceArg = None) -> Arena:
-        """Maps a host arena read-only: the default device's (``device`` None), else that of
+    def map_arena(self, device: DeviceArg = None) -> AnyArena:
+        """Maps a device's arena: the default device's (``device`` None), else that of
         ``device``, an index or a UUID (needs ``DEVICES``). Once per client and device; later
-        calls return the same :class:`Arena`."""
+        calls return the same object.
+
+        On a host ferryd: an :class:`Arena`, the memfd mapped read-only. On a CUDA ferryd (the
+        client must have been made with ``cuda=True``, else ferryd answers ``Unsupported``): a
+        :class:`ferry.cuda.ImportedArena`, ferryd's device memory mapped into this process's
+        CUDA context of the GPU with the same UUID (read tensors at ``base + arena_offset``,
+        or with :meth:`Lease.device_ptr`). Mapping it may raise
+        :class:`ferry.errors.CudaUnavailable` (no driver, the GPU not visible here),
+        :class:`ferry.errors.CudaError` or :class:`ferry.errors.BadCudaArena`; the descriptor
+        that came with the reply is closed whatever happens, and the connection stays
+        usable."""
         sel = None if device is None else m.DeviceSel.of(device)
         with self._lock:
             cached = self._arena if sel is None else self._arenas.get(sel.value)
@@ -489,12 +543,9 @@ class Client:
             req: m.Message = m.MapArena() if sel is None else m.MapArenaOn(sel)
             frame = self._roundtrip(req, (m.ArenaFd, m.CudaArena))
             if isinstance(frame.message, m.CudaArena):
-                # Granted CUDA_IPC (asked for explicitly): CUDA memory, which this client
-                # cannot map. The connection stays usable.
-                self._close_fds(frame.fds)
-                raise errors.Unsupported(
-                    f"the arena of device {frame.message.device_uuid} is CUDA memory "
-                    "(cuda_arena); this client maps host arenas only", None)
+                imported = self._import_cuda(frame.message, frame.fds, sel)
+                self._keep(sel, imported)
+                return imported
             reply: m.ArenaFd = frame.message  # type: ignore[assignment]
             (fd,) = frame.fds
             try:
@@ -502,13 +553,35 @@ class Client:
             finally:
                 os.close(fd)
             arena = Arena(mp, reply.len, reply.backend, sel)
-            if sel is None:
-                self._arena = arena
-            else:
-                self._arenas[sel.value] = arena
+            self._keep(sel, arena)
             return arena
 
-    def arena_for(self, model: int) -> Arena:
+    def _keep(self, sel: Optional[m.DeviceSel], arena: AnyArena) -> None:
+        if sel is None:
+            self._arena = arena
+        else:
+            self._arenas[sel.value] = arena
+
+    def _import_cuda(self, reply: m.CudaArena, fds: List[int],
+                     sel: Optional[m.DeviceSel]) -> cuda.ImportedArena:
+        """Maps a ``cuda_arena`` reply, once per GPU: a device named by index and by UUID, or
+        by plain ``map_arena`` too, is imported once (``device`` says how it was first asked
+        for). Takes ``fds`` (``_recv_frame`` checked their number against the handle): closed
+        on every path."""
+        want = cuda.normalize_uuid(reply.device_uuid)
+        for known in (self._arena, *self._arenas.values()):
+            if (isinstance(known, cuda.ImportedArena) and not known.closed
+                    and cuda.normalize_uuid(known.uuid) == want and known.len == reply.len):
+                self._close_fds(fds)
+                return known
+        if len(fds) > 1:  # not reachable past _recv_frame; never leak one
+            self._close_fds(fds)
+            raise errors.BadFds(f"cuda_arena came with {len(fds)} descriptors", None)
+        imported = cuda.ImportedArena.import_(reply, fds[0] if fds else None)
+        imported.device = sel
+        return imported
+
+    def arena_for(self, model: int) -> AnyArena:
         """The mapped arena holding the leased bytes of ``model`` (a model or view id): that of
         the device in the id's top 16 bits. The default device's is mapped with plain
         ``map_arena``, as is every arena when ``DEVICES`` was not agreed (then every model of
@@ -527,11 +600,19 @@ class Client:
             except errors.FerryError:
                 pass
             self._shutdown()
-        for arena in [self._arena, *self._arenas.values()]:
-            if arena is not None:
-                arena.close()
+        arenas = [self._arena, *self._arenas.values()]
         self._arena = None
         self._arenas.clear()
+        failure: Optional[errors.CudaError] = None
+        for arena in arenas:
+            if arena is None:
+                continue
+            try:
+                arena.close()  # idempotent: the same imported arena may be cached twice
+            except errors.CudaError as e:  # every arena is still closed; the first is raised
+                failure = failure or e
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> "Client":
         return self

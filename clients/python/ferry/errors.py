@@ -57,6 +57,49 @@ class ConnectionLost(FerryError):
     name = "connection_lost"
 
 
+class CudaError(FerryError):
+    """A CUDA driver call made by this client (mapping a CUDA ferryd's arena, see
+    :mod:`ferry.cuda`) failed. ``call`` names the driver function, ``result`` is its
+    ``CUresult`` (``None`` when no call was made) and ``result_name`` the driver's name for it
+    (``CUDA_ERROR_...``). Raised by the client (``code`` is ``None``); the connection to
+    ferryd stays usable."""
+
+    name = "cuda"
+
+    def __init__(self, message: str = "", call: Optional[str] = None,
+                 result: Optional[int] = None, result_name: Optional[str] = None):
+        super().__init__(message)
+        self.call = call
+        self.result = result
+        self.result_name = result_name
+
+
+class CudaUnavailable(CudaError):
+    """CUDA cannot be used from this process: the driver library does not load (no NVIDIA
+    driver), ``cuInit`` fails (no GPU, a broken driver), the driver lacks a function ferry
+    needs, or no visible GPU has the UUID of ferryd's device (``CUDA_VISIBLE_DEVICES`` hides
+    it). The message says which. Not a server error: the connection stays usable."""
+
+    name = "cuda_unavailable"
+
+
+class BadCudaArena(FerryError):
+    """A ``cuda_arena`` reply that cannot describe a usable mapping (an allocation smaller than
+    the arena, an IPC handle that is not 64 bytes, a descriptor missing or unexpected), found
+    before any driver call. Raised by the client; the connection stays usable."""
+
+    name = "bad_cuda_arena"
+
+
+class MemoryKindError(FerryError):
+    """The memory a layer lies in cannot be used that way: ``Lease.view``/``Lease.array`` on a
+    CUDA ferryd (device memory is not readable from the host: use ``Lease.device_ptr``), or
+    ``Lease.device_ptr`` on a host arena (use ``Lease.view``). Raised by the client before
+    anything is sent."""
+
+    name = "memory_kind"
+
+
 def _define(code: int, name: str, cls_name: str, base: type, doc: str) -> type:
     return type(cls_name, (base,), {"code": code, "name": name, "__doc__": doc})
 

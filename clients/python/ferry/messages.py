@@ -20,9 +20,10 @@ LORA = 0x08
 CUDA_IPC = 0x10
 DEVICES = 0x20  # open_model_on, open_model_fd_on, list_devices, map_arena_on
 KNOWN_FEATURES = FD_PASSING | OPEN_PATH | HOST_ARENA | LORA | CUDA_IPC | DEVICES
-# What Client asks for by default: not CUDA_IPC, since mapping CUDA memory needs a CUDA driver
-# binding this stdlib-only client does not have (a CUDA ferryd then answers map_arena with
-# ``unsupported`` instead of exporting its arena for nothing).
+# What Client asks for by default: not CUDA_IPC, which ``Client(..., cuda=True)`` adds. Mapping
+# a CUDA arena needs the CUDA driver and ferryd's GPU visible in this process (ferry.cuda);
+# without the feature a CUDA ferryd answers map_arena with ``unsupported`` instead of exporting
+# its arena to a client that may not be able to use it.
 DEFAULT_FEATURES = KNOWN_FEATURES & ~CUDA_IPC
 
 # Model, view and lease ids carry the index of the device they are on in their top 16 bits.
@@ -584,6 +585,7 @@ class DeviceEntry:
     error: Optional[str] = wf(("option", "str"))
     stats: Optional[StatsReply] = wf(("option", StatsReply))  # ``budget`` is its arena
     models: int = wf("u32")  # models and views open on it
+    waiting: int = wf("u32", default=0)  # acquires waiting for its memory right now
 
 
 @dataclass
@@ -628,9 +630,8 @@ CudaHandle.VARIANTS = (CudaPosixFd, CudaIpc)
 
 @dataclass
 class CudaArena(Message):
-    """Answer to ``map_arena``/``map_arena_on`` on a CUDA device (needs ``CUDA_IPC``). This
-    client decodes it but cannot map CUDA memory (``Client.map_arena`` raises
-    ``Unsupported``)."""
+    """Answer to ``map_arena``/``map_arena_on`` on a CUDA device (needs ``CUDA_IPC``):
+    ``Client.map_arena`` maps it with :meth:`ferry.cuda.ImportedArena.import_`."""
 
     KIND: ClassVar[int] = 0x8051
     NAME: ClassVar[str] = "cuda_arena"

@@ -30,9 +30,10 @@ How it works:
   first. A layer entered twice (a submodule called from within itself, or hooked at two places)
   is acquired once.
 * The placeholders are ``meta`` tensors (the default: any use outside a hooked forward fails
-  loudly) or, with ``placeholder="cpu"``, zero-stride CPU tensors of one element, for code that
-  asks a module for its ``device`` (diffusers pipelines do). Either way the module's own copy of
-  the weights is dropped at attach.
+  loudly) or, with ``placeholder="cpu"`` (``"cuda"`` on a CUDA ferryd: on the served GPU),
+  zero-stride tensors of one element, for code that asks a module for its ``device``
+  (diffusers pipelines do). Either way the module's own copy of the weights is dropped at
+  attach.
 
 Backends (the piece that turns a lease into tensors is :func:`tensor_source`):
 
@@ -43,11 +44,27 @@ Backends (the piece that turns a lease into tensors is :func:`tensor_source`):
   weight crashes the process rather than corrupting ferry's memory. Forward passes do not write
   weights; a BatchNorm in training mode would update its running statistics, so that is refused
   with :class:`FerryTorchError` before the forward.
-* **cuda**: not available. Arena offsets mean nothing in another process without mapping
-  ferryd's device memory: the protocol's ``cuda_arena`` reply (feature ``CUDA_IPC``) carries a
-  VMM descriptor or a legacy IPC handle for that, but mapping it needs the CUDA driver API,
-  which this client does not bind yet. Attaching to a ferryd on the CUDA backend raises
-  :class:`CudaSharingUnavailable` before anything is changed.
+* **cuda**: tensors are zero-copy CUDA tensors over ferryd's GPU memory. The session's client
+  asks for ``CUDA_IPC`` (a client you pass must be made with ``ferry.Client(..., cuda=True)``),
+  maps the arena of the model's device once (:mod:`ferry.cuda`: the GPU with ferryd's UUID,
+  in its primary context, which torch uses), and wraps ``base + arena_offset`` in an object
+  with ``__cuda_array_interface__`` (one-dimensional ``uint8``), which ``torch.as_tensor``
+  takes without copying on ``cuda:N`` (the torch device with the same UUID); the bytes are
+  then viewed as the file's dtype and shape. torch needs numpy to read that interface.
+  Ordering, because ferryd copies on its own stream and offers no interprocess event: a layer's
+  tensors are made only after ``wait_ready`` answered (``Lease.device_ptr`` waits), so its bytes
+  are on the GPU before any kernel is queued; after the forward, *before* the lease is
+  released, the current torch stream of that device is synchronised (``cuda_sync="stream"``,
+  the default), or the whole device (``cuda_sync="device"``: for forwards that run kernels on
+  other streams without joining them back): ferryd may overwrite the memory as soon as it
+  acknowledges the release. That synchronisation blocks the host once per layer (no
+  interprocess events yet: the price is the GPU running dry between layers). The mapping may be
+  read-only (``ferry.cuda.ImportedArena.read_only``): a kernel writing a served weight then
+  faults the CUDA context, like a write to the host arena crashes the process. Attaching
+  raises :class:`CudaSharingUnavailable` (before anything is opened or changed) when this
+  process cannot map the arena: no ``CUDA_IPC`` on the connection, no numpy, torch without
+  CUDA, or no CUDA driver; and after opening (the session is undone) when ferryd's GPU is not
+  visible here.
 
 Layers nest: a layer hooked on a module that contains other hooked modules (a bare parameter
 of the root, such as ``logit_scale``, is served around the root's whole forward) stays leased
@@ -56,7 +73,8 @@ while the inner layers come and go, so the policy must be able to hold that many
 acquire timeout).
 
 Limits: run forwards under ``torch.no_grad()`` or ``torch.inference_mode()`` (autograd may keep
-a weight for a backward pass past the forward's end); one forward at a time per client (a
+a weight for a backward pass past the forward's end); CUDA graphs cannot capture a served
+forward (each layer's address changes between acquires); one forward at a time per client (a
 :class:`ferry.Client` has one request in flight); attach after ``module.to(...)``/``.half()``,
 never move an attached module; ``state_dict()`` of an attached module holds placeholders; a
 weight read outside its submodule's forward (a parent calling ``F.linear(x, self.fc.weight)``)
@@ -64,6 +82,7 @@ is a placeholder there.
 """
 
 import importlib
+import importlib.util
 
 try:
     torch = importlib.import_module("torch")
@@ -82,6 +101,7 @@ from typing import (
     Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
 )
 
+from . import cuda
 from . import errors
 from . import messages as m
 from .client import Client, DeviceArg, Lease, PolicyArg
@@ -106,7 +126,9 @@ class FerryTorchError(errors.FerryError):
 
 
 class CudaSharingUnavailable(FerryTorchError):
-    """ferryd runs on the CUDA backend, whose memory this client cannot reach yet."""
+    """ferryd runs on the CUDA backend and this process cannot map its GPU memory (the message
+    says why: no ``CUDA_IPC`` on the connection, no numpy, torch without CUDA, no CUDA driver,
+    ferryd's GPU not visible here)."""
 
     name = "cuda_sharing_unavailable"
 
@@ -154,7 +176,8 @@ class _HostArena:
     def check(client: Client) -> None:
         """Whether this source can serve ``client`` (it can)."""
 
-    def __init__(self, client: Client, model: Optional[int] = None):
+    def __init__(self, client: Client, model: Optional[int] = None, sync: str = "stream"):
+        # ``sync`` is the CUDA source's; host memory needs no synchronisation.
         self.check(client)
         self.arena = client.map_arena() if model is None else client.arena_for(model)
         if self.arena.len > 0:
@@ -194,30 +217,149 @@ class _HostArena:
         return self.base <= ptr < self.end
 
 
+class _DeviceBytes:
+    """``nbytes`` of GPU memory at ``ptr`` as ``__cuda_array_interface__`` (version 3) describes
+    them: one-dimensional ``uint8``, writable as far as the interface goes (torch refuses
+    read-only ones; the mapping itself may be read-only). torch keeps this object, and so
+    ``owner`` (the imported arena), alive as long as a tensor over the memory exists. ``stream``
+    is None: the bytes are ready (the lease waited) and need no synchronisation."""
+
+    __slots__ = ("ptr", "nbytes", "owner")
+
+    def __init__(self, ptr: int, nbytes: int, owner: Any):
+        self.ptr = ptr
+        self.nbytes = nbytes
+        self.owner = owner
+
+    @property
+    def __cuda_array_interface__(self) -> Dict[str, Any]:
+        return {"version": 3, "shape": (self.nbytes,), "typestr": "|u1",
+                "data": (self.ptr, False), "strides": None, "stream": None}
+
+
+def _typed(raw: "torch.Tensor", dtype: "torch.dtype", shape: Sequence[int]) -> "torch.Tensor":
+    """One-dimensional ``uint8`` bytes seen as ``dtype`` with ``shape``, without a copy (the
+    caller checked that the sizes agree)."""
+    t = raw if dtype == torch.uint8 else raw.view(dtype)
+    return t.view(list(shape))
+
+
+def _torch_uuid(props: Any) -> Optional[str]:
+    """A torch device's UUID as ``GPU-…``, from ``get_device_properties(i).uuid``: a
+    ``_CUuuid`` whose ``bytes`` are the 16 raw bytes and whose ``str`` is the dashed form
+    without ``GPU-`` (both are handled; ``None`` when torch gives none)."""
+    u = getattr(props, "uuid", None)
+    if u is None:
+        return None
+    raw = getattr(u, "bytes", None)
+    if raw is not None and not isinstance(raw, str):
+        try:
+            b = bytes(raw)
+        except (TypeError, ValueError):
+            b = b""
+        if len(b) == 16:
+            return cuda.format_uuid(b)
+    return str(u)
+
+
+def _torch_index(uuid: str) -> int:
+    """The index of the torch CUDA device with ``uuid``."""
+    want = cuda.normalize_uuid(uuid)
+    seen = []
+    for i in range(torch.cuda.device_count()):
+        u = _torch_uuid(torch.cuda.get_device_properties(i))
+        seen.append(u or "?")
+        if u is not None and cuda.normalize_uuid(u) == want:
+            return i
+    raise CudaSharingUnavailable(
+        f"ferryd CUDA sharing not available: torch has no CUDA device with UUID {uuid} "
+        f"(torch sees: {', '.join(seen) or 'none'})")
+
+
+def _cuda_unavailable(client: Client) -> Optional[str]:
+    """Why this process cannot use ``client``'s CUDA arenas with torch, or ``None``."""
+    if not client.features & m.CUDA_IPC:
+        return ("this connection has no CUDA_IPC feature: make the client with "
+                "ferry.Client(path, cuda=True) (a session given a socket path does)")
+    if importlib.util.find_spec("numpy") is None:
+        return ("torch reads memory it did not allocate through __cuda_array_interface__, "
+                "which needs numpy (pip install numpy)")
+    if not torch.cuda.is_available():
+        return ("torch has no usable CUDA device (torch.cuda.is_available() is False: a "
+                "CPU-only torch build, or no GPU visible to this process)")
+    try:
+        cuda.driver()
+    except errors.CudaUnavailable as e:
+        return e.message
+    return None
+
+
 class _CudaArena:
-    """CUDA backend: not available, and said so at once.
-
-    Another process can only use arena offsets by mapping ferryd's device memory. The protocol
-    has that now (``map_arena`` answered ``cuda_arena`` under ``CUDA_IPC``: a VMM descriptor to
-    import and map, or a legacy IPC handle), but mapping it takes CUDA driver calls
-    (``cuMemImportFromShareableHandle``/``cuMemMap`` or ``cuIpcOpenMemHandle``) this client does
-    not make yet. Doing so, this class would map once per device, build each tensor over
-    ``base + arena_offset`` (``__cuda_array_interface__`` or ``torch.as_strided``), read a layer
-    only after ``wait_ready`` and synchronise the current stream before release.
-    """
-
-    def __init__(self, client: Client, model: Optional[int] = None):
-        self.check(client)
+    """CUDA backend: each tensor is a zero-copy CUDA tensor over ferryd's GPU memory, mapped
+    into this process once per device (module docs: how, and the ordering rule)."""
 
     @staticmethod
     def check(client: Client) -> None:
-        """Always raises: see the class docs."""
-        raise CudaSharingUnavailable(
-            f"ferryd CUDA sharing not available: ferryd at {client.path} runs on the CUDA "
-            f"backend ({client.device.name or 'a GPU'}), whose memory protocol version "
-            f"{client.version} shares only through cuda_arena handles, which this client "
-            "cannot map yet (no CUDA driver binding); run ferryd with --device host, or use "
-            "ferry in-process through its C ABI")
+        """Raises :class:`CudaSharingUnavailable` unless this process can map ``client``'s
+        CUDA arenas for torch (nothing is sent)."""
+        why = _cuda_unavailable(client)
+        if why is not None:
+            raise CudaSharingUnavailable(
+                f"ferryd CUDA sharing not available: ferryd at {client.path} runs on the CUDA "
+                f"backend ({client.device.name or 'a GPU'}), but {why}")
+
+    def __init__(self, client: Client, model: Optional[int] = None, sync: str = "stream"):
+        if sync not in _SYNCS:
+            raise ValueError(f"cuda_sync must be one of {_SYNCS}, not {sync!r}")
+        self.check(client)
+        self.sync = sync
+        try:
+            self.arena = client.map_arena() if model is None else client.arena_for(model)
+        except errors.CudaError as e:
+            raise CudaSharingUnavailable(
+                f"ferryd CUDA sharing not available: {e.message}") from e
+        self.index = _torch_index(self.arena.uuid)
+        self.device = torch.device("cuda", self.index)
+        self.base = self.arena.base
+        self.end = self.base + self.arena.len
+
+    def tensor(self, lease: Lease, desc: m.TensorDesc, dtype: "torch.dtype",
+               shape: Sequence[int]) -> "torch.Tensor":
+        itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+        if _numel(shape) * itemsize != desc.len:
+            raise FerryTorchError(
+                f"tensor {desc.name}: {desc.len} bytes for shape {list(shape)} of {desc.dtype}")
+        if desc.len == 0:
+            return torch.empty(list(shape), dtype=dtype, device=self.device)
+        ptr = lease.device_ptr(desc)  # waits until ready, checks the range against the arena
+        raw = torch.as_tensor(_DeviceBytes(ptr, desc.len, self.arena), device=self.device)
+        if raw.data_ptr() != ptr or raw.numel() != desc.len or raw.dtype != torch.uint8:
+            # A copy would be served silently and outlive the lease's meaning: refuse.
+            raise FerryTorchError(
+                f"tensor {desc.name}: torch did not take ferry's GPU memory in place "
+                f"(got {raw.numel()} {raw.dtype} at {raw.data_ptr():#x}, gave {desc.len} bytes "
+                f"at {ptr:#x})")
+        return _typed(raw, dtype, shape)
+
+    def before_release(self) -> None:
+        """Waits for this process's GPU work that may read the layers being released."""
+        if self.sync == "device":
+            torch.cuda.synchronize(self.device)
+        else:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def owns(self, t: "torch.Tensor") -> bool:
+        """Whether ``t``'s memory lies in the mapped arena (a served weight or a view of one)."""
+        if t.device.type != "cuda" or t.layout != torch.strided:
+            return False
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return False
+        return self.base <= ptr < self.end
+
+
+_SYNCS = ("stream", "device")
 
 
 _SOURCES = {"host": _HostArena, "cuda": _CudaArena}
@@ -234,11 +376,13 @@ def _source_class(client: Client) -> Any:
     return cls
 
 
-def tensor_source(client: Client, model: Optional[int] = None) -> Any:
+def tensor_source(client: Client, model: Optional[int] = None, sync: str = "stream") -> Any:
     """What turns ``client``'s leases of ``model`` (a model or view id; None: any model on the
-    server's default device) into torch tensors, by the server's device backend. Raises
-    :class:`CudaSharingUnavailable` on the CUDA backend."""
-    return _source_class(client)(client, model)
+    server's default device) into torch tensors, by the server's device backend: ``tensor(lease,
+    desc, dtype, shape)``; on CUDA also ``before_release()`` (the ``sync`` it was made with:
+    ``stream`` or ``device``). Raises :class:`CudaSharingUnavailable` on a CUDA ferryd whose
+    memory this process cannot map."""
+    return _source_class(client)(client, model, sync)
 
 
 # ---- building modules without weights ------------------------------------------------------
@@ -371,13 +515,15 @@ class _Layer:
     lease: Optional[Lease] = None
 
 
-def _placeholder(kind: str, dtype: "torch.dtype", shape: Sequence[int]) -> "torch.Tensor":
+def _placeholder(kind: str, dtype: "torch.dtype", shape: Sequence[int],
+                 device: Optional["torch.device"] = None) -> "torch.Tensor":
     """A parameter standing in for a served tensor between forwards (its ``.data`` for
-    buffers): ``meta``, or ``cpu`` with the right shape over one zero element."""
+    buffers): ``meta``, or ``cpu``/``cuda`` (on ``device``) with the right shape over one zero
+    element."""
     if kind == "meta":
         t = torch.empty(list(shape), dtype=dtype, device="meta")
     else:
-        t = torch.zeros((), dtype=dtype).expand(list(shape))
+        t = torch.zeros((), dtype=dtype, device=device or "cpu").expand(list(shape))
     return nn.Parameter(t, requires_grad=False)
 
 
@@ -386,8 +532,14 @@ class Attachment:
 
     def __init__(self, session: "Session", module: "nn.Module", component: str,
                  mapper: NameMap, strict: bool, check_dtypes: bool, placeholder: str):
-        if placeholder not in ("meta", "cpu"):
-            raise ValueError(f"placeholder must be 'meta' or 'cpu', not {placeholder!r}")
+        if placeholder not in ("meta", "cpu", "cuda"):
+            raise ValueError(f"placeholder must be 'meta', 'cpu' or 'cuda', not {placeholder!r}")
+        self._placeholder_device: Optional["torch.device"] = None
+        if placeholder == "cuda":
+            self._placeholder_device = getattr(session._source, "device", None)
+            if self._placeholder_device is None:
+                raise FerryTorchError("placeholder='cuda' is for a CUDA ferryd (this one serves "
+                                      "host memory: use 'cpu')")
         self.session = session
         self.module = module
         self.component = component
@@ -473,7 +625,8 @@ class Attachment:
                     if not parameter and bn is not None and isinstance(owner, bn):
                         layer.norms.append((path, owner))
                 layer.served[d.name] = _Served(d, dtype, shape, slots,
-                                               _placeholder(placeholder, dtype, shape))
+                                               _placeholder(placeholder, dtype, shape,
+                                                            self._placeholder_device))
                 owners.append(places[target][3])
             if layer.served:
                 plan.append((layer, owners))
@@ -633,6 +786,9 @@ class Session:
     (str) as :meth:`ferry.Client.devices` lists them (``None``: the server's default). With an
     already opened model it must be ``None`` or that model's index (``opened.device``):
     tensors are read from the arena of the device the model is on either way.
+    ``cuda_sync`` (a CUDA ferryd only): what is waited for after a layer's forward, before its
+    lease is released: ``stream`` (the device's current torch stream, the default) or
+    ``device`` (every stream: forwards that use side streams without joining them back).
     """
 
     def __init__(self, model: ModelArg, client: Union[Client, str, None] = None, *,
@@ -640,9 +796,14 @@ class Session:
                  policy: Optional[PolicyArg] = "sequential", lookahead: int = 1,
                  threshold: Union[m.Threshold, int, float, None] = None,
                  component_policies: Optional[Mapping[str, PolicyArg]] = None,
-                 loras: LoraStack = (), lora_mode: Union[m.LoraMode, str] = "backup"):
+                 loras: LoraStack = (), lora_mode: Union[m.LoraMode, str] = "backup",
+                 cuda_sync: str = "stream"):
+        if cuda_sync not in _SYNCS:
+            raise ValueError(f"cuda_sync must be one of {_SYNCS}, not {cuda_sync!r}")
         self._owns_client = not isinstance(client, Client)
-        self.client = client if isinstance(client, Client) else Client(client)
+        # A client made here asks for CUDA_IPC: a CUDA ferryd then shares its GPU memory (a
+        # host ferryd does not grant it, and nothing changes).
+        self.client = client if isinstance(client, Client) else Client(client, cuda=True)
         self._owns_model = False
         self.view: Optional[int] = None
         self.lora_report: Optional[m.ViewCreated] = None
@@ -664,7 +825,7 @@ class Session:
                 self._owns_model = True
             self.model = self.opened.model
             # The arena of the device the model is on (its views are on the same device).
-            self._source = source(self.client, self.model)
+            self._source = source(self.client, self.model, cuda_sync)
             if policy is not None:
                 self.client.set_residency(self.model, policy, lookahead=lookahead,
                                           threshold=threshold)
@@ -737,7 +898,7 @@ class Session:
         is skipped and listed in ``Attachment.missing``); a shape, or with ``check_dtypes`` a
         dtype, that differs is always an error. Build the module in the file's dtype (e.g.
         under ``torch.device("meta")`` then ``.to(torch.bfloat16)``). ``placeholder``:
-        ``meta`` or ``cpu`` (module docs)."""
+        ``meta``, ``cpu`` or, on a CUDA ferryd, ``cuda`` (module docs)."""
         with self._lock:
             if self._closed:
                 raise FerryTorchError("this session is closed")
@@ -764,8 +925,10 @@ class Session:
         """Attaches every ferry component that is a ``torch.nn.Module`` attribute of ``pipe``
         of the same name (a diffusers pipeline: ``unet``, ``vae``, ``text_encoder``, …), or
         only ``components``. ``kwargs`` go to :meth:`attach`; ``placeholder`` defaults to
-        ``cpu`` here, since pipelines ask their modules for a device."""
-        kwargs.setdefault("placeholder", "cpu")
+        ``cpu`` here (``cuda`` on a CUDA ferryd), since pipelines ask their modules for a
+        device."""
+        kwargs.setdefault("placeholder",
+                          "cuda" if isinstance(self._source, _CudaArena) else "cpu")
         names = [c.name for c in self.opened.components]
         wanted = list(components) if components is not None else names
         out = []
@@ -807,7 +970,7 @@ class Session:
 
     def _leave(self, entered: List[_Layer]) -> None:
         with self._lock:
-            failure: Optional[BaseException] = None
+            leaving: List[Lease] = []
             for layer in reversed(entered):
                 layer.depth -= 1
                 if layer.depth > 0:
@@ -817,10 +980,26 @@ class Session:
                     s.clear()
                 lease, layer.lease = layer.lease, None
                 if lease is not None:
-                    try:
-                        lease.release()
-                    except errors.FerryError as e:
-                        failure = failure or e
+                    leaving.append(lease)
+            if not leaving:
+                return
+            # On CUDA, kernels queued by the forward may still be reading the layers, and ferryd
+            # may overwrite them as soon as it acknowledges a release: wait for them first.
+            settle = getattr(self._source, "before_release", None)
+            if settle is not None:
+                try:
+                    settle()
+                except Exception as e:  # noqa: BLE001 - any CUDA failure: keep the leases
+                    raise FerryTorchError(
+                        "synchronising the GPU before releasing layers "
+                        f"{[lease.layer for lease in leaving]} failed ({e}); their leases stay "
+                        "held until this client disconnects") from e
+            failure: Optional[BaseException] = None
+            for lease in leaving:
+                try:
+                    lease.release()
+                except errors.FerryError as e:
+                    failure = failure or e
             if failure is not None:
                 raise failure
 
@@ -894,12 +1073,13 @@ def attach(module: "nn.Module", model: ModelArg, client: Union[Client, str, None
            loras: LoraStack = (), lora_mode: Union[m.LoraMode, str] = "backup",
            prefix: str = "", strip: str = "", rename: Optional[NameMap] = None,
            strict: bool = True, check_dtypes: bool = True,
-           placeholder: str = "meta") -> Attachment:
+           placeholder: str = "meta", cuda_sync: str = "stream") -> Attachment:
     """Serves one module from ferryd: a :class:`Session` of its own (closed with the returned
     :class:`Attachment`: ``att.close()`` or ``with``) and :meth:`Session.attach`. ``device``:
-    the ferryd device to open the model on (see :class:`Session`)."""
+    the ferryd device to open the model on, ``cuda_sync`` (see :class:`Session`)."""
     session = Session(model, client, device=device, policy=policy, lookahead=lookahead,
-                      threshold=threshold, loras=loras, lora_mode=lora_mode)
+                      threshold=threshold, loras=loras, lora_mode=lora_mode,
+                      cuda_sync=cuda_sync)
     try:
         att = session.attach(module, component, prefix=prefix, strip=strip, rename=rename,
                              strict=strict, check_dtypes=check_dtypes, placeholder=placeholder)
@@ -916,13 +1096,14 @@ def attach_pipeline(pipe: Any, model: ModelArg, client: Union[Client, str, None]
                     threshold: Union[m.Threshold, int, float, None] = None,
                     component_policies: Optional[Mapping[str, PolicyArg]] = None,
                     loras: LoraStack = (), lora_mode: Union[m.LoraMode, str] = "backup",
-                    **kwargs: Any) -> Session:
+                    cuda_sync: str = "stream", **kwargs: Any) -> Session:
     """Serves a pipeline's modules (a diffusers pipeline folder opened as one ferry model):
     a :class:`Session` with :meth:`Session.attach_pipeline`. Close the session when done.
-    ``device``: the ferryd device to open the model on (see :class:`Session`)."""
+    ``device``: the ferryd device to open the model on, ``cuda_sync`` (see
+    :class:`Session`)."""
     session = Session(model, client, device=device, policy=policy, lookahead=lookahead,
                       threshold=threshold, component_policies=component_policies, loras=loras,
-                      lora_mode=lora_mode)
+                      lora_mode=lora_mode, cuda_sync=cuda_sync)
     try:
         session.attach_pipeline(pipe, components, **kwargs)
     except BaseException:

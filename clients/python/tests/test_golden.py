@@ -131,13 +131,13 @@ class GoldenVectors(unittest.TestCase):
             wire.decode(messages.MapArenaOn, struct.pack("<I", 2))
         # A DeviceEntry: both options absent, then numa_node and error present.
         entry = messages.DeviceEntry(3, "host:3", "HOST-0003", "host memory", 1 << 20, None,
-                                     None, None, 2)
+                                     None, None, 2, 5)
         body = wire.encode(messages.Devices([entry]))
         self.assertEqual(body.hex(), (
             "0100000000000000" "03000000"
             "0600000000000000" + b"host:3".hex() + "0900000000000000" + b"HOST-0003".hex()
             + "0b00000000000000" + b"host memory".hex() + "0000100000000000"
-            "00" "00" "00" "02000000"))
+            "00" "00" "00" "02000000" "05000000"))
         self.assertEqual(wire.decode(messages.Devices, body).devices, [entry])
         failed = messages.DeviceEntry(1, "cuda:1", "", "", 0, 7, "gone", None, 0)
         self.assertEqual(wire.decode(messages.Devices, wire.encode(messages.Devices([failed]))),
@@ -154,6 +154,7 @@ class GoldenVectors(unittest.TestCase):
         self.assertIsNone(devs[1].stats)
         self.assertIsNone(devs[1].numa_node)
         self.assertIn("out of memory", devs[1].error)
+        self.assertEqual([d.waiting for d in devs], [2, 0])
 
     def test_device_selectors_and_ids(self):
         of = messages.DeviceSel.of

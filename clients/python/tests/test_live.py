@@ -641,10 +641,14 @@ class FakeServer(unittest.TestCase):
         self.addCleanup(t.join, 10)
         return path
 
-    def test_cuda_arena_reply_is_unsupported_and_its_descriptor_closed(self):
-        """A client that asked for CUDA_IPC itself gets cuda_arena from a CUDA ferryd: typed
-        Unsupported, the descriptor closed, the connection still usable. A cuda_arena whose
-        descriptors disagree with its handle is a protocol error."""
+    def test_cuda_arena_without_a_usable_driver_closes_its_descriptor(self):
+        """A client that asked for CUDA_IPC itself gets cuda_arena from a CUDA ferryd; with no
+        usable CUDA driver here (or no GPU with that UUID), mapping it is CudaUnavailable
+        naming the device, the descriptor is closed and the connection still usable. A
+        cuda_arena whose descriptors disagree with its handle is a protocol error.
+        (test_cuda.py maps such replies through a stand-in driver.)"""
+        os.environ["FERRY_LIBCUDA"] = "/nonexistent/libcuda.so.1"
+        self.addCleanup(os.environ.pop, "FERRY_LIBCUDA", None)
         hello = {}
         r, w = os.pipe()
         os.close(w)
@@ -674,10 +678,11 @@ class FakeServer(unittest.TestCase):
         self.addCleanup(os.close, r)
         self.assertEqual(hello["features"], messages.KNOWN_FEATURES)
         before = set(os.listdir("/proc/self/fd"))
-        with self.assertRaises(ferry.Unsupported) as cm:
+        with self.assertRaises(ferry.CudaUnavailable) as cm:
             c.map_arena()
         self.assertIn("GPU-1", str(cm.exception))
-        self.assertEqual(cm.exception.code, 201)
+        self.assertIn("/nonexistent/libcuda.so.1", str(cm.exception))
+        self.assertIsNone(cm.exception.code)
         self.assertEqual(set(os.listdir("/proc/self/fd")), before, "the descriptor was closed")
         self.assertFalse(c.closed)
         self.assertIsInstance(c.stats(), messages.StatsReply)

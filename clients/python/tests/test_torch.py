@@ -221,7 +221,7 @@ class Offline(unittest.TestCase):
         self.assertEqual(ft._common_module(["a.b", "c"]), "")
         self.assertEqual(ft._common_module(["blocks.1.fc", "blocks.1.norm"]), "blocks.1")
 
-    def test_cuda_backend_fails_clearly_before_anything_changes(self):
+    def test_cuda_backend_without_cuda_ipc_fails_clearly_before_anything_changes(self):
         received = []
         path = _fake_ferryd(self, "cuda", received)
         net = seeded(Net, 1)
@@ -230,7 +230,10 @@ class Offline(unittest.TestCase):
         self.addCleanup(client.close)
         with self.assertRaises(ft.CudaSharingUnavailable) as cm:
             ft.attach(net, "/models/net.safetensors", client)
-        self.assertIn("ferryd CUDA sharing not available", str(cm.exception))
+        self.assertEqual(str(cm.exception), (
+            f"ferryd CUDA sharing not available: ferryd at {path} runs on the CUDA backend "
+            "(Fake GPU), but this connection has no CUDA_IPC feature: make the client with "
+            "ferry.Client(path, cuda=True) (a session given a socket path does)"))
         self.assertIsInstance(cm.exception, ft.FerryTorchError)
         with self.assertRaises(ft.CudaSharingUnavailable):
             ft.tensor_source(client)
@@ -240,9 +243,85 @@ class Offline(unittest.TestCase):
         for k, v in net.state_dict().items():
             self.assertTrue(torch.equal(v, before[k]), k)
 
+    def test_cuda_backend_that_this_process_cannot_map_fails_before_anything_is_opened(self):
+        """A session given a socket path asks for CUDA_IPC itself; without torch CUDA (or,
+        where torch has it, without the driver library) it fails before opening anything."""
+        os.environ["FERRY_LIBCUDA"] = "/nonexistent/libcuda.so.1"
+        self.addCleanup(os.environ.pop, "FERRY_LIBCUDA", None)
+        received, hello = [], {}
+        path = _fake_ferryd(self, "cuda", received, grant=messages.CUDA_IPC, hello=hello)
+        with self.assertRaises(ft.CudaSharingUnavailable) as cm:
+            ft.Session("/models/net.safetensors", path)
+        self.assertTrue(hello["features"] & messages.CUDA_IPC)
+        msg = str(cm.exception)
+        self.assertTrue(msg.startswith("ferryd CUDA sharing not available: "), msg)
+        if torch.cuda.is_available():
+            self.assertIn("cannot load the CUDA driver library /nonexistent/libcuda.so.1", msg)
+        else:
+            self.assertIn("torch.cuda.is_available() is False", msg)
+        self.assertEqual(received, ["goodbye"])
+        with self.assertRaises(ValueError):
+            ft.Session("/models/net.safetensors", path, cuda_sync="never")
 
-def _fake_ferryd(test, backend, received):
-    """A server that completes the handshake with the given backend and records requests."""
+    def test_device_bytes_as_cuda_array_interface(self):
+        """What torch.as_tensor is given on CUDA: version 3, bytes, writable as the interface
+        goes, no stream to wait on (the lease waited), and the arena kept alive."""
+        owner = object()
+        b = ft._DeviceBytes(0x7F0000001000, 96, owner)
+        self.assertEqual(b.__cuda_array_interface__, {
+            "version": 3, "shape": (96,), "typestr": "|u1", "data": (0x7F0000001000, False),
+            "strides": None, "stream": None})
+        self.assertIs(b.owner, owner)
+
+    def test_bytes_are_viewed_in_every_dtype_without_a_copy(self):
+        """The CUDA source's last step, on CPU bytes: the same values as the host path's
+        frombuffer, over the same memory."""
+        torch.manual_seed(3)
+        for name in ft._TORCH_DTYPES:
+            try:
+                dtype = ft.torch_dtype(name)
+            except ft.FerryTorchError:
+                continue  # this torch lacks it
+            with self.subTest(dtype=name):
+                itemsize = torch.empty((), dtype=dtype).element_size()
+                for shape in ([2, 3], [], [4, 0, 2], [5]):
+                    n = 1
+                    for d in shape:
+                        n *= d
+                    data = bytes(torch.randint(0, 256, (n * itemsize,), dtype=torch.uint8)
+                                 .tolist())
+                    raw_bytes = torch.tensor(list(data), dtype=torch.uint8)
+                    got = ft._typed(raw_bytes, dtype, shape)
+                    self.assertEqual((got.dtype, list(got.shape)), (dtype, shape))
+                    self.assertEqual(got.data_ptr(), raw_bytes.data_ptr(), "no copy")
+                    self.assertEqual(raw(got), data)
+                    if n:
+                        want = torch.frombuffer(bytearray(data), dtype=dtype).view(shape)
+                        self.assertEqual((want.dtype, list(want.shape)), (dtype, shape))
+                        self.assertEqual(raw(want), raw(got))
+
+    def test_torch_device_uuids_in_either_form(self):
+        """torch gives a _CUuuid: raw bytes, and a str without GPU-; either matches ferryd's
+        GPU-... UUID."""
+        raw16 = bytes(range(0x10, 0x20))
+        uuid = "GPU-10111213-1415-1617-1819-1a1b1c1d1e1f"
+        NS = types.SimpleNamespace
+        self.assertEqual(ft._torch_uuid(NS(uuid=NS(bytes=list(raw16)))), uuid)
+        self.assertEqual(ft._torch_uuid(NS(uuid=NS(bytes=raw16))), uuid)
+
+        class StrOnly:
+            def __str__(self):
+                return uuid[4:]
+
+        got = ft._torch_uuid(NS(uuid=StrOnly()))
+        self.assertEqual(got, uuid[4:])
+        self.assertEqual(ferry.cuda.normalize_uuid(got), ferry.cuda.normalize_uuid(uuid.upper()))
+        self.assertIsNone(ft._torch_uuid(NS()))
+
+
+def _fake_ferryd(test, backend, received, grant=0, hello=None):
+    """A server that completes the handshake with the given backend (granting OPEN_PATH, LORA
+    and ``grant``) and records requests (and in ``hello`` the features asked for)."""
     d = tempfile.mkdtemp(prefix="ferry-fake-")
     test.addCleanup(shutil.rmtree, d)
     path = os.path.join(d, "s.sock")
@@ -268,9 +347,11 @@ def _fake_ferryd(test, backend, received):
         conn, _ = listener.accept()
         with conn:
             head = wire.unpack_header(recv(conn, wire.HEADER_LEN))
-            recv(conn, head.body_len)
+            got = wire.decode(messages.Hello, recv(conn, head.body_len))
+            if hello is not None:
+                hello["features"] = got.features
             conn.sendall(frame(messages.Welcome(
-                1, messages.OPEN_PATH | messages.LORA, 3, "fake", wire.MAX_BODY_LEN, 16,
+                1, messages.OPEN_PATH | messages.LORA | grant, 3, "fake", wire.MAX_BODY_LEN, 16,
                 messages.DeviceSummary(backend, "Fake GPU", "GPU-0", 1 << 30, 1 << 29)),
                 head.request_id))
             try:
@@ -585,6 +666,91 @@ class Live(unittest.TestCase):
         self.assertIn("no component 'unet'", str(cm.exception))
         self.assertEqual(self.my_leases(), 0)
         self.assertEqual([i for i in self.client.list_models() if i.path == path], [])
+
+    def attach_settling(self, mod, path, events, fail=False):
+        """``attach`` whose source also has ``before_release`` (as the CUDA source has: it
+        synchronises the GPU), recording ``settle`` with the leases then held, and every
+        ``release`` the session sends."""
+        att = ft.attach(mod, path, self.client, policy="sequential")
+        test, inner = self, att.session._source
+
+        class Settling:
+            def tensor(self, *args):
+                return inner.tensor(*args)
+
+            def owns(self, t):
+                return inner.owns(t)
+
+            def before_release(self):
+                events.append(("settle", test.my_leases()))
+                if fail:
+                    raise RuntimeError("an illegal memory access was encountered")
+
+        att.session._source = Settling()
+        release = self.client.release
+
+        def recording_release(model, lease):
+            events.append(("release", None))
+            return release(model, lease)
+
+        self.client.release = recording_release
+        self.addCleanup(vars(self.client).pop, "release", None)
+        return att
+
+    def test_the_gpu_is_settled_before_every_release(self):
+        """The ordering rule of a CUDA ferryd, checked with a source that records it: the
+        source's before_release runs after the forward, while its layers are still leased, and
+        before any of them is released."""
+        net = seeded(Net, 13)
+        x = torch.randn(4, 6)
+        with torch.no_grad():
+            want = net(x)
+        path = self.save(net)
+        events = []
+        mod = fresh(Net)
+        with self.attach_settling(mod, path, events):
+            with torch.no_grad():
+                self.assertTrue(torch.equal(mod(x), want))
+        # Collapsed runs: settle, release, settle, release, ... (one settle per group).
+        runs = [e[0] for i, e in enumerate(events) if i == 0 or events[i - 1][0] != e[0]]
+        self.assertEqual(runs, ["settle", "release"] * (len(runs) // 2), events)
+        self.assertEqual(sum(1 for e in events if e[0] == "release"), 6, "six layers")
+        self.assertTrue(all(held > 0 for kind, held in events if kind == "settle"), events)
+        self.assertEqual(self.my_leases(), 0)
+
+    def test_a_failed_settle_keeps_the_leases(self):
+        """If synchronising fails (a broken CUDA context), nothing is released: the GPU may
+        still be reading; ferryd gets the leases back when the client disconnects."""
+        net = seeded(Net, 14)
+        path = self.save(net)
+        events = []
+        mod = fresh(Net)
+        with self.attach_settling(mod, path, events, fail=True) as att:
+            with self.assertRaises(ft.FerryTorchError) as cm:
+                with torch.no_grad():
+                    mod(torch.randn(2, 6))
+            self.assertIn("synchronising the GPU before releasing layers ['embed'] failed "
+                          "(an illegal memory access was encountered); their leases stay held "
+                          "until this client disconnects", str(cm.exception))
+            # embed's, then the root's (scale, held around the whole forward): both kept.
+            self.assertEqual([e[0] for e in events], ["settle", "settle"])
+            self.assertEqual(self.my_leases(), 2)
+            self.assertEqual([layer.depth for layer in att.layers], [0] * len(att.layers))
+            self.assert_placeholders(mod, net.state_dict())
+        self.assertEqual(self.my_leases(), 2, "held until the client goes")
+
+    def test_cuda_placeholders_need_a_cuda_ferryd(self):
+        net = seeded(Net, 9)
+        path = self.save(net)
+        mod = fresh(Net)
+        with ft.Session(path, self.client) as session:
+            with self.assertRaises(ft.FerryTorchError) as cm:
+                session.attach(mod, placeholder="cuda")
+            self.assertIn("placeholder='cuda' is for a CUDA ferryd", str(cm.exception))
+            with self.assertRaises(ValueError):
+                session.attach(mod, placeholder="gpu")
+            self.assertTrue(all(p.is_meta for p in mod.parameters()), "left alone")
+        self.assertEqual(self.my_leases(), 0)
 
     def test_a_failing_forward_releases_its_layers(self):
         net = seeded(Net, 8)

@@ -562,34 +562,35 @@ impl Drop for CudaDevice {
     }
 }
 
+/// A string the driver writes into a caller's buffer: `fill(buf, len)` is the call.
+fn driver_string(
+    call: &'static str,
+    fill: impl FnOnce(*mut c_char, i32) -> sys::CUresult,
+) -> Result<String, DeviceError> {
+    let mut buf = [0 as c_char; 256];
+    // The last byte is never handed to the driver, so a NUL is always present.
+    fill(buf.as_mut_ptr(), (buf.len() - 1) as i32).result().map_err(cuda_err(call))?;
+    let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
+    Ok(CStr::from_bytes_until_nul(&bytes)
+        .map(|s| s.to_string_lossy().trim().to_string())
+        .unwrap_or_default())
+}
+
 /// The product name, from `cuDeviceGetName`.
 fn device_name(dev: sys::CUdevice) -> Result<String, DeviceError> {
-    let mut buf = [0 as c_char; 256];
-    // SAFETY: `buf` has room for `len` bytes; the driver writes a NUL-terminated name into it.
-    unsafe { sys::cuDeviceGetName(buf.as_mut_ptr(), (buf.len() - 1) as i32, dev) }
-        .result()
-        .map_err(cuda_err("cuDeviceGetName"))?;
-    // The last byte was never written: a NUL is always present.
-    let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
-    let name = CStr::from_bytes_until_nul(&bytes)
-        .map(|s| s.to_string_lossy().trim().to_string())
-        .unwrap_or_default();
-    Ok(name)
+    driver_string("cuDeviceGetName", |buf, len| {
+        // SAFETY: `buf` has room for `len` bytes; the driver writes a NUL-terminated name.
+        unsafe { sys::cuDeviceGetName(buf, len, dev) }
+    })
 }
 
 /// The PCI bus id (`0000:3B:00.0`), from `cuDeviceGetPCIBusId`; `None` if the driver gives
 /// an empty one.
 fn pci_bus_id(dev: sys::CUdevice) -> Result<Option<String>, DeviceError> {
-    // The driver documents 13 characters plus the NUL; room for longer domains anyway.
-    let mut buf = [0 as c_char; 64];
-    // SAFETY: `buf` has room for `len` bytes; the driver writes a NUL-terminated id into it.
-    unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), (buf.len() - 1) as i32, dev) }
-        .result()
-        .map_err(cuda_err("cuDeviceGetPCIBusId"))?;
-    let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
-    let id = CStr::from_bytes_until_nul(&bytes)
-        .map(|s| s.to_string_lossy().trim().to_string())
-        .unwrap_or_default();
+    let id = driver_string("cuDeviceGetPCIBusId", |buf, len| {
+        // SAFETY: `buf` has room for `len` bytes; the driver writes a NUL-terminated id.
+        unsafe { sys::cuDeviceGetPCIBusId(buf, len, dev) }
+    })?;
     Ok((!id.is_empty()).then_some(id))
 }
 

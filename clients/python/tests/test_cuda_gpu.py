@@ -1,0 +1,247 @@
+"""The CUDA path against a real ferryd on a GPU. Runs only with FERRY_TEST_CUDA=1 (so that it
+never runs by accident) and a ferryd started with ``--device cuda``;
+``FERRY_TEST_CUDA=1 cargo test --test python_client python_cuda`` starts one and sets:
+
+* FERRY_SOCKET: the CUDA ferryd's socket;
+* FERRY_MODEL: a model under its model root, FERRY_EXPECTED: its bytes (as test_live.py);
+* FERRY_MODEL_ROOT: a writable folder under the model root (for the torch tests' files).
+
+``LiveCuda`` needs no torch: the arena mapped with ferry.cuda, bytes copied back with
+``cuMemcpyDtoH``. ``LiveCudaTorch`` needs torch with CUDA (and numpy): every tensor through
+``ferry.torch``'s CUDA source, and small modules whose outputs with ferry equal those with their
+own weights on the same GPU.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import unittest
+
+import _util  # puts the package on sys.path
+import ferry
+from ferry import messages
+
+SOCKET = os.environ.get("FERRY_SOCKET")
+MODEL = os.environ.get("FERRY_MODEL")
+EXPECTED = os.environ.get("FERRY_EXPECTED")
+ROOT = os.environ.get("FERRY_MODEL_ROOT")
+GATED = os.environ.get("FERRY_TEST_CUDA") == "1"
+LIVE = GATED and bool(SOCKET and MODEL and EXPECTED)
+assert _util.PACKAGE_ROOT
+
+try:
+    import torch
+
+    import ferry.torch as ft
+    from test_torch import POLICIES, Net, fresh, raw, seeded
+
+    HAVE_TORCH_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None
+    HAVE_TORCH_CUDA = False
+
+
+def expected_tensors():
+    with open(EXPECTED, encoding="utf-8") as f:
+        return {k: bytes.fromhex(v) for k, v in json.load(f)["tensors"].items()}
+
+
+def find_expected(expected, component, name):
+    for candidate in (name, f"{component}.{name}"):
+        if candidate in expected:
+            return candidate
+    hits = [k for k in expected if k.endswith("." + name)]
+    if len(hits) != 1:
+        raise AssertionError(f"tensor {name!r} of {component!r} matches {hits}")
+    return hits[0]
+
+
+def leases_of(client):
+    return [c for c in client.list_clients() if c.id == client.client_id][0].leases
+
+
+@unittest.skipUnless(LIVE, "set FERRY_TEST_CUDA=1 with a CUDA ferryd (FERRY_SOCKET, "
+                           "FERRY_MODEL, FERRY_EXPECTED) to run")
+class LiveCuda(unittest.TestCase):
+    def setUp(self):
+        self.client = ferry.Client(SOCKET, timeout=60, cuda=True)
+        self.addCleanup(self.client.close)
+
+    def test_the_arena_is_mapped_once_on_ferryds_gpu(self):
+        c = self.client
+        self.assertEqual(c.device.backend, "cuda")
+        self.assertTrue(c.features & messages.CUDA_IPC)
+        arena = c.map_arena()
+        self.assertIsInstance(arena, ferry.ImportedArena)
+        self.assertIs(c.map_arena(), arena)
+        self.assertIs(c.map_arena(c.device.uuid), arena, "the same GPU by UUID")
+        self.assertEqual(ferry.cuda.normalize_uuid(arena.uuid),
+                         ferry.cuda.normalize_uuid(c.device.uuid))
+        self.assertIn(arena.kind, ("vmm", "ipc"))
+        self.assertGreater(arena.len, 0)
+        self.assertNotEqual(arena.base, 0)
+        print(f"\n  {arena!r}: read_only={arena.read_only} size={arena.size}",
+              file=sys.stderr)
+
+    def test_every_tensor_read_through_the_mapping_equals_the_file(self):
+        c = self.client
+        expected = expected_tensors()
+        model = c.open_model(MODEL)
+        arena = c.map_arena()
+        seen = set()
+        for comp in model.components:
+            for i in range(len(comp.layers)):
+                with c.acquire(model.model, comp.name, i) as lease:
+                    for t in lease.tensors:
+                        key = find_expected(expected, comp.name, t.name)
+                        seen.add(key)
+                        self.assertEqual(lease.device_ptr(t), arena.base + t.arena_offset)
+                        self.assertEqual(arena.read(t.arena_offset, t.len), expected[key], key)
+                        with self.assertRaises(ferry.MemoryKindError):
+                            lease.view(t)
+        self.assertEqual(seen, set(expected))
+        self.assertEqual(leases_of(c), 0)
+
+    def test_two_clients_map_the_same_arena(self):
+        expected = expected_tensors()
+        other = ferry.Client(SOCKET, timeout=60, cuda=True)
+        model = self.client.open_model(MODEL)
+        comp = model.components[0]
+        a, b = self.client.map_arena(), other.map_arena()
+        self.assertIsNot(a, b)
+        other.close()  # unmaps b; a stays valid
+        self.assertTrue(b.closed)
+        with self.client.acquire(model.model, comp.name, 0) as lease:
+            t = lease.tensors[0]
+            lease.wait_ready()
+            self.assertEqual(a.read(t.arena_offset, t.len),
+                             expected[find_expected(expected, comp.name, t.name)])
+
+    def test_without_cuda_true_map_arena_is_unsupported(self):
+        with ferry.Client(SOCKET, timeout=60) as plain:
+            self.assertEqual(plain.features & messages.CUDA_IPC, 0)
+            with self.assertRaises(ferry.Unsupported):
+                plain.map_arena()
+            self.assertIsInstance(plain.stats(), messages.StatsReply)
+
+
+@unittest.skipUnless(LIVE and HAVE_TORCH_CUDA and ROOT,
+                     "set FERRY_TEST_CUDA=1 with a CUDA ferryd, torch with CUDA and "
+                     "FERRY_MODEL_ROOT to run")
+class LiveCudaTorch(unittest.TestCase):
+    def setUp(self):
+        self.client = ferry.Client(SOCKET, timeout=60, cuda=True)
+        self.addCleanup(self.client.close)
+        self.dir = tempfile.mkdtemp(prefix="torch-cuda-", dir=ROOT)
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.device = torch.device("cuda", ft._torch_index(self.client.device.uuid))
+
+    def save(self, module, name="net"):
+        path = os.path.join(self.dir, name + ".safetensors")
+        state = module.state_dict()
+        _util.write_safetensors(path, [(k, SAFETENSORS[v.dtype], list(v.shape), raw(v))
+                                       for k, v in state.items()])
+        return path
+
+    def test_every_tensor_through_torch_equals_the_file(self):
+        c = self.client
+        expected = expected_tensors()
+        model = c.open_model(MODEL)
+        src = ft.tensor_source(c, model.model)
+        self.assertEqual(src.device, self.device)
+        seen = set()
+        for comp in model.components:
+            for i in range(len(comp.layers)):
+                lease = c.acquire(model.model, comp.name, i)
+                try:
+                    for d in lease.tensors:
+                        t = src.tensor(lease, d, ft.torch_dtype(d.dtype), d.shape)
+                        self.assertEqual(t.device, self.device)
+                        self.assertEqual(t.data_ptr(), src.base + d.arena_offset, "in place")
+                        self.assertTrue(src.owns(t))
+                        key = find_expected(expected, comp.name, d.name)
+                        seen.add(key)
+                        self.assertEqual(raw(t), expected[key], key)
+                    src.before_release()
+                finally:
+                    lease.release()
+        self.assertEqual(seen, set(expected))
+
+    def test_every_dtype_torch_knows(self):
+        """A file with one tensor per dtype (written here), each read through torch on the GPU
+        byte for byte."""
+        tensors = []
+        for i, name in enumerate(sorted(_util._ITEMSIZE)):
+            size = _util._ITEMSIZE[name]
+            data = bytes((j * 31 + i * 7 + 1) & 0xFF for j in range(6 * size))
+            if name == "BOOL":
+                data = bytes(b & 1 for b in data)
+            tensors.append((f"t.{name.lower()}", name, [2, 3], data))
+        path = os.path.join(self.dir, "dtypes.safetensors")
+        _util.write_safetensors(path, tensors)
+        want = {n: (dt, data) for n, dt, _, data in tensors}
+        model = self.client.open_model(path)
+        self.addCleanup(self.client.close_model, model.model)
+        src = ft.tensor_source(self.client, model.model)
+        seen = set()
+        for comp in model.components:
+            for i in range(len(comp.layers)):
+                with self.client.acquire(model.model, comp.name, i) as lease:
+                    for d in lease.tensors:
+                        try:
+                            dtype = ft.torch_dtype(d.dtype)
+                        except ft.FerryTorchError:
+                            continue  # this torch lacks the dtype
+                        key = find_expected(want, comp.name, d.name)
+                        t = src.tensor(lease, d, dtype, d.shape)
+                        self.assertEqual((t.dtype, list(t.shape)), (dtype, [2, 3]))
+                        self.assertEqual(raw(t), want[key][1], key)
+                        seen.add(want[key][0])
+                    src.before_release()
+        self.assertGreaterEqual(len(seen), 12, seen)
+
+    def test_module_output_equals_without_ferry(self):
+        for dtype in (torch.float32, torch.bfloat16):
+            net = seeded(Net, 11, dtype).to(self.device)
+            x = torch.randn(5, 6, device=self.device, dtype=dtype)
+            with torch.no_grad():
+                want = net(x)
+            path = self.save(net, f"net-{str(dtype)[6:]}")
+            for (policy, kw), sync in zip(POLICIES, ("stream", "device") * 3):
+                with self.subTest(dtype=dtype, policy=policy, sync=sync):
+                    mod = fresh(Net, dtype)
+                    with ft.attach(mod, path, self.client, policy=policy, cuda_sync=sync,
+                                   placeholder="cuda", **kw) as att:
+                        self.assertIsInstance(att.session._source, ft._CudaArena)
+                        for _ in range(2):
+                            with torch.no_grad():
+                                got = mod(x)
+                            self.assertEqual(got.device, self.device)
+                            self.assertTrue(torch.equal(got, want), f"{got}\n{want}")
+                            self.assertEqual(leases_of(self.client), 0)
+                        for p in mod.parameters():
+                            self.assertEqual(p.device, self.device, "cuda placeholders")
+                            self.assertEqual(p.untyped_storage().nbytes(),
+                                             p.element_size(), "one element")
+
+    def test_a_session_given_a_path_asks_for_cuda_itself(self):
+        net = seeded(Net, 12).to(self.device)
+        x = torch.randn(2, 6, device=self.device)
+        with torch.no_grad():
+            want = net(x)
+        path = self.save(net)
+        mod = fresh(Net)
+        with ft.attach(mod, path, SOCKET, policy="sequential") as att:
+            self.assertTrue(att.session.client.features & messages.CUDA_IPC)
+            with torch.no_grad():
+                self.assertTrue(torch.equal(mod(x), want))
+
+
+if torch is not None:
+    SAFETENSORS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+if __name__ == "__main__":
+    unittest.main()
