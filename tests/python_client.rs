@@ -143,14 +143,9 @@ fn start_ferryd_with(root: &Path, device_args: &[&str]) -> (Daemon, PathBuf, Pat
     (daemon, socket, log)
 }
 
-#[test]
-fn python_client_against_a_real_ferryd() {
-    if !python_ok() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path();
-    // A sharded LLM-like model with known bytes, and the bytes for the Python side.
+/// A sharded LLM-like model with known bytes in `root/llm`, and those bytes (hex, by tensor
+/// name) in `root/expected.json` for the Python side; returns both paths.
+fn llm_model(root: &Path) -> (PathBuf, PathBuf) {
     let tensors = llm_like(3, 2, 1000);
     let model = write_sharded(&root.join("llm"), "model", &tensors, 2).expect("model");
     let expected: serde_json::Map<String, serde_json::Value> =
@@ -158,6 +153,17 @@ fn python_client_against_a_real_ferryd() {
     let expected_path = root.join("expected.json");
     std::fs::write(&expected_path, serde_json::json!({ "tensors": expected }).to_string())
         .expect("expected bytes");
+    (model, expected_path)
+}
+
+#[test]
+fn python_client_against_a_real_ferryd() {
+    if !python_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let (model, expected_path) = llm_model(root);
 
     let (mut daemon, socket, log) = start_ferryd(root);
 
@@ -236,13 +242,7 @@ fn python_cuda_path_against_a_cuda_ferryd() {
     assert!(python_ok(), "FERRY_TEST_CUDA=1 needs python3 3.9 or newer");
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let tensors = llm_like(3, 2, 1000);
-    let model = write_sharded(&root.join("llm"), "model", &tensors, 2).expect("model");
-    let expected: serde_json::Map<String, serde_json::Value> =
-        tensors.iter().map(|t| (t.name.clone(), hex(&t.data).into())).collect();
-    let expected_path = root.join("expected.json");
-    std::fs::write(&expected_path, serde_json::json!({ "tensors": expected }).to_string())
-        .expect("expected bytes");
+    let (model, expected_path) = llm_model(root);
     let models = root.join("models");
     std::fs::create_dir(&models).expect("models folder");
     let (mut daemon, socket, log) =

@@ -168,6 +168,18 @@ def _numel(shape: Sequence[int]) -> int:
 # ---- tensor sources: leases -> torch tensors -----------------------------------------------
 
 
+def _in_range(t: "torch.Tensor", device_type: str, base: int, end: int) -> bool:
+    """Whether ``t`` is a strided tensor on ``device_type`` whose storage starts in
+    ``[base, end)``."""
+    if t.device.type != device_type or t.layout != torch.strided:
+        return False
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return base <= ptr < end
+
+
 class _HostArena:
     """Host backend: each tensor is a zero-copy view of the arena mapped read-only: that of
     the device ``model`` (a model or view id) is on, or the default device's."""
@@ -208,13 +220,7 @@ class _HostArena:
 
     def owns(self, t: "torch.Tensor") -> bool:
         """Whether ``t``'s memory lies in the arena (a served weight or a view of one)."""
-        if t.device.type != "cpu" or t.layout != torch.strided:
-            return False
-        try:
-            ptr = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            return False
-        return self.base <= ptr < self.end
+        return _in_range(t, "cpu", self.base, self.end)
 
 
 class _DeviceBytes:
@@ -350,13 +356,7 @@ class _CudaArena:
 
     def owns(self, t: "torch.Tensor") -> bool:
         """Whether ``t``'s memory lies in the mapped arena (a served weight or a view of one)."""
-        if t.device.type != "cuda" or t.layout != torch.strided:
-            return False
-        try:
-            ptr = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            return False
-        return self.base <= ptr < self.end
+        return _in_range(t, "cuda", self.base, self.end)
 
 
 _SYNCS = ("stream", "device")

@@ -1,5 +1,6 @@
 """Helpers shared by the tests: the repository root and the package on sys.path."""
 
+import json
 import os
 import sys
 
@@ -22,6 +23,42 @@ def repo_root() -> str:
         if parent == d:
             raise RuntimeError("cannot find the ferry repository: set FERRY_REPO")
         d = parent
+
+
+def expected_tensors(path: str) -> dict:
+    """The bytes the Rust side wrote for each tensor ({"tensors": {name: hex}} at ``path``)."""
+    with open(path, encoding="utf-8") as f:
+        return {k: bytes.fromhex(v) for k, v in json.load(f)["tensors"].items()}
+
+
+def find_expected(expected: dict, component: str, name: str) -> str:
+    """The file's tensor a leased tensor is (lease names are within the component)."""
+    for candidate in (name, f"{component}.{name}"):
+        if candidate in expected:
+            return candidate
+    hits = [k for k in expected if k.endswith("." + name)]
+    if len(hits) != 1:
+        raise AssertionError(f"tensor {name!r} of {component!r} matches {hits}")
+    return hits[0]
+
+
+def recv_all(conn, n: int) -> bytes:
+    """Exactly ``n`` bytes from a socket (EOFError if it closes first)."""
+    buf = b""
+    while len(buf) < n:
+        got = conn.recv(n - len(buf))
+        if not got:
+            raise EOFError
+        buf += got
+    return buf
+
+
+def frame(msg, request_id: int) -> bytes:
+    """A whole frame (header and body) of ``msg``, for fake servers."""
+    from ferry import wire  # the package is on sys.path (above)
+
+    body = wire.encode(msg)
+    return wire.pack_header(msg.KIND, request_id, len(body)) + body
 
 
 # ---- a minimal safetensors writer (an independent writer for ferry's reader) ----------------

@@ -481,14 +481,7 @@ class LegacyUuidDriver(FakeDriverBase):
 # ---- a fake CUDA ferryd ----------------------------------------------------------------------
 
 
-def _recv_all(conn, n):
-    buf = b""
-    while len(buf) < n:
-        got = conn.recv(n - len(buf))
-        if not got:
-            raise EOFError
-        buf += got
-    return buf
+_recv_all = _util.recv_all
 
 
 def _send(conn, msg, request_id, fds=()):

@@ -12,7 +12,6 @@ never runs by accident) and a ferryd started with ``--device cuda``;
 own weights on the same GPU.
 """
 
-import json
 import os
 import shutil
 import sys
@@ -44,18 +43,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 def expected_tensors():
-    with open(EXPECTED, encoding="utf-8") as f:
-        return {k: bytes.fromhex(v) for k, v in json.load(f)["tensors"].items()}
+    return _util.expected_tensors(EXPECTED)
 
 
-def find_expected(expected, component, name):
-    for candidate in (name, f"{component}.{name}"):
-        if candidate in expected:
-            return candidate
-    hits = [k for k in expected if k.endswith("." + name)]
-    if len(hits) != 1:
-        raise AssertionError(f"tensor {name!r} of {component!r} matches {hits}")
-    return hits[0]
+find_expected = _util.find_expected
 
 
 def leases_of(client):

@@ -12,7 +12,6 @@ are set (tests/python_client.rs sets them):
 then goes away.
 """
 
-import json
 import os
 import shutil
 import socket
@@ -34,19 +33,10 @@ assert _util.PACKAGE_ROOT
 
 
 def expected_tensors():
-    with open(EXPECTED, encoding="utf-8") as f:
-        return {k: bytes.fromhex(v) for k, v in json.load(f)["tensors"].items()}
+    return _util.expected_tensors(EXPECTED)
 
 
-def find_expected(expected, component, name):
-    """The file's tensor a leased tensor is (lease names are within the component)."""
-    for candidate in (name, f"{component}.{name}"):
-        if candidate in expected:
-            return candidate
-    hits = [k for k in expected if k.endswith("." + name)]
-    if len(hits) != 1:
-        raise AssertionError(f"tensor {name!r} of {component!r} matches {hits}")
-    return hits[0]
+find_expected = _util.find_expected
 
 
 @unittest.skipUnless(LIVE, "set FERRY_SOCKET, FERRY_MODEL and FERRY_EXPECTED to run")
@@ -745,19 +735,10 @@ class FakeServer(unittest.TestCase):
             c.stats()
 
 
-def _recv_all(conn, n):
-    buf = b""
-    while len(buf) < n:
-        got = conn.recv(n - len(buf))
-        if not got:
-            raise EOFError
-        buf += got
-    return buf
+_recv_all = _util.recv_all
 
 
-def _frame(msg, request_id):
-    body = wire.encode(msg)
-    return wire.pack_header(msg.KIND, request_id, len(body)) + body
+_frame = _util.frame
 
 
 if __name__ == "__main__":

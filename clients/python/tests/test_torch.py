@@ -330,18 +330,8 @@ def _fake_ferryd(test, backend, received, grant=0, hello=None):
     listener.listen(1)
     test.addCleanup(listener.close)
 
-    def recv(conn, n):
-        buf = b""
-        while len(buf) < n:
-            got = conn.recv(n - len(buf))
-            if not got:
-                raise EOFError
-            buf += got
-        return buf
-
-    def frame(msg, rid):
-        body = wire.encode(msg)
-        return wire.pack_header(msg.KIND, rid, len(body)) + body
+    recv = _util.recv_all
+    frame = _util.frame
 
     def run():
         conn, _ = listener.accept()
