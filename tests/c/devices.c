@@ -23,24 +23,7 @@ static size_t layer_bytes;
 
 static int check_all(ferry_engine *e, uint64_t model) {
   for (size_t l = 0; l < LAYERS; l++) {
-    ferry_lease *lease = NULL;
-    CHECK_OK(ferry_acquire(e, model, "model", l, NULL, &lease));
-    CHECK_OK(ferry_lease_wait(lease));
-    char name[64];
-    snprintf(name, sizeof name, "blocks.%zu.weight", l);
-    ferry_tensor_desc d;
-    CHECK_OK(ferry_lease_tensor_by_name(lease, name, &d));
-    CHECK(d.byte_len == layer_bytes);
-    const unsigned char *bytes = (const unsigned char *)(uintptr_t)d.device_ptr;
-    for (size_t i = 0; i < layer_bytes; i++) {
-      unsigned char want = (unsigned char)((i * 31 + 1 + l) & 0xff);
-      if (bytes[i] != want) {
-        fprintf(stderr, "model %llu layer %zu byte %zu: %u, expected %u\n",
-                (unsigned long long)model, l, i, bytes[i], want);
-        return 1;
-      }
-    }
-    CHECK_OK(ferry_release(e, lease, NULL));
+    if (check_u8_block(e, model, l, layer_bytes, 1) != 0) return 1;
   }
   return 0;
 }
