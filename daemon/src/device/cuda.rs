@@ -340,18 +340,7 @@ impl CudaDevice {
     /// devices by UUID before opening them). No driver: [`DeviceError::NoCudaDriver`]; a
     /// driver without GPUs: an empty list.
     pub fn enumerate() -> Result<Vec<String>, DeviceError> {
-        if !super::cuda_driver_present() {
-            return Err(DeviceError::NoCudaDriver);
-        }
-        let count = match CudaContext::device_count() {
-            Ok(n) => usize::try_from(n).unwrap_or(0),
-            Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
-            Err(DriverError(sys::CUresult::CUDA_ERROR_STUB_LIBRARY)) => {
-                return Err(DeviceError::NoCudaDriver);
-            }
-            Err(e) => return Err(cuda_err("cuInit/cuDeviceGetCount")(e)),
-        };
-        (0..count)
+        (0..visible_count()?)
             .map(|i| {
                 let dev = cudarc::driver::result::device::get(i as i32)
                     .map_err(cuda_err("cuDeviceGet"))?;
@@ -363,23 +352,8 @@ impl CudaDevice {
     }
 
     pub fn new(config: &DeviceConfig) -> Result<CudaDevice, DeviceError> {
-        // cudarc panics on its first call without libcuda: ask before anything else.
-        if !super::cuda_driver_present() {
-            return Err(DeviceError::NoCudaDriver);
-        }
         let ordinal = config.ordinal;
-        let count = match CudaContext::device_count() {
-            Ok(n) => usize::try_from(n).unwrap_or(0),
-            // cuInit reports a driver without usable GPUs this way (e.g. a container without
-            // /dev/nvidia*).
-            Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
-            // The toolkit's link-time stub (stubs/libcuda.so, found on build machines) loads
-            // but is no driver.
-            Err(DriverError(sys::CUresult::CUDA_ERROR_STUB_LIBRARY)) => {
-                return Err(DeviceError::NoCudaDriver);
-            }
-            Err(e) => return Err(cuda_err("cuInit/cuDeviceGetCount")(e)),
-        };
+        let count = visible_count()?;
         if ordinal >= count {
             return Err(DeviceError::NoSuchDevice { ordinal, count });
         }
@@ -559,6 +533,24 @@ impl Drop for CudaDevice {
         if let Err(e) = self.shared.sync_stream() {
             warn!(error = %e, "syncing the copy stream while closing the device failed");
         }
+    }
+}
+
+/// How many GPUs this process sees (`cuInit` + `cuDeviceGetCount`); checks for libcuda first,
+/// since cudarc panics on its first call without it.
+fn visible_count() -> Result<usize, DeviceError> {
+    if !super::cuda_driver_present() {
+        return Err(DeviceError::NoCudaDriver);
+    }
+    match CudaContext::device_count() {
+        Ok(n) => Ok(usize::try_from(n).unwrap_or(0)),
+        // cuInit reports a driver without usable GPUs this way (e.g. a container without
+        // /dev/nvidia*).
+        Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => Ok(0),
+        // The toolkit's link-time stub (stubs/libcuda.so, found on build machines) loads but
+        // is no driver.
+        Err(DriverError(sys::CUresult::CUDA_ERROR_STUB_LIBRARY)) => Err(DeviceError::NoCudaDriver),
+        Err(e) => Err(cuda_err("cuInit/cuDeviceGetCount")(e)),
     }
 }
 
