@@ -768,9 +768,9 @@ enum ferry_status ferry_last_error_copy(char *buf, size_t len, size_t *needed);
  * your kernels run on as `cuda_stream`: the stream is then made to wait (on the device) for
  * the copy, and the host does not block. On the host backend `cuda_stream` must be NULL. In
  * daemon mode with a CUDA daemon, tensor addresses are device pointers into the daemon's
- * arena imported into this process, and a stream passed here is honoured by waiting for the
- * layer on the host before returning (no interprocess event exists for the stream to wait
- * on).
+ * arena imported into this process, and a stream passed here is made to wait on the daemon's
+ * interprocess ready event for the layer (on the device, no host wait); a daemon that does
+ * not offer such events makes this call wait for the layer on the host instead.
  *
  * Blocks (up to the configured acquire timeout) only when every layer that could make room
  * is leased. Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND` (model, component, or

@@ -39,8 +39,20 @@ fn serve(stream: UnixStream, case: usize) {
         match r.message {
             Message::Hello(h) => {
                 version = Some(PROTOCOL_VERSION);
-                let w = fake_welcome("cuda", h.features & (features::CUDA_IPC | features::DEVICES));
+                let granted = features::CUDA_IPC | features::DEVICES | features::CUDA_EVENTS;
+                let w = fake_welcome("cuda", h.features & granted);
                 let _ = send_frame(&stream, PROTOCOL_VERSION, id, &w.into(), &[]);
+            }
+            Message::AcquireEvent(a) => {
+                // Layer n answers with an n-byte event handle (0: ready; 64: well formed).
+                let leased = Leased {
+                    lease: 7,
+                    layer: "blocks.0".into(),
+                    ready: a.layer == 0,
+                    tensors: vec![],
+                };
+                let msg = LeasedEvent { leased, ready_event: vec![9; a.layer as usize] };
+                let _ = send_frame(&stream, PROTOCOL_VERSION, id, &msg.into(), &[]);
             }
             Message::MapArena(_) | Message::MapArenaOn(_) => {
                 let (msg, with_fd) = answers().swap_remove(case);
@@ -106,4 +118,30 @@ fn malformed_cuda_arenas_are_protocol_errors() {
             other => panic!("case {case}: expected a protocol error, got {other:?}"),
         }
     }
+}
+
+#[test]
+fn ready_event_handles_are_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("events.sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let server = std::thread::spawn(move || {
+        if let Ok((stream, _)) = listener.accept() {
+            serve(stream, 0);
+        }
+    });
+    let mut c = Client::connect(&socket, "events test").expect("connect");
+    assert!(c.has_feature(features::CUDA_EVENTS));
+    let ready = c.acquire_event(1, "model", 0).expect("ready layer");
+    assert!(ready.leased.ready && ready.ready_event.is_empty());
+    let pending = c.acquire_event(1, "model", 64).expect("pending layer");
+    assert_eq!(pending.ready_event, vec![9; 64]);
+    match c.acquire_event(1, "model", 63) {
+        Err(e @ ClientError::Protocol(_)) => {
+            assert!(e.to_string().contains("has 64 bytes, this one 63"), "{e}");
+        }
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    drop(c);
+    server.join().expect("fake daemon");
 }

@@ -1,8 +1,10 @@
 //! The CUDA backend against a real GPU: copies through pinned staging and registered mappings,
-//! events, client waits, allocation failure, and a printed H2D bandwidth figure.
+//! events, client waits, allocation failure, a printed H2D bandwidth figure, arenas and
+//! interprocess ready events shared with a child process.
 //!
-//! Without libcuda (or without a visible GPU) every test prints why it skips and passes, so
-//! the suite stays green on machines without a GPU.
+//! Without libcuda (or without a visible GPU) every GPU test prints why it skips and passes, so
+//! the suite stays green on machines without a GPU. The host backend's answers about
+//! interprocess events are tested everywhere.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
@@ -658,8 +660,35 @@ fn a_vmm_arena_maps_a_second_time_in_this_process() {
 /// Set in the child process of `a_child_process_maps_the_arena_and_reads_a_layer`: the
 /// `offset:len,…` ranges it reads.
 const IMPORT_CHILD: &str = "FERRY_TEST_IMPORT_CHILD";
-/// The line the child prints: `<marker> <kind> <sha256 of the ranges>`.
+/// Set too when the device has interprocess events: the layer's ready event handle, in hex.
+const IMPORT_EVENT: &str = "FERRY_TEST_IMPORT_EVENT";
+/// The line the child prints: `<marker> <kind> events=<opened> <sha256 of the ranges>`.
 const CHILD_MARK: &str = "import-child:";
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex64(hex: &str) -> [u8; 64] {
+    assert_eq!(hex.len(), 128, "a 64-byte handle in hex: {hex}");
+    let mut out = [0u8; 64];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex");
+    }
+    out
+}
+
+/// An interprocess event handle, or `None` (printed) when the device has none.
+fn ipc_or_none(r: Result<[u8; 64], DeviceError>) -> Option<[u8; 64]> {
+    match r {
+        Ok(h) => Some(h),
+        Err(DeviceError::Unsupported(what)) => {
+            println!("no interprocess events here (this device cannot {what})");
+            None
+        }
+        Err(e) => panic!("recording an interprocess event: {e}"),
+    }
+}
 
 /// Not a test on its own: the child process of
 /// `a_child_process_maps_the_arena_and_reads_a_layer` (this test binary, re-run with
@@ -688,6 +717,21 @@ fn zz_import_child() {
     };
     let imported =
         ImportedArena::import(&arena.device_uuid, share, arena.len).expect("import the arena");
+    if let Ok(hex) = std::env::var(IMPORT_EVENT) {
+        let handle = from_hex64(&hex);
+        // A client stream of its own, in the primary context the arena is mapped in.
+        let ctx = cudarc::driver::CudaContext::new(imported.ordinal()).expect("primary context");
+        let stream = ctx.new_stream().expect("a client stream");
+        // SAFETY: `stream` is a live stream of the arena's device, alive across the call.
+        unsafe { imported.stream_wait(stream.cu_stream() as usize as u64, &handle) }
+            .expect("stream_wait on a new stream");
+        stream.synchronize().expect("the client stream gets past the wait");
+        // 0 is the legacy default stream, valid in every context; the synchronous reads below
+        // run on it, so they are ordered after this wait on the device as well.
+        // SAFETY: 0 (the legacy default stream) is valid in every context.
+        unsafe { imported.stream_wait(0, &handle) }.expect("stream_wait on the default stream");
+        imported.wait_host(&handle).expect("wait_host");
+    }
     let parts: Vec<Vec<u8>> = ranges
         .split(',')
         .map(|r| {
@@ -697,7 +741,12 @@ fn zz_import_child() {
             buf
         })
         .collect();
-    println!("{CHILD_MARK} {:?} {}", imported.kind(), sha256_hex(&parts));
+    println!(
+        "{CHILD_MARK} {:?} events={} {}",
+        imported.kind(),
+        imported.opened_events(),
+        sha256_hex(&parts)
+    );
 }
 
 #[test]
@@ -710,8 +759,16 @@ fn a_child_process_maps_the_arena_and_reads_a_layer() {
     let Some(e) = cuda_engine() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let (id, model) = shared_model(&e, dir.path());
-    // A middle layer, leased (so its bytes stay put) and ready before the child reads it.
+    // A middle layer, leased (so its bytes stay put). The child waits for it through its
+    // interprocess ready event, asked for before anything here waited; a layer that was on the
+    // device already has none, and then any later recording of the ring serves as well.
     let lease = e.acquire(id, "model", 2).expect("acquire");
+    let event = match e.ready_ipc_event(&lease) {
+        Ok(Some(h)) => Some(h),
+        Ok(None) => ipc_or_none(e.device().record_ipc()),
+        Err(ferry::engine::EngineError::Device(d)) => ipc_or_none(Err(d)),
+        Err(err) => panic!("ready_ipc_event: {err}"),
+    };
     lease.wait_ready().expect("ready");
     let want = sha256_hex(&file_bytes(&model, &lease));
     let ranges: Vec<String> =
@@ -725,9 +782,14 @@ fn a_child_process_maps_the_arena_and_reads_a_layer() {
     };
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     let exe = std::env::current_exe().expect("this test binary");
-    let child = Command::new(exe)
+    let mut child = Command::new(exe);
+    child
         .args(["--exact", "zz_import_child", "--nocapture", "--test-threads", "1"])
-        .env(IMPORT_CHILD, ranges.join(","))
+        .env(IMPORT_CHILD, ranges.join(","));
+    if let Some(h) = &event {
+        child.env(IMPORT_EVENT, to_hex(h));
+    }
+    let child = child
         .stdin(Stdio::from(OwnedFd::from(theirs)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -757,5 +819,114 @@ fn a_child_process_maps_the_arena_and_reads_a_layer() {
     println!("child: {line}");
     let got = line.split_whitespace().last().expect("checksum");
     assert_eq!(got, want, "the child read other bytes than the file's");
+    // Three waits on one handle opened it once.
+    let opened = if event.is_some() { "events=1" } else { "events=0" };
+    assert!(line.split_whitespace().any(|w| w == opened), "{opened} expected: {line}");
     e.release(lease, ClientDone::Now).expect("release");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interprocess ready events: the device's ring, and the engine's `ready_ipc_event` (the child
+// process above opens and waits on one). On the host backend they are refused clearly.
+
+#[test]
+fn interprocess_events_come_from_a_ring() {
+    use ferry::device::cuda::IPC_RING;
+    with_gpu(|device| {
+        let Some(first) = ipc_or_none(device.record_ipc()) else { return };
+        let mut order = vec![first];
+        for _ in 1..IPC_RING {
+            order.push(device.record_ipc().expect("record_ipc"));
+        }
+        assert!(order.iter().all(|h| h.iter().any(|&b| b != 0)), "a handle is not all zeros");
+        let distinct: std::collections::HashSet<_> = order.iter().collect();
+        assert_eq!(distinct.len(), IPC_RING, "every slot of the ring is its own event");
+        // Full circle: the same events again, in the same order, re-recorded.
+        for (i, h) in order.iter().enumerate().take(3) {
+            assert_eq!(&device.record_ipc().expect("record_ipc"), h, "slot {i} after wrapping");
+        }
+        // Recorded after copies too: a host-side event recorded later covers them all.
+        let arena = device.alloc_arena(MIB as u64).expect("arena");
+        let buf = staging(device, MIB, 21);
+        copy(device, &buf, 0, arena.base, MIB);
+        device.record_ipc().expect("record_ipc after a copy");
+        wait(&device.record().expect("record"));
+        assert!(read(device, arena.base, MIB) == pattern(21, MIB));
+    });
+}
+
+/// A host engine with a small model of `layers` decoder layers of 4 × 1 MiB (the staging
+/// ring's slots are 256 KiB, so each layer takes several rounds through it).
+fn host_engine_with_model(
+    dir: &std::path::Path,
+    layers: usize,
+) -> (ferry::engine::Engine, ferry::engine::ModelId) {
+    let e =
+        ferry_tests::host_engine(64 << 20, false, std::time::Duration::from_secs(30), 256 << 10);
+    let path = dir.join("llm.safetensors");
+    if !path.exists() {
+        ferry_tests::write_file(&path, &ferry_tests::llm_like(layers, 4, MIB)).expect("model");
+    }
+    let id = e.open_model(&path).expect("open");
+    (e, id)
+}
+
+#[test]
+fn host_devices_refuse_to_export_interprocess_events() {
+    let config = DeviceConfig { host_memory: 16 << 20, ..DeviceConfig::default() };
+    let device = Device::open(DeviceChoice::Host, &config).expect("host device");
+    let err = device.record_ipc().expect_err("no interprocess events on host");
+    assert_eq!(err, DeviceError::Unsupported("export interprocess events"));
+    assert_eq!(err.to_string(), "this device cannot export interprocess events");
+}
+
+#[test]
+fn host_engines_answer_ready_ipc_event_with_none_or_unsupported() {
+    use ferry::engine::EngineError;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (e, id) = host_engine_with_model(dir.path(), 6);
+    let layers = e.model(id).expect("model").component("model").expect("component").layers.len();
+
+    // A layer on the device already: nothing to wait for, whatever the backend.
+    let lease = e.acquire(id, "model", 0).expect("acquire");
+    lease.wait_ready().expect("ready");
+    assert_eq!(e.ready_ipc_event(&lease).expect("a ready layer"), None);
+    e.release(lease, ClientDone::Now).expect("release");
+
+    // Layers asked for at once, last first (against prefetching): each is either ready by the
+    // time it is asked about (None) or not, and then the host device has no event to give.
+    let (mut ready, mut pending) = (0, 0);
+    for layer in (1..layers).rev() {
+        let lease = e.acquire(id, "model", layer).expect("acquire");
+        match e.ready_ipc_event(&lease) {
+            Ok(None) => {
+                ready += 1;
+                assert!(lease.is_ready().expect("is_ready"), "None for a layer not ready");
+            }
+            Err(EngineError::Device(DeviceError::Unsupported(what))) => {
+                assert_eq!(what, "export interprocess events");
+                pending += 1;
+            }
+            other => panic!("layer {layer}: {other:?}"),
+        }
+        lease.wait_ready().expect("ready");
+        e.release(lease, ClientDone::Now).expect("release");
+    }
+    println!("{ready} layer(s) ready when asked, {pending} still copying (Unsupported)");
+}
+
+#[test]
+fn ready_ipc_event_refuses_a_lease_of_another_engine() {
+    use ferry::engine::EngineError;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (e, _id) = host_engine_with_model(dir.path(), 2);
+    let (other, other_id) = host_engine_with_model(dir.path(), 2);
+    let lease = other.acquire(other_id, "model", 1).expect("acquire");
+    lease.wait_ready().expect("ready");
+    match e.ready_ipc_event(&lease) {
+        Err(EngineError::UnknownLease { lease: l }) => assert_eq!(l, lease.id()),
+        got => panic!("expected UnknownLease, got {got:?}"),
+    }
+    assert_eq!(other.ready_ipc_event(&lease).expect("its own engine"), None);
+    other.release(lease, ClientDone::Now).expect("release");
 }

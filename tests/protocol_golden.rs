@@ -209,6 +209,12 @@ fn examples() -> Vec<Golden> {
             Prefetch { model: 1, component: "unet".into(), layer: 4 },
         ),
         g(
+            23,
+            0,
+            "Lease layer 3 of unet with its interprocess ready event (CUDA)",
+            AcquireEvent { model: 1, component: "unet".into(), layer: 3 },
+        ),
+        g(
             11,
             1,
             "A two-adapter stack, fused: one by path, one by the frame's first fd",
@@ -306,6 +312,26 @@ fn examples() -> Vec<Golden> {
             },
         ),
         g(8, 0, "Lease 42 is ready", Ready { lease: 42 }),
+        g(
+            23,
+            0,
+            "Lease 43: one tensor, copy in flight; wait on the event before reading",
+            LeasedEvent {
+                leased: Leased {
+                    lease: 43,
+                    layer: "down_blocks.0.".into(),
+                    ready: false,
+                    tensors: vec![TensorDesc {
+                        name: "down_blocks.0.conv.bias".into(),
+                        dtype: "F16".into(),
+                        shape: vec![320],
+                        arena_offset: 0x20000,
+                        len: 640,
+                    }],
+                },
+                ready_event: (64u8..128).collect(),
+            },
+        ),
         g(
             11,
             0,

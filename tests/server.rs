@@ -337,6 +337,23 @@ fn no_model_roots_means_open_by_path_is_refused_with_advice() {
 }
 
 #[test]
+fn cuda_only_requests_are_refused_by_a_host_server_without_closing() {
+    let s = setup();
+    let (_engine, _server) = start(&s, |_| {});
+    let (mut c, w) = Client::open(&s.socket, "t");
+    assert_eq!(w.features & (features::CUDA_IPC | features::CUDA_EVENTS), 0);
+    let m = c.open_model(&s.model);
+    let msg = c.fails(
+        AcquireEvent { model: m.model, component: "model".into(), layer: 0 },
+        ErrorCode::Unsupported,
+    );
+    assert!(msg.contains("acquire_event"), "{msg}");
+    // The connection still serves, and a plain acquire works.
+    let l = c.acquire(m.model, "model", 0);
+    assert_eq!(l.layer, "blocks.0");
+}
+
+#[test]
 fn a_bad_frame_closes_that_client_only() {
     let s = setup();
     let (_engine, _server) = start(&s, |_| {});

@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use crate::protocol::socket::{FrameReader, FrameWriter, Received, SpinLimit};
 use crate::protocol::{
-    ApplyLora, ArenaFd, ClientInfo, CloseModel, CudaArena, CudaHandle, DeviceEntry, DeviceSel,
-    ErrorCode, ErrorReply, Goodbye, Hello, Kind, ListClients, ListDevices, ListModels, LoraMode,
-    LoraRef, MIN_PROTOCOL_VERSION, MapArena, MapArenaOn, Message, ModelInfo, ModelOpened, Offload,
-    Offloaded, Onload, OpenModel, OpenModelFd, OpenModelFdOn, OpenModelOn, PROTOCOL_VERSION,
-    Policy, ProtocolError, RemoveLora, SetResidency, Stats, StatsReply, ViewCreated, Welcome,
-    features,
+    AcquireEvent, ApplyLora, ArenaFd, ClientInfo, CloseModel, CudaArena, CudaHandle, DeviceEntry,
+    DeviceSel, ErrorCode, ErrorReply, Goodbye, Hello, Kind, LeasedEvent, ListClients, ListDevices,
+    ListModels, LoraMode, LoraRef, MIN_PROTOCOL_VERSION, MapArena, MapArenaOn, Message, ModelInfo,
+    ModelOpened, Offload, Offloaded, Onload, OpenModel, OpenModelFd, OpenModelFdOn, OpenModelOn,
+    PROTOCOL_VERSION, Policy, ProtocolError, RemoveLora, SetResidency, Stats, StatsReply,
+    ViewCreated, Welcome, features,
 };
 
 /// A device's arena as a client process reaches it ([`Client::arena_handle`]).
@@ -339,6 +339,32 @@ impl Client {
             .into()),
             Message::Error(e) => Err(e.into()),
             other => Err(unexpected(Kind::ArenaFd, &other)),
+        }
+    }
+
+    /// `acquire` with the layer's interprocess ready event (needs [`features::CUDA_EVENTS`]):
+    /// make the reading stream wait on `ready_event` (empty: the layer is on the device) with
+    /// [`crate::device::cuda_import::ImportedArena::stream_wait`] instead of `wait_ready`.
+    pub fn acquire_event(
+        &mut self,
+        model: u64,
+        component: &str,
+        layer: u32,
+    ) -> Result<LeasedEvent, ClientError> {
+        let msg = AcquireEvent { model, component: component.to_string(), layer };
+        match self.call(msg.into(), &[])? {
+            Message::LeasedEvent(l) if l.ready_event.is_empty() || l.ready_event.len() == 64 => {
+                Ok(l)
+            }
+            Message::LeasedEvent(l) => Err(ProtocolError::UnexpectedMessage {
+                kind: Kind::LeasedEvent,
+                reason: format!(
+                    "an interprocess event handle has 64 bytes, this one {}",
+                    l.ready_event.len()
+                ),
+            }
+            .into()),
+            other => Err(unexpected(Kind::LeasedEvent, &other)),
         }
     }
 

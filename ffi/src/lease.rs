@@ -267,9 +267,9 @@ unsafe fn lease<'a>(p: *const ferry_lease) -> Result<&'a LeaseHandle> {
 /// your kernels run on as `cuda_stream`: the stream is then made to wait (on the device) for
 /// the copy, and the host does not block. On the host backend `cuda_stream` must be NULL. In
 /// daemon mode with a CUDA daemon, tensor addresses are device pointers into the daemon's
-/// arena imported into this process, and a stream passed here is honoured by waiting for the
-/// layer on the host before returning (no interprocess event exists for the stream to wait
-/// on).
+/// arena imported into this process, and a stream passed here is made to wait on the daemon's
+/// interprocess ready event for the layer (on the device, no host wait); a daemon that does
+/// not offer such events makes this call wait for the layer on the host instead.
 ///
 /// Blocks (up to the configured acquire timeout) only when every layer that could make room
 /// is leased. Errors: `FERRY_ERR_NULL_ARGUMENT`, `FERRY_ERR_NOT_FOUND` (model, component, or
@@ -321,15 +321,31 @@ pub unsafe extern "C" fn ferry_acquire(
                          (use ferry_lease_wait)",
                     ));
                 }
-                let leased = r.acquire(model, component, layer)?;
+                // With a stream: ordered on the device through the daemon's interprocess
+                // ready event when it offers them.
+                let on_stream = match cuda_stream.is_null() {
+                    true => None,
+                    false => r.acquire_for_stream(
+                        model,
+                        component,
+                        layer,
+                        ptr::cuda_stream_raw(cuda_stream),
+                    )?,
+                };
+                let waited = on_stream.is_some();
+                let leased = match on_stream {
+                    Some(l) => l,
+                    None => r.acquire(model, component, layer)?,
+                };
                 let id = leased.lease;
                 let handle = LeaseHandle::daemon(r, model, leased)?;
                 if !cuda_stream.is_null()
+                    && !waited
                     && let Err(e) = handle.wait()
                 {
-                    // No interprocess event exists to make the stream wait on the daemon's
-                    // copy, so the host waits instead (stronger than asked); on failure the
-                    // lease is given back, as in-process.
+                    // No interprocess event to make the stream wait on the daemon's copy, so
+                    // the host waits instead (stronger than asked); on failure the lease is
+                    // given back, as in-process.
                     let _ = r.release(model, id);
                     return Err(e);
                 }

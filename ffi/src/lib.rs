@@ -49,8 +49,9 @@
 //!
 //! Daemon mode against a CUDA daemon imports the daemon's arena (a VMM descriptor or a legacy
 //! IPC handle) into this process's primary context of the same GPU; tensor addresses are then
-//! device pointers, and streams passed to `ferry_acquire` / `ferry_release` are honoured with
-//! a host wait (no interprocess events). Written, not yet run on a GPU. A process that cannot
+//! device pointers; a stream passed to `ferry_acquire` waits on the daemon's interprocess
+//! ready event (on the device), and one passed to `ferry_release` is synchronised before the
+//! release is sent. Written, not yet run on a GPU. A process that cannot
 //! map the daemon's memory gets `FERRY_ERR_NOT_SHAREABLE` rather than addresses that mean
 //! nothing here.
 //!

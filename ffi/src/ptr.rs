@@ -191,6 +191,11 @@ pub(crate) fn cuda_stream(p: *mut c_void) -> cudarc::driver::sys::CUstream {
     p.cast()
 }
 
+/// A caller's `CUstream` as the integer the importer takes.
+pub(crate) fn cuda_stream_raw(p: *mut c_void) -> u64 {
+    p as usize as u64
+}
+
 /// A `CUevent` carried as an integer by the engine, as the driver's type.
 pub(crate) fn cuda_event(raw: u64) -> cudarc::driver::sys::CUevent {
     raw as usize as cudarc::driver::sys::CUevent

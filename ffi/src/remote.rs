@@ -16,10 +16,11 @@
 //! A CUDA daemon shares its arena as a VMM descriptor or a legacy IPC handle (`cuda_arena`):
 //! it is imported once into this process's primary context of the GPU with the same UUID
 //! ([`ImportedArena`]), and tensor addresses are device pointers into that mapping. The
-//! daemon's copies are ordered on its own stream and no interprocess event exists, so a
-//! stream passed to `ferry_acquire` is honoured by waiting for the layer on the host first
-//! (`wait_ready`), and one passed to `ferry_release` is synchronised before the release is
-//! sent (the daemon may reuse the memory at once). A process without a CUDA driver, or
+//! daemon's copies are ordered on its own stream: a stream passed to `ferry_acquire` is made
+//! to wait on the layer's interprocess ready event (`acquire_event`; a daemon without them:
+//! the host waits with `wait_ready`), and one passed to `ferry_release` is synchronised before
+//! the release is sent (the daemon may reuse the memory at once, and never waits on this
+//! process's events). A process without a CUDA driver, or
 //! without that GPU, gets `FERRY_ERR_NOT_SHAREABLE`.
 
 use std::collections::HashMap;
@@ -435,6 +436,47 @@ impl Remote {
             Message::Leased(l) => Ok(l),
             other => Err(unexpected(Kind::Leased, &other)),
         })
+    }
+
+    /// Acquires for a caller's CUDA `stream`: with interprocess events (`CUDA_EVENTS`), the
+    /// stream is made to wait on the layer's ready event on the device and the lease returned
+    /// as ready for it; without them, `None` (the caller waits on the host instead).
+    pub(crate) fn acquire_for_stream(
+        &self,
+        model: u64,
+        component: &str,
+        layer: usize,
+        stream: u64,
+    ) -> Result<Option<Leased>> {
+        let RemoteArena::Cuda(imported) = &self.arena else { return Ok(None) };
+        let layer = wire_layer(layer)?;
+        let got = self.with("acquiring a layer", |c, _| {
+            if !c.has_feature(features::CUDA_EVENTS) {
+                return Ok(None);
+            }
+            c.acquire_event(model, component, layer).map(Some)
+        })?;
+        let Some(got) = got else { return Ok(None) };
+        let mut leased = got.leased;
+        let waited = match <[u8; 64]>::try_from(got.ready_event.as_slice()) {
+            // SAFETY: `stream` is the C caller's live CUstream of this device, alive for the
+            // call (`ferry_acquire`'s contract).
+            Ok(handle) => unsafe { imported.stream_wait(stream, &handle) }.map_err(|e| {
+                FfiError::new(
+                    ferry_status::FERRY_ERR_DEVICE,
+                    format!("making the stream wait for ferryd's copy: {e}"),
+                )
+            }),
+            // No event: the layer is on the device already, or the daemon could not export
+            // one (then the host waits, as without events).
+            Err(_) if leased.ready => Ok(()),
+            Err(_) => self.wait_ready(leased.lease).inspect(|()| leased.ready = true),
+        };
+        if let Err(e) = waited {
+            let _ = self.release(model, leased.lease);
+            return Err(e);
+        }
+        Ok(Some(leased))
     }
 
     pub(crate) fn wait_ready(&self, lease: u64) -> Result<()> {

@@ -66,10 +66,27 @@
 //! enqueueing a GEMM takes microseconds). The factors live in [`CudaBuffer`]s: plain
 //! `cuMemAlloc` memory outside the arena, tracked so GEMM operands can be range-checked.
 //!
+//! # Interprocess events
+//!
+//! A client in another process cannot use our `CUevent`s; it needs an event created with
+//! `CU_EVENT_INTERPROCESS` and the 64-byte handle `cuIpcGetEventHandle` gives, which it opens
+//! with `cuIpcOpenEventHandle` ([`super::cuda_import::ImportedArena::stream_wait`]).
+//! [`super::Device::record_ipc`] records one on the copy stream and returns its handle. Such
+//! events come from a **ring** of [`IPC_RING`] per device, created slot by slot on first use
+//! (each with its handle, computed once) and re-recorded round-robin. Re-recording one a
+//! client may still hold is sound because the copy stream is in order: every recording
+//! completes only after everything enqueued before it, so a client that waits on a later
+//! recording than the one it was given waits longer, never too little. The ring is destroyed
+//! only with the device's shared state (after the device, its arenas and everything else
+//! allocated from it are gone, and after one more drain of the copy stream): a client's
+//! imported copy of a destroyed event is undefined behaviour. Ring events are created with
+//! `CU_EVENT_DISABLE_TIMING | CU_EVENT_INTERPROCESS` only: the driver documents no combination
+//! with `CU_EVENT_BLOCKING_SYNC`, and the daemon never host-waits on them.
+//!
 //! # Not done (yet)
 //!
-//! - IPC events (`CU_EVENT_INTERPROCESS`): a client in another process learns that a layer is
-//!   ready from ferryd's reply, not from an event it can make its stream wait on.
+//! - Interprocess *done* events: a client in another process hands its release back without
+//!   an event the copy stream can wait on (it synchronises first).
 //! - Per-layer physical chunks (VMM lets layers be unmapped and remapped at stable addresses):
 //!   the arena is one allocation, sub-allocated by the engine.
 //! - Access for peer GPUs: only the arena's own device may touch a VMM arena.
@@ -96,6 +113,19 @@ const EVENT_POOL_MAX: usize = 64;
 const EVENT_FLAGS: u32 = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
     | sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32;
 
+/// Interprocess events per device (module docs, *Interprocess events*). A client caches the
+/// events it opens by handle, so this also bounds what each client keeps open per device.
+pub const IPC_RING: usize = 256;
+
+/// Flags of the interprocess events: INTERPROCESS requires DISABLE_TIMING; no BLOCKING_SYNC
+/// (module docs).
+const IPC_EVENT_FLAGS: u32 = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
+    | sys::CUevent_flags::CU_EVENT_INTERPROCESS as u32;
+
+/// What an interprocess-event failure that means "this driver or platform has none" reads as
+/// (the same as a backend without them, so callers fall back to waiting in the daemon).
+const IPC_UNSUPPORTED: DeviceError = DeviceError::Unsupported("export interprocess events");
+
 /// Pinned staging flags. PORTABLE: pinned for every context, so a buffer stays usable if a
 /// client's context (or a later one of ours) copies from it. Not WRITECOMBINED: WC memory is
 /// uncached for CPU reads (tens of times slower), and a `HostBuffer` hands out `&mut [u8]` that
@@ -117,6 +147,26 @@ struct RawEvent(sys::CUevent);
 // and accepts handles from any thread. The pool only moves the handle value between threads.
 unsafe impl Send for RawEvent {}
 
+/// One interprocess event of the ring and its handle.
+#[derive(Debug)]
+struct IpcSlot {
+    event: RawEvent,
+    handle: [u8; 64],
+}
+
+/// The ring of interprocess events (module docs, *Interprocess events*).
+#[derive(Debug, Default)]
+struct IpcRing {
+    /// Created so far, in slot order; at most [`IPC_RING`]. Slot `next` is created when it is
+    /// first taken, so `slots.len() == next` until the ring has wrapped once.
+    slots: Vec<IpcSlot>,
+    /// The slot the next recording takes.
+    next: usize,
+    /// Set once the driver has said it has no interprocess events, so later calls answer at
+    /// once instead of creating and destroying an event each time.
+    unsupported: bool,
+}
+
 /// State shared by the device and every resource allocated from it.
 #[derive(Debug)]
 struct Shared {
@@ -130,6 +180,8 @@ struct Shared {
     arenas: Mutex<Vec<(u64, u64)>>,
     /// Live device buffers (LoRA factors) as (base, len), for GEMM range checks.
     buffers: Mutex<Vec<(u64, u64)>>,
+    /// Interprocess events, destroyed only when this state is (module docs).
+    ipc: Mutex<IpcRing>,
 }
 
 impl Shared {
@@ -167,7 +219,8 @@ fn ranges_contain(ranges: &[(u64, u64)], addr: u64, len: u64) -> bool {
 impl Drop for Shared {
     fn drop(&mut self) {
         let events = std::mem::take(self.events.get_mut().unwrap_or_else(PoisonError::into_inner));
-        if events.is_empty() {
+        let ring = std::mem::take(self.ipc.get_mut().unwrap_or_else(PoisonError::into_inner));
+        if events.is_empty() && ring.slots.is_empty() {
             return;
         }
         let Ok(_bound) =
@@ -175,9 +228,16 @@ impl Drop for Shared {
         else {
             return;
         };
-        for ev in events {
-            // SAFETY: pooled events were created in `ctx` (still alive: fields drop after this),
-            // are owned only by the pool, and are destroyed exactly once here.
+        if !ring.slots.is_empty() {
+            // Every recording of a ring event completes before it is destroyed, so a client
+            // stream that waits on its imported copy is released rather than left waiting on
+            // an event that no longer exists.
+            self.sync_before_free("interprocess events");
+        }
+        for ev in events.into_iter().chain(ring.slots.into_iter().map(|s| s.event)) {
+            // SAFETY: pooled and ring events were created in `ctx` (still alive: fields drop
+            // after this), are owned only by the pool or the ring (both just emptied), and are
+            // destroyed exactly once here.
             if let Err(e) = unsafe { sys::cuEventDestroy_v2(ev.0) }.result() {
                 warn!(error = %describe(e), "cuEventDestroy failed");
             }
@@ -374,6 +434,7 @@ impl CudaDevice {
             events: Mutex::new(Vec::new()),
             arenas: Mutex::new(Vec::new()),
             buffers: Mutex::new(Vec::new()),
+            ipc: Mutex::new(IpcRing::default()),
         });
         let ctx = &shared.ctx;
 
@@ -810,6 +871,43 @@ impl BackendOps for CudaDevice {
         Ok(Event(EventInner::Cuda(Arc::new(handle))))
     }
 
+    fn record_ipc(&self) -> Result<[u8; 64], DeviceError> {
+        let _bound = bind(&self.shared.ctx)?;
+        // Held through the record, so slots are taken and recorded in one order (and a slot
+        // is never created twice); a record is a few microseconds.
+        let mut ring = self.shared.ipc.lock().unwrap_or_else(PoisonError::into_inner);
+        if ring.unsupported {
+            return Err(IPC_UNSUPPORTED);
+        }
+        let at = ring.next;
+        if at == ring.slots.len() {
+            match new_ipc_event() {
+                Ok(slot) => ring.slots.push(slot),
+                Err(e) => {
+                    if e == IPC_UNSUPPORTED {
+                        ring.unsupported = true;
+                        info!(
+                            "interprocess events unsupported: clients wait for layers through \
+                             the daemon"
+                        );
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let slot = &ring.slots[at];
+        // SAFETY: the event is a live interprocess event of our context, owned by the ring
+        // (destroyed only with `Shared`); the stream is ours and alive. Re-recording it is the
+        // design (module docs): earlier waits keep the state they captured, later ones wait
+        // for this later point.
+        unsafe { sys::cuEventRecord(slot.event.0, self.shared.stream.cu_stream()) }
+            .result()
+            .map_err(cuda_err("cuEventRecord"))?;
+        let handle = slot.handle;
+        ring.next = (at + 1) % IPC_RING;
+        Ok(handle)
+    }
+
     fn wait_client(&self, done: &ClientDone) -> Result<(), DeviceError> {
         match done {
             ClientDone::Now => Ok(()),
@@ -1074,6 +1172,34 @@ fn col_major(g: &GemmAccumulate) -> Option<ColMajor> {
         c_type,
         compute,
     })
+}
+
+/// Creates one interprocess event in the current (our) context and gets its handle; the
+/// event is destroyed again if the handle cannot be had. A driver that refuses either step as
+/// unsupported answers [`IPC_UNSUPPORTED`].
+fn new_ipc_event() -> Result<IpcSlot, DeviceError> {
+    let unsupported_or = |call| {
+        move |e: DriverError| match e.0 {
+            sys::CUresult::CUDA_ERROR_NOT_SUPPORTED => IPC_UNSUPPORTED,
+            _ => cuda_err(call)(e),
+        }
+    };
+    let mut ev: sys::CUevent = std::ptr::null_mut();
+    // SAFETY: `ev` is a valid out-pointer; the event is created in the current context, which
+    // the caller has made ours.
+    unsafe { sys::cuEventCreate(&mut ev, IPC_EVENT_FLAGS) }
+        .result()
+        .map_err(unsupported_or("cuEventCreate"))?;
+    let mut handle = sys::CUipcEventHandle { reserved: [0; 64] };
+    // SAFETY: `handle` is a valid out-pointer; `ev` is the live interprocess event just made.
+    if let Err(e) = unsafe { sys::cuIpcGetEventHandle(&mut handle, ev) }.result() {
+        // SAFETY: `ev` was created above, never recorded or shared, and destroyed once here.
+        if let Err(d) = unsafe { sys::cuEventDestroy_v2(ev) }.result() {
+            warn!(error = %describe(d), "cuEventDestroy failed");
+        }
+        return Err(unsupported_or("cuIpcGetEventHandle")(e));
+    }
+    Ok(IpcSlot { event: RawEvent(ev), handle: handle.reserved.map(|c| c as u8) })
 }
 
 impl CudaDevice {

@@ -19,12 +19,22 @@
 //! (`CUDA_VISIBLE_DEVICES`). The mapping lives in the device's *primary* context, the one the
 //! CUDA runtime (and so PyTorch) uses, so its addresses are valid in the application's kernels.
 //!
-//! Ordering: the daemon copies on its own stream. Read a leased layer only after it is ready
-//! (`wait_ready`, or a `leased` reply with `ready` set), and finish your own work on it before
-//! releasing the lease.
+//! Ordering: the daemon copies on its own stream. Read a leased layer only after it is ready:
+//! `wait_ready`, a `leased` reply with `ready` set, or on the GPU, by making your stream wait
+//! on the layer's interprocess ready event ([`ImportedArena::stream_wait`]; host threads:
+//! [`ImportedArena::wait_host`]). Finish your own work on it before releasing the lease.
+//!
+//! Interprocess events: the daemon records them from a ring it reuses
+//! ([`super::cuda::IPC_RING`] per device), so the same 64-byte handle comes back again and
+//! again. Each is opened (`cuIpcOpenEventHandle`) once per imported arena and kept, by handle,
+//! until the arena is dropped; so at most a ring's worth of events stays open. A handle cannot
+//! be opened in the process that made it. The daemon destroys its events only when it closes
+//! the device; waiting on them after that (a daemon that went away) is undefined behaviour
+//! in the driver, so drop the imported arena when the connection to its daemon ends.
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::driver::{CudaContext, sys};
 use tracing::{debug, error, warn};
@@ -51,6 +61,14 @@ enum Mapping {
     Ipc,
 }
 
+/// An interprocess event opened in this process (`cuIpcOpenEventHandle`).
+#[derive(Debug)]
+struct OpenedEvent(sys::CUevent);
+
+// SAFETY: a CUevent is an opaque handle to a driver object; the CUDA driver API is thread-safe
+// and accepts handles from any thread. The cache only moves the handle value between threads.
+unsafe impl Send for OpenedEvent {}
+
 /// A daemon's arena mapped into this process's CUDA context (primary context of the device
 /// with the daemon's UUID). Unmapped on drop, after this process's work in the context has
 /// finished (`cuCtxSynchronize`: unmapping memory a kernel still reads would fault it).
@@ -61,6 +79,9 @@ pub struct ImportedArena {
     mapping: Mapping,
     /// The primary context the mapping lives in (retained while the mapping lives).
     ctx: Arc<CudaContext>,
+    /// The daemon's interprocess events opened so far, by handle (module docs); destroyed on
+    /// drop.
+    events: Mutex<HashMap<[u8; 64], OpenedEvent>>,
 }
 
 impl ImportedArena {
@@ -91,7 +112,7 @@ impl ImportedArena {
             ArenaShare::HostFd(_) => return Err(host_fd_unsupported()),
         };
         debug!(uuid, ordinal, base = format_args!("{base:#x}"), len, ?mapping, "arena imported");
-        Ok(ImportedArena { base, len, mapping, ctx })
+        Ok(ImportedArena { base, len, mapping, ctx, events: Mutex::new(HashMap::new()) })
     }
 
     /// Device pointer of arena offset 0 in this process.
@@ -147,6 +168,78 @@ impl ImportedArena {
     }
 }
 
+impl ImportedArena {
+    /// Makes `stream` wait, on the device, for the daemon's interprocess event `handle` (the
+    /// layer's ready event): work queued on `stream` after this call runs only once every copy
+    /// the daemon queued before recording the event has landed. The host does not wait.
+    ///
+    /// The event is opened in the arena's context the first time its handle is seen and kept
+    /// (module docs). A handle the driver refuses (made in this very process, from a process
+    /// outside this one's IPC namespace, or not an interprocess event) is
+    /// [`DeviceError::Cuda`] naming `cuIpcOpenEventHandle`.
+    ///
+    /// # Safety
+    ///
+    /// `stream` must be a live `CUstream` (or 0, the legacy default stream) of a context on
+    /// this arena's device, alive for the call: the driver is handed the value as is.
+    pub unsafe fn stream_wait(&self, stream: u64, handle: &[u8; 64]) -> Result<(), DeviceError> {
+        let _bound = bind(&self.ctx)?;
+        let event = self.open_event(handle)?;
+        // SAFETY: `stream` is a live stream of this device (the caller's contract above); `event` is an event opened in our context and kept open
+        // until `self` drops, which cannot happen during this `&self` call. cuStreamWaitEvent
+        // accepts an event of another context on the same device. The wait captures the
+        // event's latest recording now.
+        unsafe {
+            sys::cuStreamWaitEvent(
+                stream as usize as sys::CUstream,
+                event,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT as u32,
+            )
+        }
+        .result()
+        .map_err(cuda_err("cuStreamWaitEvent"))
+    }
+
+    /// Blocks the calling thread until the daemon's interprocess event `handle` completes
+    /// (`cuEventSynchronize`), for callers without a stream. An imported event behaves like
+    /// one created without `CU_EVENT_BLOCKING_SYNC`, so the wait follows the context's
+    /// scheduling policy (by default it may spin). Errors as [`ImportedArena::stream_wait`].
+    pub fn wait_host(&self, handle: &[u8; 64]) -> Result<(), DeviceError> {
+        let _bound = bind(&self.ctx)?;
+        let event = self.open_event(handle)?;
+        // SAFETY: `event` is an event opened in our context and kept open until `self` drops,
+        // which cannot happen during this `&self` call.
+        unsafe { sys::cuEventSynchronize(event) }.result().map_err(cuda_err("cuEventSynchronize"))
+    }
+
+    /// How many of the daemon's interprocess events are open in this process (one per distinct
+    /// handle seen; at most the daemon's ring).
+    pub fn opened_events(&self) -> usize {
+        self.events.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// The event behind `handle`, opened now if it has not been yet. The caller has our
+    /// context bound.
+    fn open_event(&self, handle: &[u8; 64]) -> Result<sys::CUevent, DeviceError> {
+        // Held while opening, so two threads never open the same handle twice.
+        let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(ev) = events.get(handle) {
+            return Ok(ev.0);
+        }
+        let raw = sys::CUipcEventHandle { reserved: handle.map(|b| b as std::ffi::c_char) };
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: `ev` is a valid out-pointer; the handle is 64 opaque bytes the driver checks
+        // (one it cannot open is refused with an error); the event is opened in the current
+        // context, ours (bound by the caller).
+        unsafe { sys::cuIpcOpenEventHandle(&mut ev, raw) }
+            .result()
+            .map_err(cuda_err("cuIpcOpenEventHandle"))?;
+        events.insert(*handle, OpenedEvent(ev));
+        debug!(events = events.len(), "interprocess event opened");
+        Ok(ev)
+    }
+}
+
 impl Drop for ImportedArena {
     fn drop(&mut self) {
         let Ok(_bound) =
@@ -157,6 +250,16 @@ impl Drop for ImportedArena {
         // SAFETY: a plain synchronisation of the (our) current context.
         if let Err(e) = unsafe { sys::cuCtxSynchronize() }.result() {
             warn!(error = %describe(e), "synchronising before unmapping an imported arena");
+        }
+        // The opened events go before the mapping: nothing of this arena is used after it.
+        let events = std::mem::take(self.events.get_mut().unwrap_or_else(PoisonError::into_inner));
+        for (_, ev) in events {
+            // SAFETY: `ev` was opened by cuIpcOpenEventHandle in our context, is owned only by
+            // the cache (just emptied) and destroyed exactly once, here; the context's work has
+            // finished (above), so no stream of ours still waits on it.
+            if let Err(e) = unsafe { sys::cuEventDestroy_v2(ev.0) }.result() {
+                warn!(error = %describe(e), "cuEventDestroy of an interprocess event failed");
+            }
         }
         match self.mapping {
             Mapping::Vmm { size, .. } => unmap_vmm(self.base, size, true),

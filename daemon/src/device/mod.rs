@@ -434,6 +434,16 @@ pub(crate) trait BackendOps: Send + Sync + fmt::Debug {
     /// Records an event after everything enqueued so far.
     fn record(&self) -> Result<Event, DeviceError>;
 
+    /// Records an *interprocess* event after everything enqueued so far and returns its
+    /// 64-byte handle (`cuIpcGetEventHandle`), for a client process to make its stream wait on
+    /// ([`cuda_import::ImportedArena::stream_wait`]). Handles come from a ring the device
+    /// reuses, so the same handle comes back later, recorded at a later point: a client waiting
+    /// on it then only waits longer. Backends without interprocess events (host) answer
+    /// [`DeviceError::Unsupported`].
+    fn record_ipc(&self) -> Result<[u8; 64], DeviceError> {
+        Err(DeviceError::Unsupported("export interprocess events"))
+    }
+
     /// Makes the copy stream wait for a client's done signal before any later copy.
     fn wait_client(&self, done: &ClientDone) -> Result<(), DeviceError>;
 
@@ -555,6 +565,15 @@ impl Device {
 
     pub fn record(&self) -> Result<Event, DeviceError> {
         self.ops().record()
+    }
+
+    /// Records an interprocess event after everything enqueued so far and returns its 64-byte
+    /// handle, for a client process to make its stream wait on
+    /// ([`cuda_import::ImportedArena::stream_wait`]). The handles come from a ring the device
+    /// reuses (a later recording only makes a waiter wait longer). Host devices answer
+    /// [`DeviceError::Unsupported`].
+    pub fn record_ipc(&self) -> Result<[u8; 64], DeviceError> {
+        self.ops().record_ipc()
     }
 
     pub fn wait_client(&self, done: &ClientDone) -> Result<(), DeviceError> {

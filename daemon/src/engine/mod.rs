@@ -626,6 +626,36 @@ impl Drop for Lease {
 }
 
 impl Engine {
+    /// The interprocess event a CUDA client in another process makes its stream wait on before
+    /// its kernels read `lease`'s layer (the 64-byte `cuIpcGetEventHandle` handle, opened with
+    /// [`crate::device::cuda_import::ImportedArena::stream_wait`]), so the wait happens on the
+    /// client's GPU stream instead of in [`Lease::wait_ready`]. `Ok(None)` when the layer is on
+    /// the device already: nothing to wait for. Blocks only until the layer's copies are
+    /// queued, like [`Lease::ready_event`].
+    ///
+    /// A device without interprocess events (the host backend) answers
+    /// [`EngineError::Device`] with [`crate::device::DeviceError::Unsupported`] for a layer not
+    /// ready yet: wait with [`Lease::wait_ready`] instead. A lease of another engine is
+    /// [`EngineError::UnknownLease`] (an event of this device would not cover its copies).
+    pub fn ready_ipc_event(&self, lease: &Lease) -> Result<Option<[u8; 64]>, EngineError> {
+        if !std::ptr::eq(lease.engine.as_ptr(), Arc::as_ptr(&self.inner)) {
+            return Err(EngineError::UnknownLease { lease: lease.id });
+        }
+        if lease.is_ready()? {
+            return Ok(None);
+        }
+        // Why the event covers the layer: `ready_event` returns only once the job has enqueued
+        // every copy (and LoRA GEMM) of the layer on the device's one in-order copy stream and
+        // recorded its own event after them; the interprocess event is recorded on that same
+        // stream after that return, so it completes only after all of them. The device
+        // re-records a ring of such events, so this one may be recorded again later, after
+        // more work: a client whose wait sees a later recording waits longer, never less.
+        lease.ready_event()?;
+        Ok(Some(self.inner.device.record_ipc()?))
+    }
+}
+
+impl Engine {
     /// Opens the device, allocates the arena (the budget) and the staging ring, starts the
     /// copy threads.
     pub fn new(config: EngineConfig) -> Result<Engine, EngineError> {

@@ -141,6 +141,8 @@ messages! {
     Release(Release) = 0x0022, "release", FdRule::None;
     /// Hint that a layer will be acquired soon.
     Prefetch(Prefetch) = 0x0023, "prefetch", FdRule::None;
+    /// `Acquire`, answered with the layer's interprocess ready event (needs `CUDA_EVENTS`).
+    AcquireEvent(AcquireEvent) = 0x0024, "acquire_event", FdRule::None;
     /// Create a view of a model through a LoRA stack (fds for `LoraSource::Fd` entries).
     ApplyLora(ApplyLora) = 0x0030, "apply_lora", FdRule::UpTo(MAX_FDS);
     /// Drop a view.
@@ -169,6 +171,8 @@ messages! {
     Leased(Leased) = 0x8020, "leased", FdRule::None;
     /// Server → client: answer to `WaitReady`.
     Ready(Ready) = 0x8021, "ready", FdRule::None;
+    /// Server → client: answer to `AcquireEvent`.
+    LeasedEvent(LeasedEvent) = 0x8024, "leased_event", FdRule::None;
     /// Server → client: answer to `ApplyLora`.
     ViewCreated(ViewCreated) = 0x8030, "view_created", FdRule::None;
     /// Server → client: answer to `Stats`.
@@ -203,6 +207,7 @@ impl Kind {
                 Kind::ModelOpened
             }
             Kind::Acquire => Kind::Leased,
+            Kind::AcquireEvent => Kind::LeasedEvent,
             Kind::WaitReady => Kind::Ready,
             Kind::ApplyLora => Kind::ViewCreated,
             Kind::Offload => Kind::Offloaded,
@@ -362,6 +367,15 @@ pub struct Onload {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acquire {
     /// A model id, or a view id (views are acquired like models).
+    pub model: u64,
+    pub component: String,
+    pub layer: u32,
+}
+
+/// [`Acquire`] on a CUDA device, answered with [`LeasedEvent`]: the lease and an interprocess
+/// event the client's stream can wait on instead of sending `WaitReady`. Needs `CUDA_EVENTS`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcquireEvent {
     pub model: u64,
     pub component: String,
     pub layer: u32,
@@ -555,6 +569,20 @@ pub struct TensorDesc {
     pub arena_offset: u64,
     /// Its length in bytes.
     pub len: u64,
+}
+
+/// A lease and the event its layer's copies complete before (`AcquireEvent`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeasedEvent {
+    pub leased: Leased,
+    /// A CUDA interprocess event handle (64 bytes, `cuIpcOpenEventHandle`), recorded on
+    /// ferryd's copy stream after the layer's copies: make the stream that reads the layer
+    /// wait on it (`cuStreamWaitEvent`). Empty when `leased.ready` is set (nothing to wait
+    /// for), or when the driver could not export an event (`leased.ready` unset: send
+    /// `WaitReady` as after `Acquire`). ferryd recycles a fixed ring of such events and never destroys them while it
+    /// runs, so a client may cache what it opened by these bytes; a recycled event only ever
+    /// completes later, never earlier, than the copies it was first recorded after.
+    pub ready_event: Vec<u8>,
 }
 
 /// The leased layer's bytes are on the device.

@@ -78,8 +78,11 @@ pub mod features {
     /// [`OpenModelFdOn`](super::OpenModelFdOn), [`ListDevices`](super::ListDevices),
     /// [`MapArenaOn`](super::MapArenaOn). Every ferryd offers it, with one device or more.
     pub const DEVICES: u64 = 1 << 5;
+    /// Interprocess ready events on CUDA: [`AcquireEvent`](super::AcquireEvent).
+    pub const CUDA_EVENTS: u64 = 1 << 6;
     /// Every bit this implementation knows.
-    pub const KNOWN: u64 = FD_PASSING | OPEN_PATH | HOST_ARENA | LORA | CUDA_IPC | DEVICES;
+    pub const KNOWN: u64 =
+        FD_PASSING | OPEN_PATH | HOST_ARENA | LORA | CUDA_IPC | DEVICES | CUDA_EVENTS;
 }
 
 /// The bincode configuration of every body: little-endian, fixed-size integers (`u64` lengths,

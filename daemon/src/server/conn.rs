@@ -12,16 +12,16 @@ use tracing::{debug, info, warn};
 
 use super::{ClientEntry, ModelEntry, Shared};
 use crate::device::ClientDone;
-use crate::device::{ArenaShare, Backend};
+use crate::device::{ArenaShare, Backend, DeviceError};
 use crate::devices::DeviceRef;
 use crate::engine::{Engine, EngineError, Lease, LeaseId, ModelId, id_prefix_of};
 use crate::protocol::socket::{FrameReader, discard_input};
 use crate::protocol::{
     Ack, Acquire, ApplyLora, ArenaFd, ClientInfo, Clients, CudaArena, CudaHandle, DeviceEntry,
-    DeviceSel, DeviceSummary, Devices, ErrorCode, ErrorReply, Kind, Leased, LoraSource,
-    MAX_BODY_LEN, MAX_FDS, MIN_PROTOCOL_VERSION, Message, ModelInfo, ModelOpened, Models,
-    Offloaded, PROTOCOL_VERSION, ProtocolError, Ready, SetResidency, StatsReply, TensorDesc,
-    ViewCreated, Welcome, features, negotiate,
+    DeviceSel, DeviceSummary, Devices, ErrorCode, ErrorReply, Kind, Leased, LeasedEvent,
+    LoraSource, MAX_BODY_LEN, MAX_FDS, MIN_PROTOCOL_VERSION, Message, ModelInfo, ModelOpened,
+    Models, Offloaded, PROTOCOL_VERSION, ProtocolError, Ready, SetResidency, StatsReply,
+    TensorDesc, ViewCreated, Welcome, features, negotiate,
 };
 
 type Reply = Result<Message, ErrorReply>;
@@ -296,7 +296,9 @@ impl Conn<'_> {
                     .map_err(|e| engine_err(&e))?;
                 Ok(Ack {}.into())
             }
-            Message::Acquire(m) => self.acquire(m),
+            Message::Acquire(m) => self.acquire(m, false),
+            Message::AcquireEvent(m) => self
+                .acquire(Acquire { model: m.model, component: m.component, layer: m.layer }, true),
             Message::WaitReady(m) => {
                 let (_, lease) = self.leases.get(&m.lease).ok_or_else(|| unknown_lease(m.lease))?;
                 lease.wait_ready().map_err(|e| engine_err(&e))?;
@@ -556,7 +558,11 @@ impl Conn<'_> {
         Ok(Ack {}.into())
     }
 
-    fn acquire(&mut self, m: Acquire) -> Reply {
+    /// `acquire`, or with `event` (`acquire_event`) the layer's interprocess ready event too.
+    fn acquire(&mut self, m: Acquire, event: bool) -> Reply {
+        if event {
+            self.need(features::CUDA_EVENTS, "acquire_event")?;
+        }
         self.check_open(m.model)?;
         let max = self.shared.config().max_leases_per_client;
         if self.leases.len() >= max {
@@ -565,14 +571,23 @@ impl Conn<'_> {
                 format!("this client already holds {max} leases"),
             ));
         }
-        let lease = self
-            .shared
-            .engine_of(m.model)?
+        let engine = self.shared.engine_of(m.model)?;
+        let lease = engine
             .acquire_as(self.id(), m.model, &m.component, m.layer as usize)
             .map_err(|e| engine_err(&e))?;
         // On error the lease is dropped, which releases it.
-        let ready = lease.is_ready().map_err(|e| engine_err(&e))?;
-        let reply = Leased {
+        let ready_event = match event {
+            false => None,
+            true => match engine.ready_ipc_event(&lease) {
+                Ok(e) => e,
+                // A driver that cannot export events: no event, the client waits with
+                // `wait_ready` (an empty handle with `ready` unset says so).
+                Err(EngineError::Device(DeviceError::Unsupported(_))) => None,
+                Err(e) => return Err(engine_err(&e)),
+            },
+        };
+        let ready = ready_event.is_none() && lease.is_ready().map_err(|e| engine_err(&e))?;
+        let leased = Leased {
             lease: lease.id(),
             layer: lease.layer().to_string(),
             ready,
@@ -580,7 +595,11 @@ impl Conn<'_> {
         };
         self.leases.insert(lease.id(), (m.model, lease));
         self.update_counts();
-        Ok(reply.into())
+        Ok(match ready_event {
+            _ if !event => leased.into(),
+            Some(handle) => LeasedEvent { leased, ready_event: handle.to_vec() }.into(),
+            None => LeasedEvent { leased, ready_event: Vec::new() }.into(),
+        })
     }
 
     fn apply_lora(&mut self, m: ApplyLora, fds: &[OwnedFd]) -> Reply {

@@ -40,8 +40,10 @@
 //!   handle (a descriptor) or its legacy IPC handle ([`crate::device::ArenaShare`]). ferry's
 //!   importer asks for read-only access and falls back to read-write where the driver refuses
 //!   it (a legacy IPC mapping is always read-write), so a CUDA client is trusted not to write
-//!   into weights. Cross-process ready events are not offered: a client waits with
-//!   `wait_ready` (one round trip) and synchronises its stream before `release`.
+//!   into weights. A CUDA client orders its reads after ferryd's copies with
+//!   `acquire_event` (an interprocess event from a ring on the copy stream) or `wait_ready`,
+//!   and synchronises its own stream before `release`: ferryd never waits on a client's event
+//!   (a client that dies mid-wait must not stall the copy stream).
 //! - Requests of one connection are answered in order by its thread: a `wait_ready` holds up the
 //!   requests after it on the same connection (docs/protocol.md defines this: replies come in
 //!   request order). Opening models is serialised server-wide (the registry lock is held across
@@ -500,7 +502,7 @@ impl Server {
         // Every device of a set has the same backend.
         offered |= match devices.default_engine().device_info().backend {
             Backend::Host => features::HOST_ARENA,
-            Backend::Cuda => features::CUDA_IPC,
+            Backend::Cuda => features::CUDA_IPC | features::CUDA_EVENTS,
         };
         let owns_socket = inherited.is_none();
         let listener = match inherited {
