@@ -15,7 +15,7 @@ from . import cuda, errors, messages, wire
 from .client import POLICY_NAMES, Arena, Client, Lease, make_policy
 from .cuda import ImportedArena
 from .errors import (
-    BadCudaArena, Busy, ConnectionLost, CudaError, CudaUnavailable, DeviceUnavailable,
+    BadCudaArena, BadCudaEvent, Busy, ConnectionLost, CudaError, CudaUnavailable, DeviceUnavailable,
     FerryError, MemoryKindError, NotFound, NotPermitted, ProtocolError, RequestError,
     ServerError, ShuttingDown, Timeout, UnknownComponent, UnknownDevice, UnknownLayer,
     UnknownLease, UnknownModel, Unsupported,
@@ -25,11 +25,11 @@ from .messages import DeviceEntry, DeviceSel, ModelInfo, ModelOpened, TensorDesc
 __version__ = "0.1.0"
 
 __all__ = [
-    "POLICY_NAMES", "Arena", "BadCudaArena", "Busy", "Client", "ConnectionLost", "CudaError",
-    "CudaUnavailable", "DeviceEntry", "DeviceSel", "DeviceUnavailable", "FerryError",
-    "ImportedArena", "Lease", "MemoryKindError", "ModelInfo", "ModelOpened", "NotFound",
-    "NotPermitted", "ProtocolError", "RequestError", "ServerError", "ShuttingDown",
+    "POLICY_NAMES", "Arena", "BadCudaArena", "BadCudaEvent", "Busy", "Client", "ConnectionLost",
+    "CudaError", "CudaUnavailable", "DeviceEntry", "DeviceSel", "DeviceUnavailable",
+    "FerryError", "ImportedArena", "Lease", "MemoryKindError", "ModelInfo", "ModelOpened",
+    "NotFound", "NotPermitted", "ProtocolError", "RequestError", "ServerError", "ShuttingDown",
     "TensorDesc", "Timeout", "UnknownComponent", "UnknownDevice", "UnknownLayer",
-    "UnknownLease", "UnknownModel", "Unsupported", "cuda", "errors", "make_policy",
-    "messages", "wire", "__version__",
+    "UnknownLease", "UnknownModel", "Unsupported", "cuda", "errors", "make_policy", "messages",
+    "wire", "__version__",
 ]

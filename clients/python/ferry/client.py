@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from . import cuda
 from . import errors
@@ -118,10 +118,16 @@ class Arena:
 
 class Lease:
     """A leased layer. Use as a context manager: ``with client.acquire(...) as lease:`` waits
-    until the bytes are ready and releases the lease on exit."""
+    until the bytes are ready and releases the lease on exit.
+
+    A lease from :meth:`Client.acquire_event` carries ``ready_event``: the 64-byte handle of
+    ferryd's interprocess event that completes once the layer's copies have landed (empty when
+    the layer was already on the device). Its context manager does not wait on the host: order
+    the GPU work that reads the layer with :meth:`wait_on_stream` (or ``device_ptr(t,
+    stream=...)``); every host-side accessor still waits with ``wait_ready``."""
 
     def __init__(self, client: "Client", model: int, component: str, index: int,
-                 leased: m.Leased):
+                 leased: m.Leased, ready_event: Optional[bytes] = None):
         self.client = client
         self.model = model
         self.component = component
@@ -131,6 +137,10 @@ class Lease:
         self.ready = leased.ready
         self.tensors: List[m.TensorDesc] = leased.tensors
         self.released = False
+        # None: a plain acquire's lease; bytes (maybe empty): acquire_event's.
+        self.ready_event: Optional[bytes] = ready_event
+        # Streams already made to wait on ready_event (a stream is in order: once is enough).
+        self._waited_streams: Set[int] = set()
 
     @property
     def device(self) -> int:
@@ -147,9 +157,42 @@ class Lease:
         return self.client.device.backend == "cuda"
 
     def wait_ready(self) -> "Lease":
+        """Blocks until the layer's bytes are on the device (a ``wait_ready`` round trip,
+        unless the lease is known to be ready)."""
         if not self.ready:
             self.client.wait_ready(self.id)
             self.ready = True
+        return self
+
+    def wait_on_stream(self, stream: int) -> "Lease":
+        """Orders the GPU work queued on ``stream`` (a ``CUstream`` as an int, such as
+        ``torch.cuda.current_stream(dev).cuda_stream``; 0 is the legacy default stream) after
+        the layer's copies, on a CUDA ferryd.
+
+        With a ``ready_event`` (a lease of :meth:`Client.acquire_event`) the stream waits on
+        ferryd's event on the GPU (:meth:`ferry.cuda.ImportedArena.stream_wait`, once per
+        stream and lease): the host does not wait and nothing is sent. Without one (a plain
+        ``acquire``, or an event left empty though the layer is not ready) it falls back to
+        :meth:`wait_ready`, after which any stream may read the layer. A ready layer needs
+        nothing. Either way finish (synchronise) the stream's use of the layer before
+        releasing the lease. On a host ferryd: :class:`ferry.errors.MemoryKindError`."""
+        cuda.check_stream(stream)  # refused even when there is nothing to order
+        if self.released:
+            raise errors.UnknownLease(f"lease {self.id} was released", None)
+        if not self._on_cuda():
+            raise errors.MemoryKindError(
+                f"layer {self.layer} is in a host arena (ferryd runs on the "
+                f"{self.client.device.backend} backend): there is no stream to order; use "
+                "Lease.wait_ready")
+        if self.ready or stream in self._waited_streams:
+            return self
+        if not self.ready_event:
+            return self.wait_ready()
+        arena = self.arena()
+        if not isinstance(arena, cuda.ImportedArena):  # not reachable on a CUDA ferryd
+            return self.wait_ready()
+        arena.stream_wait(stream, self.ready_event)
+        self._waited_streams.add(stream)
         return self
 
     def release(self) -> None:
@@ -193,14 +236,18 @@ class Lease:
             return np.frombuffer(buf, dtype="u1")
         return np.frombuffer(buf, dtype=dt).reshape([int(d) for d in t.shape])
 
-    def device_ptr(self, tensor: Union[m.TensorDesc, str]) -> int:
+    def device_ptr(self, tensor: Union[m.TensorDesc, str], stream: Optional[int] = None) -> int:
         """The tensor's device address in this process, on a CUDA ferryd: the base of the
         arena of the layer's device, mapped into this process (on first use; see
-        :meth:`Client.map_arena`), plus the tensor's ``arena_offset``. Waits until the layer is
-        ready. Valid only while the lease is held: finish (synchronise) every GPU use of it
-        before releasing. On a host ferryd: :class:`ferry.errors.MemoryKindError` (use
-        :meth:`view`)."""
+        :meth:`Client.map_arena`), plus the tensor's ``arena_offset``. Without ``stream``,
+        waits on the host until the layer is ready; with ``stream`` (a ``CUstream`` as an
+        int), orders that stream after the layer's copies instead (:meth:`wait_on_stream`):
+        use the address on that stream only. Valid only while the lease is held: finish
+        (synchronise) every GPU use of it before releasing. On a host ferryd:
+        :class:`ferry.errors.MemoryKindError` (use :meth:`view`)."""
         t = self.tensor(tensor) if isinstance(tensor, str) else tensor
+        if stream is not None:
+            cuda.check_stream(stream)  # checked before anything is mapped or sent
         if self.released:
             raise errors.UnknownLease(f"lease {self.id} was released", None)
         if not self._on_cuda():
@@ -212,10 +259,16 @@ class Lease:
             raise errors.ProtocolError(
                 f"tensor {t.name} (bytes {t.arena_offset}..{t.arena_offset + t.len}) lies "
                 f"past the arena's end ({arena.len} bytes)")
-        self.wait_ready()
+        if stream is None:
+            self.wait_ready()
+        else:
+            self.wait_on_stream(stream)
         return arena.base + t.arena_offset
 
     def __enter__(self) -> "Lease":
+        if self.ready_event is not None:
+            # acquire_event's lease: the point is not to wait on the host (class docs).
+            return self
         try:
             return self.wait_ready()
         except BaseException:
@@ -244,13 +297,16 @@ class Client:
     def __init__(self, path: Optional[str] = None, *, timeout: Optional[float] = None,
                  features: int = m.DEFAULT_FEATURES, client_name: str = CLIENT_NAME,
                  cuda: bool = False):
-        """``cuda=True`` also asks for ``CUDA_IPC`` (added to ``features``): a CUDA ferryd
-        then shares its arenas with ``map_arena``, mapped into this process through the CUDA
-        driver (:mod:`ferry.cuda`). A host ferryd does not grant it and nothing changes."""
+        """``cuda=True`` also asks for ``CUDA_IPC`` and ``CUDA_EVENTS`` (added to
+        ``features``): a CUDA ferryd then shares its arenas with ``map_arena``, mapped into this
+        process through the CUDA driver (:mod:`ferry.cuda`), and answers
+        :meth:`acquire_event` with interprocess ready events. A host ferryd grants neither and
+        nothing changes. (For ``CUDA_IPC`` alone, pass it in ``features`` with
+        ``cuda=False``.)"""
         if not isinstance(cuda, bool):
             raise TypeError(f"cuda must be True or False, not {cuda!r}")
         if cuda:
-            features |= m.CUDA_IPC
+            features |= m.CUDA_IPC | m.CUDA_EVENTS
         self.path = path or os.environ.get("FERRY_SOCKET") or DEFAULT_SOCKET
         self._lock = threading.RLock()
         self._next_id = 1
@@ -471,6 +527,25 @@ class Client:
     def acquire(self, model: int, component: str, layer: int) -> Lease:
         leased = self._call(m.Acquire(model, component, layer), m.Leased)
         return Lease(self, model, component, layer, leased)
+
+    def acquire_event(self, model: int, component: str, layer: int) -> Lease:
+        """``acquire`` with the layer's interprocess ready event (needs ``CUDA_EVENTS``,
+        granted by CUDA ferryds to ``Client(..., cuda=True)``; else ferryd answers
+        ``Unsupported``): a :class:`Lease` whose ``ready_event`` is the 64-byte handle of an
+        event ferryd recorded on its copy stream after the layer's copies, or empty when the
+        layer is on the device already. Make the stream that reads the layer wait on it with
+        :meth:`Lease.wait_on_stream` instead of a ``wait_ready`` round trip; synchronise that
+        stream before releasing, as ever. A handle that is not 64 bytes is
+        :class:`ferry.errors.BadCudaEvent` (the lease is released again)."""
+        reply: m.LeasedEvent = self._call(m.AcquireEvent(model, component, layer),
+                                          m.LeasedEvent)
+        lease = Lease(self, model, component, layer, reply.leased, bytes(reply.ready_event))
+        if len(reply.ready_event) not in (0, cuda.IPC_HANDLE_LEN):
+            lease._release_quietly()
+            raise errors.BadCudaEvent(
+                f"leased_event for layer {reply.leased.layer!r}: a CUDA interprocess event "
+                f"handle has {cuda.IPC_HANDLE_LEN} bytes, this one {len(reply.ready_event)}")
+        return lease
 
     def wait_ready(self, lease: int) -> None:
         self._call(m.WaitReady(lease), m.Ready)

@@ -21,11 +21,23 @@ with ``cuDevicePrimaryCtxRetain`` and made current only around the driver calls,
 push/pop, so whatever context the caller had current is left as it was): the primary context
 is the one the CUDA runtime, and so PyTorch, uses, so the addresses are valid in its kernels.
 
-Ordering (ferryd copies on its own stream and offers no interprocess event): read a leased
-layer only once it is ready (``Lease.wait_ready``, or a ``leased`` reply with ``ready`` set;
-``Lease.device_ptr`` waits for it), and finish every use of it on the GPU (synchronise the
-streams that read it) *before* releasing the lease: ferryd may overwrite the memory as soon as
-it acknowledges the release.
+Ordering: ferryd copies on its own stream. Read a leased layer only once it is ready: on the
+host (``Lease.wait_ready``, or a ``leased`` reply with ``ready`` set; ``Lease.device_ptr``
+waits for it), or on the GPU, by making the stream that reads it wait on the layer's
+interprocess ready event (``acquire_event``, feature ``CUDA_EVENTS``:
+:meth:`ImportedArena.stream_wait`, or :meth:`ImportedArena.wait_host` for a host thread). And
+finish every use of it on the GPU (synchronise the streams that read it) *before* releasing the
+lease: ferryd may overwrite the memory as soon as it acknowledges the release, and it never
+waits on an event of its clients.
+
+Interprocess events: ferryd records them from a fixed ring it reuses and destroys only when it
+closes the device, so the same 64-byte handles come back again and again. Each is opened
+(``cuIpcOpenEventHandle``, in the arena's context) the first time its handle is seen and kept,
+by handle, until the arena is closed, which destroys them (``cuEventDestroy_v2``) before it
+unmaps; so at most a ring's worth stays open. A recycled handle names a later recording on the
+same in-order copy stream, so a wait on it can only wait longer, never too little. Waiting on
+an event of a ferryd that went away is undefined in the driver: close the arena (the client
+does, on ``close``) when the connection to its ferryd ends.
 
 Standard library only. ``libcuda.so.1`` is loaded on first use (``$FERRY_LIBCUDA`` names
 another file); nothing here needs a GPU until an arena is imported, and every failure is a
@@ -33,17 +45,19 @@ another file); nothing here needs a GPU until an arena is imported, and every fa
 at all) naming the call and the driver's error name.
 """
 
+import contextlib
 import ctypes
 import logging
 import os
 import re
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import errors
 from . import messages as m
 
-__all__ = ["ImportedArena", "driver", "format_uuid", "normalize_uuid", "LIBCUDA"]
+__all__ = ["ImportedArena", "driver", "format_uuid", "normalize_uuid", "check_event_handle",
+           "check_stream", "LIBCUDA"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +71,8 @@ CUdevice = ctypes.c_int
 CUdeviceptr = ctypes.c_uint64  # unsigned long long on every 64-bit platform
 CUcontext = ctypes.c_void_p
 CUmemGenericAllocationHandle = ctypes.c_uint64  # unsigned long long
+CUevent = ctypes.c_void_p  # struct CUevent_st *
+CUstream = ctypes.c_void_p  # struct CUstream_st *
 
 CUDA_SUCCESS = 0
 CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 1
@@ -65,7 +81,9 @@ CU_MEM_ACCESS_FLAGS_PROT_READ = 1
 CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
 CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED = 103
+CU_EVENT_WAIT_DEFAULT = 0
 IPC_HANDLE_LEN = 64
+_PTR_MAX = (1 << (8 * ctypes.sizeof(ctypes.c_void_p))) - 1
 _SIZE_MAX = (1 << (8 * ctypes.sizeof(ctypes.c_size_t))) - 1
 
 
@@ -78,6 +96,13 @@ class CUuuid(ctypes.Structure):
 class CUipcMemHandle(ctypes.Structure):
     """``CUipcMemHandle_st { char reserved[64]; }``, passed *by value* to
     ``cuIpcOpenMemHandle_v2``."""
+
+    _fields_ = [("reserved", ctypes.c_ubyte * IPC_HANDLE_LEN)]
+
+
+class CUipcEventHandle(ctypes.Structure):
+    """``CUipcEventHandle_st { char reserved[64]; }``, passed *by value* to
+    ``cuIpcOpenEventHandle``."""
 
     _fields_ = [("reserved", ctypes.c_ubyte * IPC_HANDLE_LEN)]
 
@@ -130,6 +155,11 @@ _SIGNATURES: Dict[str, Sequence[Any]] = {
     # legacy IPC
     "cuIpcOpenMemHandle_v2": [_P(CUdeviceptr), CUipcMemHandle, ctypes.c_uint],
     "cuIpcCloseMemHandle": [CUdeviceptr],
+    # interprocess events (acquire_event)
+    "cuIpcOpenEventHandle": [_P(CUevent), CUipcEventHandle],
+    "cuStreamWaitEvent": [CUstream, CUevent, ctypes.c_uint],
+    "cuEventSynchronize": [CUevent],
+    "cuEventDestroy_v2": [CUevent],
 }
 # Without these nothing works; the others are checked when a path needs them.
 _REQUIRED = ("cuInit", "cuGetErrorName", "cuDeviceGetCount", "cuDeviceGet",
@@ -138,6 +168,8 @@ _REQUIRED = ("cuInit", "cuGetErrorName", "cuDeviceGetCount", "cuDeviceGet",
 _VMM = ("cuMemImportFromShareableHandle", "cuMemAddressReserve", "cuMemMap", "cuMemSetAccess",
         "cuMemRelease", "cuMemUnmap", "cuMemAddressFree")
 _IPC = ("cuIpcOpenMemHandle_v2", "cuIpcCloseMemHandle")
+_EVENTS = ("cuIpcOpenEventHandle", "cuStreamWaitEvent", "cuEventSynchronize",
+           "cuEventDestroy_v2")
 
 
 # ---- UUIDs ---------------------------------------------------------------------------------
@@ -385,9 +417,13 @@ class ImportedArena:
     mapping the driver granted read-only access); ``backend``: ``"cuda"``; ``device``: the
     selector it was asked for by (set by :meth:`ferry.Client.map_arena`).
 
+    ``stream_wait`` and ``wait_host`` wait on ferryd's interprocess ready events (module
+    docs), each opened once per distinct handle and kept (``opened_events`` counts them).
+
     ``close()`` (also on ``with`` exit and, as a last resort, when collected) first waits for
     all work in the context (``cuCtxSynchronize``: unmapping memory a kernel still reads would
-    fault it), then unmaps; it is idempotent.
+    fault it), destroys the events it opened, then unmaps; it is idempotent, and waits for
+    calls of other threads still using the arena (``read``, ``stream_wait``, ``wait_host``).
     """
 
     backend = "cuda"
@@ -405,8 +441,14 @@ class ImportedArena:
         self.size = size  # bytes mapped (alloc_len) for VMM; the arena's len for IPC
         self.read_only = read_only
         self.device: Optional[m.DeviceSel] = None
-        self._lock = threading.Lock()
+        # Guards _closed and _users: close() waits until no call uses the mapping or events.
+        self._cond = threading.Condition(threading.Lock())
+        self._users = 0
         self._closed = False
+        # ferryd's interprocess events opened here, by handle bytes -> CUevent (module docs);
+        # the lock is held while opening, so two threads never open one handle twice.
+        self._events: Dict[bytes, int] = {}
+        self._events_lock = threading.Lock()
 
     @classmethod
     def import_(cls, arena: m.CudaArena, fd: Optional[int] = None) -> "ImportedArena":
@@ -469,6 +511,28 @@ class ImportedArena:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def opened_events(self) -> int:
+        """How many of ferryd's interprocess events are open here (one per distinct handle
+        seen; at most ferryd's ring)."""
+        with self._events_lock:
+            return len(self._events)
+
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[None]:
+        """Marks a call using the mapping or the events: ``close`` waits for it to end."""
+        with self._cond:
+            if self._closed:
+                raise ValueError("the imported arena is closed")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                if self._users == 0:
+                    self._cond.notify_all()
+
     def ptr(self, offset: int, length: int) -> int:
         """The device address of ``length`` bytes at ``offset``; ``ValueError`` unless they lie
         within the arena."""
@@ -487,17 +551,77 @@ class ImportedArena:
             return b""
         self._driver.need(("cuMemcpyDtoH_v2",), "reading an imported arena")
         buf = ctypes.create_string_buffer(length)
-        with self._driver.current(self._ctx):
+        with self._use(), self._driver.current(self._ctx):
             self._driver.call("cuMemcpyDtoH_v2", ctypes.cast(buf, ctypes.c_void_p), src, length)
         return buf.raw
+
+    def stream_wait(self, stream: int, handle: bytes) -> None:
+        """Makes ``stream`` wait, on the GPU, for ferryd's interprocess event ``handle`` (the
+        ``ready_event`` of a ``leased_event`` reply): work queued on ``stream`` after this call
+        runs only once every copy ferryd queued before recording the event has landed. The
+        host does not wait.
+
+        ``stream``: a ``CUstream`` as an int (``torch.cuda.Stream.cuda_stream``; 0 is the
+        legacy default stream) of a context on this arena's GPU; the driver is handed it as
+        is. ``handle``: 64 bytes, checked before any driver call
+        (:class:`ferry.errors.BadCudaEvent`). The event is opened in the arena's context
+        (``cuIpcOpenEventHandle``) the first time its handle is seen and kept until
+        :meth:`close`; then ``cuStreamWaitEvent``. A handle the driver refuses is a
+        :class:`ferry.errors.CudaError` naming ``cuIpcOpenEventHandle``."""
+        raw = check_event_handle(handle)
+        s = check_stream(stream)
+        with self._use():
+            drv = self._driver
+            drv.need(_EVENTS, "waiting on ferryd's interprocess events")
+            with drv.current(self._ctx):
+                ev = self._open_event(raw)
+                drv.call("cuStreamWaitEvent", CUstream(s), CUevent(ev), CU_EVENT_WAIT_DEFAULT,
+                         what=f"stream {s:#x} on ferryd's ready event")
+
+    def wait_host(self, handle: bytes) -> None:
+        """Blocks this thread until ferryd's interprocess event ``handle`` has completed
+        (``cuEventSynchronize``), for callers without a stream. The event is opened and kept
+        as by :meth:`stream_wait`, with the same checks and errors. An imported event follows
+        the context's scheduling policy (by default the wait may spin)."""
+        raw = check_event_handle(handle)
+        with self._use():
+            drv = self._driver
+            drv.need(_EVENTS, "waiting on ferryd's interprocess events")
+            with drv.current(self._ctx):
+                ev = self._open_event(raw)
+                drv.call("cuEventSynchronize", CUevent(ev), what="ferryd's ready event")
+
+    def _open_event(self, raw: bytes) -> int:
+        """The event behind ``raw``, opened now if it has not been yet. The caller has made
+        the arena's context current and holds ``_use``."""
+        with self._events_lock:
+            ev = self._events.get(raw)
+            if ev is not None:
+                return ev
+            handle = CUipcEventHandle()
+            ctypes.memmove(handle.reserved, raw, IPC_HANDLE_LEN)
+            out = CUevent()
+            self._driver.call("cuIpcOpenEventHandle", ctypes.byref(out), handle,
+                              what="an interprocess event of ferryd")
+            if not out.value:
+                raise errors.CudaError("cuIpcOpenEventHandle returned no event",
+                                       "cuIpcOpenEventHandle")
+            self._events[raw] = out.value
+            log.debug("interprocess event opened (%d open)", len(self._events))
+            return out.value
 
     def close(self) -> None:
         """Waits for this process's work in the context, unmaps, and releases the primary
         context. Idempotent. A driver failure is raised after every step was tried."""
-        with self._lock:
+        with self._cond:
             if self._closed:
                 return
             self._closed = True
+            while self._users:  # another thread is still reading or waiting
+                self._cond.wait()
+        with self._events_lock:
+            events = list(self._events.values())
+            self._events.clear()
         drv = self._driver
         failures: List[errors.CudaError] = []
 
@@ -509,6 +633,10 @@ class ImportedArena:
         try:
             with drv.current(self._ctx):
                 attempt("cuCtxSynchronize")
+                # The events go before the mapping, once no stream of ours waits on them (the
+                # synchronisation above): nothing of this arena is used after it.
+                for ev in events:
+                    attempt("cuEventDestroy_v2", CUevent(ev))
                 if self.kind == "vmm":
                     attempt("cuMemUnmap", self.base, self.size)
                     attempt("cuMemAddressFree", self.base, self.size)
@@ -542,6 +670,28 @@ class ImportedArena:
         state = "closed" if self._closed else f"base={self.base:#x}"
         return (f"ImportedArena({self.uuid}, cuda:{self.device_index}, {self.kind}, "
                 f"len={self.len}, {state})")
+
+
+def check_event_handle(handle: Any) -> bytes:
+    """``handle`` as the 64 bytes of a ``CUipcEventHandle`` (checked before any driver
+    call)."""
+    if not isinstance(handle, (bytes, bytearray, memoryview)):
+        raise TypeError(f"an interprocess event handle is bytes, not {type(handle).__name__}")
+    raw = bytes(handle)
+    if len(raw) != IPC_HANDLE_LEN:
+        raise errors.BadCudaEvent(
+            f"a CUDA interprocess event handle has {IPC_HANDLE_LEN} bytes, this one {len(raw)}")
+    return raw
+
+
+def check_stream(stream: Any) -> int:
+    """``stream`` as a ``CUstream`` value (an int that fits a pointer)."""
+    if isinstance(stream, bool) or not isinstance(stream, int):
+        raise TypeError(f"a CUDA stream is an int (a CUstream, e.g. torch's "
+                        f"Stream.cuda_stream), not {type(stream).__name__}")
+    if not 0 <= stream <= _PTR_MAX:
+        raise ValueError(f"CUDA stream {stream} is not a pointer value")
+    return stream
 
 
 def _map_fd(drv: Driver, dev: int, fd: int, alloc_len: int) -> Tuple[int, bool]:

@@ -91,6 +91,15 @@ class BadCudaArena(FerryError):
     name = "bad_cuda_arena"
 
 
+class BadCudaEvent(FerryError):
+    """A CUDA interprocess event handle that is not 64 bytes: in a ``leased_event`` reply (the
+    lease is released again) or given to :meth:`ferry.cuda.ImportedArena.stream_wait` /
+    ``wait_host``; found before any driver call. Raised by the client; the connection stays
+    usable."""
+
+    name = "bad_cuda_event"
+
+
 class MemoryKindError(FerryError):
     """The memory a layer lies in cannot be used that way: ``Lease.view``/``Lease.array`` on a
     CUDA ferryd (device memory is not readable from the host: use ``Lease.device_ptr``), or

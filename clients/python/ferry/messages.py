@@ -19,12 +19,15 @@ HOST_ARENA = 0x04
 LORA = 0x08
 CUDA_IPC = 0x10
 DEVICES = 0x20  # open_model_on, open_model_fd_on, list_devices, map_arena_on
-KNOWN_FEATURES = FD_PASSING | OPEN_PATH | HOST_ARENA | LORA | CUDA_IPC | DEVICES
-# What Client asks for by default: not CUDA_IPC, which ``Client(..., cuda=True)`` adds. Mapping
-# a CUDA arena needs the CUDA driver and ferryd's GPU visible in this process (ferry.cuda);
-# without the feature a CUDA ferryd answers map_arena with ``unsupported`` instead of exporting
-# its arena to a client that may not be able to use it.
-DEFAULT_FEATURES = KNOWN_FEATURES & ~CUDA_IPC
+CUDA_EVENTS = 0x40  # acquire_event: interprocess ready events (offered by CUDA ferryds)
+KNOWN_FEATURES = FD_PASSING | OPEN_PATH | HOST_ARENA | LORA | CUDA_IPC | DEVICES | CUDA_EVENTS
+# What Client asks for by default: not CUDA_IPC nor CUDA_EVENTS, which ``Client(...,
+# cuda=True)`` adds. Mapping a CUDA arena needs the CUDA driver and ferryd's GPU visible in this
+# process (ferry.cuda); without the feature a CUDA ferryd answers map_arena with ``unsupported``
+# instead of exporting its arena to a client that may not be able to use it. An event is of use
+# only to a process that mapped the arena (it is opened in the arena's context), so it goes
+# with CUDA_IPC.
+DEFAULT_FEATURES = KNOWN_FEATURES & ~(CUDA_IPC | CUDA_EVENTS)
 
 # Model, view and lease ids carry the index of the device they are on in their top 16 bits.
 DEVICE_SHIFT = 48
@@ -408,6 +411,18 @@ class Prefetch(Message):
 
 
 @dataclass
+class AcquireEvent(Message):
+    """``acquire`` answered with :class:`LeasedEvent`: the lease and an interprocess event the
+    reading stream can wait on instead of sending ``wait_ready`` (needs ``CUDA_EVENTS``)."""
+
+    KIND: ClassVar[int] = 0x0024
+    NAME: ClassVar[str] = "acquire_event"
+    model: int = wf("u64")
+    component: str = wf("str")
+    layer: int = wf("u32")
+
+
+@dataclass
 class ApplyLora(Message):
     KIND: ClassVar[int] = 0x0030
     NAME: ClassVar[str] = "apply_lora"
@@ -529,6 +544,20 @@ class Ready(Message):
     KIND: ClassVar[int] = 0x8021
     NAME: ClassVar[str] = "ready"
     lease: int = wf("u64")
+
+
+@dataclass
+class LeasedEvent(Message):
+    """Answer to ``acquire_event``: ``leased`` (the fields of a ``leased`` reply, nested) and
+    ``ready_event``, a 64-byte CUDA interprocess event handle recorded on ferryd's copy stream
+    after the layer's copies, or empty when ``leased.ready`` is set. ferryd re-records a fixed
+    ring of such events and never destroys them while it runs, so a client may keep the events
+    it opened by handle bytes (:meth:`ferry.cuda.ImportedArena.stream_wait` does)."""
+
+    KIND: ClassVar[int] = 0x8024
+    NAME: ClassVar[str] = "leased_event"
+    leased: Leased = wf(Leased)
+    ready_event: bytes = wf("bytes")
 
 
 @dataclass
@@ -656,10 +685,10 @@ class Error(Message):
 
 ALL: List[Type[Message]] = [
     Hello, Goodbye, OpenModel, OpenModelFd, CloseModel, SetResidency, Offload, Onload,
-    OpenModelOn, OpenModelFdOn, Acquire, WaitReady, Release, Prefetch, ApplyLora, RemoveLora,
-    Stats, ListModels, ListClients, ListDevices, MapArena, MapArenaOn, Ack, Welcome,
-    ModelOpened, Offloaded, Leased, Ready, ViewCreated, StatsReply, Models, Clients, Devices,
-    ArenaFd, CudaArena, Error,
+    OpenModelOn, OpenModelFdOn, Acquire, WaitReady, Release, Prefetch, AcquireEvent, ApplyLora,
+    RemoveLora, Stats, ListModels, ListClients, ListDevices, MapArena, MapArenaOn, Ack, Welcome,
+    ModelOpened, Offloaded, Leased, Ready, LeasedEvent, ViewCreated, StatsReply, Models,
+    Clients, Devices, ArenaFd, CudaArena, Error,
 ]
 BY_KIND: Dict[int, Type[Message]] = {m.KIND: m for m in ALL}
 BY_NAME: Dict[str, Type[Message]] = {m.NAME: m for m in ALL}

@@ -51,14 +51,21 @@ Backends (the piece that turns a lease into tensors is :func:`tensor_source`):
   with ``__cuda_array_interface__`` (one-dimensional ``uint8``), which ``torch.as_tensor``
   takes without copying on ``cuda:N`` (the torch device with the same UUID); the bytes are
   then viewed as the file's dtype and shape. torch needs numpy to read that interface.
-  Ordering, because ferryd copies on its own stream and offers no interprocess event: a layer's
-  tensors are made only after ``wait_ready`` answered (``Lease.device_ptr`` waits), so its bytes
-  are on the GPU before any kernel is queued; after the forward, *before* the lease is
-  released, the current torch stream of that device is synchronised (``cuda_sync="stream"``,
-  the default), or the whole device (``cuda_sync="device"``: for forwards that run kernels on
-  other streams without joining them back): ferryd may overwrite the memory as soon as it
-  acknowledges the release. That synchronisation blocks the host once per layer (no
-  interprocess events yet: the price is the GPU running dry between layers). The mapping may be
+  Ordering, because ferryd copies on its own stream: when the connection has ``CUDA_EVENTS``
+  (a CUDA ferryd grants it to ``Client(..., cuda=True)``) and ``cuda_sync="stream"`` (the
+  default), each layer is acquired with ``acquire_event`` and the current torch stream of that
+  device is made to wait, on the GPU, on ferryd's interprocess ready event of the layer
+  (``ferry.cuda.ImportedArena.stream_wait``) before its tensors are made: no ``wait_ready``
+  round trip, and the host does not wait for the copies. Otherwise (no ``CUDA_EVENTS``, or
+  ``cuda_sync="device"``, whose forwards may read weights on side streams that never waited on
+  the current one) a layer's tensors are made only after ``wait_ready`` answered
+  (``Lease.device_ptr`` waits), so its bytes are on the GPU before any kernel is queued. After
+  the forward, *before* the lease is released, the current torch stream of that device is
+  synchronised (``cuda_sync="stream"``), or the whole device (``cuda_sync="device"``: for
+  forwards that run kernels on other streams without joining them back): ferryd may overwrite
+  the memory as soon as it acknowledges the release, and it never waits on an event of its
+  clients. That synchronisation still blocks the host once per released layer (the price is
+  the GPU running dry at each release; events spare the wait before each layer). The mapping may be
   read-only (``ferry.cuda.ImportedArena.read_only``): a kernel writing a served weight then
   faults the CUDA context, like a write to the host arena crashes the process. Attaching
   raises :class:`CudaSharingUnavailable` (before anything is opened or changed) when this
@@ -191,6 +198,7 @@ class _HostArena:
     def __init__(self, client: Client, model: Optional[int] = None, sync: str = "stream"):
         # ``sync`` is the CUDA source's; host memory needs no synchronisation.
         self.check(client)
+        self.events = False
         self.arena = client.map_arena() if model is None else client.arena_for(model)
         if self.arena.len > 0:
             self.base = self._frombuffer(self.arena.view[0:1], torch.uint8).data_ptr()
@@ -206,6 +214,11 @@ class _HostArena:
             warnings.filterwarnings("ignore", message="The given buffer is not writable",
                                     category=UserWarning)
             return torch.frombuffer(buf, dtype=dtype)
+
+    @staticmethod
+    def acquire(client: Client, model: int, component: str, index: int) -> Lease:
+        """Leases a layer (:meth:`tensor` waits until it is ready)."""
+        return client.acquire(model, component, index)
 
     def tensor(self, lease: Lease, desc: m.TensorDesc, dtype: "torch.dtype",
                shape: Sequence[int]) -> "torch.Tensor":
@@ -228,7 +241,8 @@ class _DeviceBytes:
     them: one-dimensional ``uint8``, writable as far as the interface goes (torch refuses
     read-only ones; the mapping itself may be read-only). torch keeps this object, and so
     ``owner`` (the imported arena), alive as long as a tensor over the memory exists. ``stream``
-    is None: the bytes are ready (the lease waited) and need no synchronisation."""
+    is None: torch needs to synchronise nothing (the lease waited on the host, or the current
+    stream, which the tensor is used on, already waits on ferryd's ready event)."""
 
     __slots__ = ("ptr", "nbytes", "owner")
 
@@ -319,6 +333,9 @@ class _CudaArena:
             raise ValueError(f"cuda_sync must be one of {_SYNCS}, not {sync!r}")
         self.check(client)
         self.sync = sync
+        # Ready events order only the stream that waits on them: with cuda_sync="device" the
+        # forward may read weights on side streams, so the host waits (wait_ready) instead.
+        self.events = bool(client.features & m.CUDA_EVENTS) and sync == "stream"
         try:
             self.arena = client.map_arena() if model is None else client.arena_for(model)
         except errors.CudaError as e:
@@ -337,7 +354,15 @@ class _CudaArena:
                 f"tensor {desc.name}: {desc.len} bytes for shape {list(shape)} of {desc.dtype}")
         if desc.len == 0:
             return torch.empty(list(shape), dtype=dtype, device=self.device)
-        ptr = lease.device_ptr(desc)  # waits until ready, checks the range against the arena
+        # Checks the range against the arena; orders the current stream after the layer's copies
+        # on the GPU (a lease with a ready event), else waits on the host until it is ready.
+        ptr = lease.device_ptr(desc, stream=self.reading_stream())
+        return self._wrap(ptr, desc, dtype, shape)
+
+    def _wrap(self, ptr: int, desc: m.TensorDesc, dtype: "torch.dtype",
+              shape: Sequence[int]) -> "torch.Tensor":
+        """A CUDA tensor over ``desc.len`` bytes of the arena at ``ptr``, without a copy (the
+        one step the tests without a GPU stand in for)."""
         raw = torch.as_tensor(_DeviceBytes(ptr, desc.len, self.arena), device=self.device)
         if raw.data_ptr() != ptr or raw.numel() != desc.len or raw.dtype != torch.uint8:
             # A copy would be served silently and outlive the lease's meaning: refuse.
@@ -346,6 +371,21 @@ class _CudaArena:
                 f"(got {raw.numel()} {raw.dtype} at {raw.data_ptr():#x}, gave {desc.len} bytes "
                 f"at {ptr:#x})")
         return _typed(raw, dtype, shape)
+
+    def acquire(self, client: Client, model: int, component: str, index: int) -> Lease:
+        """Leases a layer: with its ready event when this source uses events (the current
+        stream will wait on it in :meth:`tensor`), else plainly (:meth:`tensor` waits on the
+        host)."""
+        if self.events:
+            return client.acquire_event(model, component, index)
+        return client.acquire(model, component, index)
+
+    def reading_stream(self) -> Optional[int]:
+        """The ``CUstream`` the layer's tensors will be read on (the device's current torch
+        stream), when this source orders it with events; ``None``: wait on the host."""
+        if not self.events:
+            return None
+        return int(torch.cuda.current_stream(self.device).cuda_stream)
 
     def before_release(self) -> None:
         """Waits for this process's GPU work that may read the layers being released."""
@@ -379,9 +419,12 @@ def _source_class(client: Client) -> Any:
 def tensor_source(client: Client, model: Optional[int] = None, sync: str = "stream") -> Any:
     """What turns ``client``'s leases of ``model`` (a model or view id; None: any model on the
     server's default device) into torch tensors, by the server's device backend: ``tensor(lease,
-    desc, dtype, shape)``; on CUDA also ``before_release()`` (the ``sync`` it was made with:
-    ``stream`` or ``device``). Raises :class:`CudaSharingUnavailable` on a CUDA ferryd whose
-    memory this process cannot map."""
+    desc, dtype, shape)`` and ``acquire(client, model, component, index)`` (the lease ``tensor``
+    expects: on CUDA with ``CUDA_EVENTS`` and ``sync="stream"``, one with its ready event, which
+    ``tensor`` makes the current stream wait on; a plain lease works too, waited for on the
+    host); on CUDA also ``before_release()`` (the ``sync`` it was made with: ``stream`` or
+    ``device``). Raises :class:`CudaSharingUnavailable` on a CUDA ferryd whose memory this
+    process cannot map."""
     return _source_class(client)(client, model, sync)
 
 
@@ -787,8 +830,10 @@ class Session:
     already opened model it must be ``None`` or that model's index (``opened.device``):
     tensors are read from the arena of the device the model is on either way.
     ``cuda_sync`` (a CUDA ferryd only): what is waited for after a layer's forward, before its
-    lease is released: ``stream`` (the device's current torch stream, the default) or
-    ``device`` (every stream: forwards that use side streams without joining them back).
+    lease is released: ``stream`` (the device's current torch stream, the default; with
+    ``CUDA_EVENTS`` that stream also waits on each layer's ready event on the GPU instead of a
+    ``wait_ready`` on the host) or ``device`` (every stream: forwards that use side streams
+    without joining them back; layers are then waited for on the host).
     """
 
     def __init__(self, model: ModelArg, client: Union[Client, str, None] = None, *,
@@ -949,7 +994,13 @@ class Session:
     def _enter(self, layer: _Layer) -> None:
         with self._lock:
             if layer.depth == 0:
-                lease = self.client.acquire(self.serving, layer.component, layer.index)
+                # The source's acquire: on CUDA with events, a lease with its ready event.
+                source_acquire = getattr(self._source, "acquire", None)
+                if source_acquire is not None:
+                    lease = source_acquire(self.client, self.serving, layer.component,
+                                           layer.index)
+                else:
+                    lease = self.client.acquire(self.serving, layer.component, layer.index)
                 try:
                     got = {d.name: d for d in lease.tensors}
                     made = []

@@ -4,7 +4,8 @@ A frame is a 24-byte little-endian header (:data:`HEADER`) and a body encoded wi
 2.0.1 in its fixed-int, little-endian configuration. The body encoder/decoder here is driven
 by schemas: a *wire type* is one of
 
-* a primitive name: ``"u8" "u16" "u32" "u64" "i64" "f32" "f64" "bool" "str" "bytes"``;
+* a primitive name: ``"u8" "u16" "u32" "u64" "i64" "f32" "f64" "bool" "str" "bytes"``
+  (``bytes`` is a ``Vec<u8>``: a u64 length, then the bytes; :class:`bytes` in Python);
 * ``("list", T)`` (u64 count, then the elements) or ``("option", T)`` (tag byte 0/1);
 * a record: a dataclass whose fields carry ``metadata={"wire": T}`` (fields in order);
 * an enum: a subclass of :class:`WireEnum` (u32 variant index, then the variant's fields),
@@ -118,6 +119,8 @@ def encode_value(t: Any, v: Any, out: bytearray) -> None:
             out += _U64.pack(len(b))
             out += b
         elif t == "bytes":
+            if isinstance(v, (int, str)):  # bytes(5) would be five zero bytes
+                raise TypeError(f"bytes needs bytes, got {v!r}")
             b = bytes(v)
             out += _U64.pack(len(b))
             out += b
@@ -258,6 +261,8 @@ def to_json(t: Any, v: Any) -> Any:
     """``v`` as serde_json would write it (records as objects, enums as ``"Unit"`` or
     ``{"Variant": value}``, options as ``null`` or the value)."""
     if isinstance(t, str):
+        if t == "bytes":
+            return list(v)  # serde_json writes a Vec<u8> as an array of numbers
         return v
     if isinstance(t, tuple):
         if t[0] == "list":
@@ -281,6 +286,8 @@ def from_json(t: Any, j: Any) -> Any:
     if isinstance(t, str):
         if t in ("f32", "f64"):
             return float(j)
+        if t == "bytes":
+            return bytes(j)
         return j
     if isinstance(t, tuple):
         if t[0] == "list":

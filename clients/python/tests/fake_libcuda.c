@@ -7,7 +7,10 @@
  * Every call is appended to a text log (fake_log); a call made without the right primary
  * context current fails with CUDA_ERROR_INVALID_CONTEXT; fake_fail makes one named call fail
  * once; device memory is a host buffer holding byte (i * 7 + 3) & 0xff at offset i, so that
- * cuMemcpyDtoH can be checked. Not thread-safe (the tests are single-threaded).
+ * cuMemcpyDtoH can be checked. Interprocess events (cuIpcOpenEventHandle) are numbered in the
+ * order they are opened: event n is the pointer EV_BASE + n * 16, logged as ev#n; waiting on,
+ * synchronising or destroying one that is not open is CUDA_ERROR_INVALID_HANDLE. Not
+ * thread-safe (the tests are single-threaded).
  */
 #include <stdarg.h>
 #include <stdint.h>
@@ -23,6 +26,9 @@ typedef void *CUcontext;
 typedef unsigned long long CUmemGenericAllocationHandle;
 typedef struct { char bytes[16]; } CUuuid;
 typedef struct { char reserved[64]; } CUipcMemHandle;
+typedef struct { char reserved[64]; } CUipcEventHandle;
+typedef struct CUevent_st *CUevent;
+typedef struct CUstream_st *CUstream;
 typedef struct { int type; int id; } CUmemLocation;
 typedef struct { CUmemLocation location; int flags; } CUmemAccessDesc;
 
@@ -36,6 +42,8 @@ enum {
 #define VA_BASE 0x7f0000000000ULL
 #define IPC_BASE 0x7e0000000000ULL
 #define IPC_LEN (4 << 20)
+#define EV_BASE 0xe0000ULL
+#define MAX_EV 16
 
 static char log_buf[LOG_CAP];
 static size_t log_len;
@@ -54,6 +62,8 @@ static int access_flags;
 static unsigned char *mem;       /* backing of the mapping (VMM or IPC) */
 static size_t mem_len;
 static CUdeviceptr mem_base;
+static int events_made;          /* events opened since the reset (ev#0, ev#1, ...) */
+static int event_open[MAX_EV];   /* whether ev#n is open */
 
 static void logf_(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void logf_(const char *fmt, ...) {
@@ -111,6 +121,8 @@ void fake_reset(int devices, int init_result) {
     free(mem);
     mem = NULL;
     mem_len = 0;
+    events_made = 0;
+    memset(event_open, 0, sizeof event_open);
 }
 void fake_set_uuid(int dev, const unsigned char *u) { memcpy(uuids[dev], u, 16); }
 void fake_fail(const char *name, int rc) {
@@ -124,13 +136,15 @@ void fake_clear_log(void) {
     log_len = 0;
     log_buf[0] = 0;
 }
-/* What is still held: "depth retains imported reserved mapped ipc". */
+/* What is still held: "depth retains imported reserved mapped ipc events". */
 const char *fake_state(void) {
-    static char out[128];
-    int r = 0;
+    static char out[160];
+    int r = 0, ev = 0;
     for (int d = 0; d < MAX_DEV; d++) r += retains[d];
-    snprintf(out, sizeof out, "depth=%d retains=%d imported=%d reserved=%zu mapped=%zu ipc=%d",
-             depth, r, imported, reserved_size, mapped_size, ipc_open);
+    for (int i = 0; i < MAX_EV; i++) ev += event_open[i];
+    snprintf(out, sizeof out,
+             "depth=%d retains=%d imported=%d reserved=%zu mapped=%zu ipc=%d events=%d", depth,
+             r, imported, reserved_size, mapped_size, ipc_open, ev);
     return out;
 }
 int fake_access_flags(void) { return access_flags; }
@@ -344,3 +358,54 @@ CUresult cuIpcCloseMemHandle(CUdeviceptr p) {
     ipc_open--;
     return SUCCESS;
 }
+
+/* ---- interprocess events (built with -DNO_EVENTS the library lacks them) ---------------- */
+
+#ifndef NO_EVENTS
+
+/* The number of an open event, or -1. */
+static int event_index(CUevent e) {
+    uintptr_t v = (uintptr_t)e;
+    if (v < EV_BASE || (v - EV_BASE) % 16) return -1;
+    uintptr_t n = (v - EV_BASE) / 16;
+    return n < (uintptr_t)events_made && event_open[n] ? (int)n : -1;
+}
+
+CUresult cuIpcOpenEventHandle(CUevent *e, CUipcEventHandle h) {
+    logf_("cuIpcOpenEventHandle(");
+    for (int i = 0; i < 64; i++) logf_("%02x", (unsigned char)h.reserved[i]);
+    logf_(", dev=%d)\n", current_dev());
+    if (current_dev() < 0) return INVALID_CONTEXT;
+    CUresult rc = failing("cuIpcOpenEventHandle");
+    if (rc) return rc;
+    if (events_made == MAX_EV) return INVALID_VALUE;
+    event_open[events_made] = 1;
+    *e = (CUevent)(uintptr_t)(EV_BASE + 16 * (unsigned long long)events_made);
+    events_made++;
+    return SUCCESS;
+}
+
+CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned int flags) {
+    logf_("cuStreamWaitEvent(%#lx, ev#%d, %u, dev=%d)\n", (unsigned long)(uintptr_t)s,
+          event_index(e), flags, current_dev());
+    if (event_index(e) < 0) return INVALID_HANDLE;
+    if (flags != 0) return INVALID_VALUE;
+    return failing("cuStreamWaitEvent");
+}
+
+CUresult cuEventSynchronize(CUevent e) {
+    logf_("cuEventSynchronize(ev#%d, dev=%d)\n", event_index(e), current_dev());
+    if (event_index(e) < 0) return INVALID_HANDLE;
+    return failing("cuEventSynchronize");
+}
+
+CUresult cuEventDestroy_v2(CUevent e) {
+    int n = event_index(e);
+    logf_("cuEventDestroy_v2(ev#%d, dev=%d)\n", n, current_dev());
+    if (n < 0) return INVALID_HANDLE;
+    CUresult rc = failing("cuEventDestroy_v2");
+    if (rc) return rc;
+    event_open[n] = 0;
+    return SUCCESS;
+}
+#endif

@@ -9,9 +9,13 @@ everywhere; test_cuda_gpu.py is the one that needs a GPU).
   argument and struct layouts (``CUmemAccessDesc`` by pointer, the 64-byte IPC handle by value),
   the call order of both import paths, the primary context made current around every call and
   restored, everything undone when a call fails, and the descriptor closed on every path.
+* Interprocess ready events through the stand-in: each handle opened once (by value, in the
+  arena's context) and cached by its bytes, ``cuStreamWaitEvent`` / ``cuEventSynchronize`` on
+  it, bad handles refused before the driver, the events destroyed before the arena is unmapped.
 * A fake ferryd answering ``cuda_arena``: a ``cuda=True`` client maps it once per GPU, serves
   ``Lease.device_ptr`` from it, refuses ``view`` on device memory, and stays usable when
-  mapping fails.
+  mapping fails; its ``acquire_event`` leases make a stream wait on ferryd's event instead of
+  sending ``wait_ready``.
 """
 
 import ctypes
@@ -80,6 +84,9 @@ class Binding(unittest.TestCase):
         """As cuda.h (and cudarc's generated bindings) lay them out."""
         self.assertEqual(ctypes.sizeof(cuda.CUuuid), 16)
         self.assertEqual(ctypes.sizeof(cuda.CUipcMemHandle), 64)
+        self.assertEqual(ctypes.sizeof(cuda.CUipcEventHandle), 64)
+        self.assertEqual(ctypes.sizeof(cuda.CUevent), ctypes.sizeof(ctypes.c_void_p))
+        self.assertEqual(ctypes.sizeof(cuda.CUstream), ctypes.sizeof(ctypes.c_void_p))
         self.assertEqual(ctypes.sizeof(cuda.CUmemLocation), 8)
         self.assertEqual(cuda.CUmemLocation.id.offset, 4)
         self.assertEqual(ctypes.sizeof(cuda.CUmemAccessDesc), 12)
@@ -102,6 +109,8 @@ class Binding(unittest.TestCase):
 
     def test_client_asks_for_cuda_ipc_only_when_told(self):
         self.assertEqual(messages.DEFAULT_FEATURES & messages.CUDA_IPC, 0)
+        self.assertEqual(messages.DEFAULT_FEATURES & messages.CUDA_EVENTS, 0)
+        self.assertEqual(messages.CUDA_EVENTS, 1 << 6)
         with self.assertRaises(TypeError):
             ferry.Client("/nonexistent.sock", cuda="yes")
 
@@ -212,7 +221,7 @@ def load_fake(path):
     return lib
 
 
-CLEAN = "depth=0 retains=0 imported=0 reserved=0 mapped=0 ipc=0"
+CLEAN = "depth=0 retains=0 imported=0 reserved=0 mapped=0 ipc=0 events=0"
 
 
 class FakeDriverBase(UseLibrary, unittest.TestCase):
@@ -271,7 +280,7 @@ class FakeDriver(FakeDriverBase):
             POP,
         ])
         self.assertEqual(self.state(), "depth=0 retains=1 imported=0 reserved=4194304 "
-                                        "mapped=4194304 ipc=0")
+                                        "mapped=4194304 ipc=0 events=0")
         self.assertEqual((arena.base, arena.len, arena.size), (VA, 3 << 20, 4 << 20))
         self.assertEqual((arena.device_index, arena.kind, arena.backend), (1, "vmm", "cuda"))
         self.assertTrue(arena.read_only)
@@ -455,6 +464,214 @@ class FakeDriver(FakeDriverBase):
         lib.fake_reset(1, 0)
         self.assertIs(cuda.driver(copy), cuda.driver(copy), "loaded once")
 
+# Two handles as ferryd's ring would give them (64 bytes each).
+EV_A = bytes(range(64, 128))
+EV_B = bytes(range(255, 191, -1))
+
+
+class Events(FakeDriverBase):
+    """ImportedArena.stream_wait / wait_host through the stand-in driver, call by call."""
+
+    def import_ipc(self):
+        arena = ferry.ImportedArena.import_(
+            messages.CudaArena(MIB2, UUID1, messages.CudaIpc([5] * 64)))
+        self.reset_log()
+        return arena
+
+    def test_a_handle_is_opened_once_by_value_and_waited_on(self):
+        arena = self.import_ipc()
+        arena.stream_wait(0x5000, EV_A)
+        self.assertEqual(self.calls(), [
+            PUSH1, f"cuIpcOpenEventHandle({EV_A.hex()}, dev=1)",
+            "cuStreamWaitEvent(0x5000, ev#0, 0, dev=1)", POP,
+        ], "the 64 bytes reached the driver by value, in the arena's context")
+        self.assertEqual(arena.opened_events, 1)
+        # The same bytes (in another object, another type) again: nothing is opened.
+        self.reset_log()
+        arena.stream_wait(0x6000, bytearray(EV_A))
+        arena.stream_wait(0, memoryview(EV_A))  # 0: the legacy default stream
+        self.assertEqual(self.calls(), [
+            PUSH1, "cuStreamWaitEvent(0x6000, ev#0, 0, dev=1)", POP,
+            PUSH1, "cuStreamWaitEvent(0, ev#0, 0, dev=1)", POP,
+        ])
+        # Another handle is another event; a host wait uses the cache too.
+        self.reset_log()
+        arena.stream_wait(0x5000, EV_B)
+        arena.wait_host(EV_A)
+        arena.wait_host(EV_B)
+        self.assertEqual(self.calls(), [
+            PUSH1, f"cuIpcOpenEventHandle({EV_B.hex()}, dev=1)",
+            "cuStreamWaitEvent(0x5000, ev#1, 0, dev=1)", POP,
+            PUSH1, "cuEventSynchronize(ev#0, dev=1)", POP,
+            PUSH1, "cuEventSynchronize(ev#1, dev=1)", POP,
+        ])
+        self.assertEqual(arena.opened_events, 2)
+        self.assertTrue(self.state().endswith(" ipc=1 events=2"), self.state())
+        # Closing: after the context's work, the events go first, then the mapping.
+        self.reset_log()
+        arena.close()
+        self.assertEqual(self.calls(), [
+            PUSH1, "cuCtxSynchronize(dev=1)", "cuEventDestroy_v2(ev#0, dev=1)",
+            "cuEventDestroy_v2(ev#1, dev=1)", f"cuIpcCloseMemHandle({IPC_VA:#x})", POP,
+            "cuDevicePrimaryCtxRelease_v2(1)",
+        ])
+        self.assertEqual(self.state(), CLEAN)
+        self.assertEqual(arena.opened_events, 0)
+        # Closed: refused before any driver call.
+        self.reset_log()
+        for wait in (lambda: arena.stream_wait(0x5000, EV_A), lambda: arena.wait_host(EV_A)):
+            with self.assertRaises(ValueError) as cm:
+                wait()
+            self.assertEqual(str(cm.exception), "the imported arena is closed")
+        self.assertEqual(self.calls(), [])
+
+    def test_a_vmm_arena_destroys_its_events_before_unmapping(self):
+        fd, _ = a_descriptor()
+        arena = ferry.ImportedArena.import_(
+            messages.CudaArena(MIB2, UUID0, messages.CudaPosixFd(MIB2)), fd)
+        arena.stream_wait(0x5000, EV_A)
+        self.reset_log()
+        arena.close()
+        self.assertEqual(self.calls(), [
+            "cuCtxPushCurrent_v2(0x1000)", "cuCtxSynchronize(dev=0)",
+            "cuEventDestroy_v2(ev#0, dev=0)", f"cuMemUnmap({VA:#x}, {MIB2})",
+            f"cuMemAddressFree({VA:#x}, {MIB2})", POP, "cuDevicePrimaryCtxRelease_v2(0)",
+        ])
+        self.assertEqual(self.state(), CLEAN)
+
+    def test_bad_handles_and_streams_are_refused_before_the_driver(self):
+        arena = self.import_ipc()
+        for bad in (b"", EV_A[:63], EV_A + b"\0", bytes(128)):
+            for wait in (lambda h: arena.stream_wait(0x5000, h), arena.wait_host):
+                with self.subTest(length=len(bad)):
+                    with self.assertRaises(ferry.BadCudaEvent) as cm:
+                        wait(bad)
+                    self.assertEqual(str(cm.exception),
+                                     "a CUDA interprocess event handle has 64 bytes, this one "
+                                     f"{len(bad)}")
+                    self.assertIsNone(cm.exception.code)
+                    self.assertIsInstance(cm.exception, ferry.FerryError)
+        for bad in (EV_A.hex(), list(EV_A), 64, None):
+            with self.assertRaises(TypeError) as cm:
+                arena.stream_wait(0x5000, bad)
+            self.assertIn("an interprocess event handle is bytes", str(cm.exception))
+        for stream, exc in ((True, TypeError), (1.0, TypeError), (None, TypeError),
+                            ("0x5000", TypeError), (-1, ValueError), (1 << 64, ValueError)):
+            with self.subTest(stream=stream):
+                with self.assertRaises(exc):
+                    arena.stream_wait(stream, EV_A)
+        self.assertEqual(self.calls(), [], "no driver call")
+        self.assertEqual(arena.opened_events, 0)
+        arena.close()
+        self.assertEqual(self.state(), CLEAN)
+
+    def test_a_handle_the_driver_refuses_is_named_and_not_kept(self):
+        arena = self.import_ipc()
+        self.lib.fake_fail(b"cuIpcOpenEventHandle", 400)
+        with self.assertRaises(ferry.CudaError) as cm:
+            arena.stream_wait(0x5000, EV_A)
+        e = cm.exception
+        self.assertEqual((e.call, e.result, e.result_name),
+                         ("cuIpcOpenEventHandle", 400, "CUDA_ERROR_INVALID_HANDLE"))
+        self.assertEqual(str(e), "cuIpcOpenEventHandle failed (an interprocess event of "
+                                 "ferryd): CUDA_ERROR_INVALID_HANDLE (400)")
+        self.assertEqual(arena.opened_events, 0)
+        self.assertTrue(self.state().startswith("depth=0 "), "the context was popped")
+        self.assertNotIn("cuStreamWaitEvent", "".join(self.calls()))
+        # Tried again next time (a failure is not cached).
+        self.reset_log()
+        arena.stream_wait(0x5000, EV_A)
+        self.assertEqual(self.calls()[1], f"cuIpcOpenEventHandle({EV_A.hex()}, dev=1)")
+        # A failing wait is named; the opened event stays cached and is destroyed on close.
+        self.lib.fake_fail(b"cuStreamWaitEvent", 1)
+        with self.assertRaises(ferry.CudaError) as cm:
+            arena.stream_wait(0x7000, EV_A)
+        self.assertEqual(cm.exception.call, "cuStreamWaitEvent")
+        self.assertIn("stream 0x7000 on ferryd's ready event", str(cm.exception))
+        self.lib.fake_fail(b"cuEventSynchronize", 1)
+        with self.assertRaises(ferry.CudaError) as cm:
+            arena.wait_host(EV_A)
+        self.assertEqual(cm.exception.call, "cuEventSynchronize")
+        self.assertEqual(arena.opened_events, 1)
+        arena.close()
+        self.assertEqual(self.state(), CLEAN)
+
+    def test_a_failed_destroy_is_raised_after_every_step(self):
+        arena = self.import_ipc()
+        arena.stream_wait(0x5000, EV_A)
+        arena.stream_wait(0x5000, EV_B)
+        self.reset_log()
+        self.lib.fake_fail(b"cuEventDestroy_v2", 400)
+        with self.assertRaises(ferry.CudaError) as cm:
+            arena.close()
+        self.assertEqual(cm.exception.call, "cuEventDestroy_v2")
+        self.assertIn(f"closing the arena of {UUID1}", str(cm.exception))
+        self.assertEqual([c.split("(")[0] for c in self.calls()], [
+            "cuCtxPushCurrent_v2", "cuCtxSynchronize", "cuEventDestroy_v2", "  -> fails 400",
+            "cuEventDestroy_v2", "cuIpcCloseMemHandle", "cuCtxPopCurrent_v2",
+            "cuDevicePrimaryCtxRelease_v2",
+        ])
+        # The second event and the mapping went all the same; the stand-in kept the first.
+        self.assertEqual(self.state(), "depth=0 retains=0 imported=0 reserved=0 mapped=0 ipc=0 "
+                                       "events=1")
+
+    def test_close_waits_for_a_wait_in_another_thread(self):
+        """close() never destroys an event or unmaps while another thread's wait uses them."""
+        arena = self.import_ipc()
+        entered, go = threading.Event(), threading.Event()
+        real_open = arena._open_event
+
+        def slow_open(raw):
+            entered.set()
+            go.wait(10)
+            return real_open(raw)
+
+        arena._open_event = slow_open
+        waiter = threading.Thread(target=arena.wait_host, args=(EV_A,))
+        waiter.start()
+        self.assertTrue(entered.wait(10))
+        closer = threading.Thread(target=arena.close)
+        closer.start()
+        closer.join(0.2)
+        self.assertTrue(closer.is_alive(), "close waits for the wait")
+        self.assertNotIn("cuCtxSynchronize(dev=1)", self.calls())
+        go.set()
+        waiter.join(10)
+        closer.join(10)
+        self.assertEqual([c.split("(")[0] for c in self.calls()][-6:], [
+            "cuCtxPushCurrent_v2", "cuCtxSynchronize", "cuEventDestroy_v2",
+            "cuIpcCloseMemHandle", "cuCtxPopCurrent_v2", "cuDevicePrimaryCtxRelease_v2",
+        ])
+        self.assertEqual(self.state(), CLEAN)
+
+
+class DriverWithoutEvents(FakeDriverBase):
+    """A driver lacking the event functions: CudaUnavailable naming them, before any call."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="ferry-fake-cuda-")
+        try:
+            cls.path = compile_fake(cls.dir, "NO_EVENTS")
+        except BaseException:
+            shutil.rmtree(cls.dir)
+            raise
+        cls.lib = load_fake(cls.path)
+
+    def test_waiting_needs_the_event_functions(self):
+        self.assertFalse(hasattr(self.lib, "cuIpcOpenEventHandle"))
+        arena = ferry.ImportedArena.import_(
+            messages.CudaArena(MIB2, UUID0, messages.CudaIpc([9] * 64)))
+        self.reset_log()
+        with self.assertRaises(ferry.CudaUnavailable) as cm:
+            arena.stream_wait(0x5000, EV_A)
+        self.assertIn("lacks cuIpcOpenEventHandle, cuStreamWaitEvent, cuEventSynchronize, "
+                      "cuEventDestroy_v2, needed for waiting on ferryd's interprocess events",
+                      str(cm.exception))
+        self.assertEqual(self.calls(), [])
+        arena.close()
+        self.assertEqual(self.state(), CLEAN)
+
 
 class LegacyUuidDriver(FakeDriverBase):
     """A driver without cuDeviceGetUuid_v2 (before CUDA 11.4): cuDeviceGetUuid finds the GPU."""
@@ -495,9 +712,9 @@ def _send(conn, msg, request_id, fds=()):
 
 
 def fake_cuda_ferryd(test, script, hello):
-    """A server on the CUDA backend granting what the client asked for (of CUDA_IPC, DEVICES,
-    OPEN_PATH); then, for each request, ``script(name, message)`` returns ``(reply, fds)``
-    (``None``: close the connection)."""
+    """A server on the CUDA backend granting what the client asked for (of CUDA_IPC,
+    CUDA_EVENTS, DEVICES, OPEN_PATH); then, for each request, ``script(name, message)``
+    returns ``(reply, fds)`` (``None``: close the connection)."""
     d = tempfile.mkdtemp(prefix="ferry-fake-")
     test.addCleanup(shutil.rmtree, d)
     path = os.path.join(d, "s.sock")
@@ -513,7 +730,8 @@ def fake_cuda_ferryd(test, script, hello):
             head = wire.unpack_header(_recv_all(conn, wire.HEADER_LEN))
             got = wire.decode(messages.Hello, _recv_all(conn, head.body_len))
             hello["features"] = got.features
-            offered = messages.CUDA_IPC | messages.DEVICES | messages.OPEN_PATH
+            offered = (messages.CUDA_IPC | messages.CUDA_EVENTS | messages.DEVICES
+                       | messages.OPEN_PATH)
             _send(conn, messages.Welcome(
                 1, got.features & offered, 7, "fake", wire.MAX_BODY_LEN, 16,
                 messages.DeviceSummary("cuda", "Fake GPU", UUID1, 1 << 30, 1 << 29)),
@@ -567,7 +785,8 @@ class FakeFerrydWithDriver(FakeDriverBase):
 
         path, received = fake_cuda_ferryd(self, script, hello)
         c = ferry.Client(path, timeout=10, cuda=True)
-        self.assertEqual(hello["features"], messages.DEFAULT_FEATURES | messages.CUDA_IPC)
+        self.assertEqual(hello["features"],
+                         messages.DEFAULT_FEATURES | messages.CUDA_IPC | messages.CUDA_EVENTS)
         self.assertTrue(c.features & messages.CUDA_IPC)
         before = open_fds()
         arena = c.map_arena()
@@ -618,6 +837,124 @@ class FakeFerrydWithDriver(FakeDriverBase):
         self.assertEqual(self.state(), CLEAN)
         self.assertEqual(received, ["map_arena", "map_arena_on", "acquire", "map_arena_on",
                                     "wait_ready", "release", "stats", "goodbye"])
+
+    def test_acquire_event_leases_wait_on_the_stream_instead_of_wait_ready(self):
+        """A cuda=True client gets CUDA_EVENTS; acquire_event's lease makes a stream wait on
+        ferryd's event (opened once for every lease that names it) and never sends
+        wait_ready; the events are destroyed before the arena is unmapped on close."""
+        hello = {}
+        ready_layer = messages.Leased(7, "blocks.1", True, TENSORS)
+
+        def script(name, msg):
+            if name in ("map_arena", "map_arena_on"):
+                return messages.CudaArena(3 << 20, UUID1, messages.CudaIpc([5] * 64)), []
+            if name == "acquire_event":
+                if msg.layer == 1:  # on the device already: no event
+                    return messages.LeasedEvent(ready_layer, b""), []
+                lease = 5 + 10 * msg.layer
+                return messages.LeasedEvent(messages.Leased(lease, "blocks.0", False, TENSORS),
+                                            EV_A), []
+            if name == "acquire":
+                return messages.Leased(6, "blocks.0", False, TENSORS), []
+            if name == "wait_ready":
+                return messages.Ready(msg.lease), []
+            if name in ("release", "goodbye"):
+                return messages.Ack(), []
+            return messages.Error(201, f"fake: {name}"), []
+
+        path, received = fake_cuda_ferryd(self, script, hello)
+        c = ferry.Client(path, timeout=10, cuda=True)
+        self.assertTrue(hello["features"] & messages.CUDA_EVENTS, "cuda=True asks for events")
+        self.assertTrue(c.features & messages.CUDA_EVENTS)
+        lease = c.acquire_event(1, "unet", 0)
+        self.assertEqual((lease.id, lease.ready, lease.ready_event), (5, False, EV_A))
+        with lease:  # no host wait on entry
+            self.assertEqual(received, ["acquire_event"])
+            self.assertIs(lease.wait_on_stream(0x5000), lease)
+            self.assertEqual(lease.device_ptr("w", stream=0x5000), IPC_VA + 4096)
+            self.assertEqual(lease.device_ptr("b", stream=0x6000), IPC_VA + (3 << 20) - 8)
+            self.assertFalse(lease.ready, "nothing waited on the host")
+        waits = [x for x in self.calls() if x.startswith(("cuIpc", "cuStream", "cuEvent"))]
+        self.assertEqual(waits, [
+            f"cuIpcOpenMemHandle_v2({'05' * 64}, 1, dev=1)",
+            f"cuIpcOpenEventHandle({EV_A.hex()}, dev=1)",
+            "cuStreamWaitEvent(0x5000, ev#0, 0, dev=1)",  # once for stream 0x5000
+            "cuStreamWaitEvent(0x6000, ev#0, 0, dev=1)",
+        ])
+        # Another lease with the same handle (ferryd's ring came round): nothing is opened.
+        self.reset_log()
+        again = c.acquire_event(1, "unet", 2)
+        again.wait_on_stream(0x5000)
+        self.assertEqual([x for x in self.calls() if x.startswith(("cuIpc", "cuStream"))],
+                         ["cuStreamWaitEvent(0x5000, ev#0, 0, dev=1)"])
+        again.release()
+        # A layer already on the device: no event, nothing to wait for.
+        self.reset_log()
+        ready = c.acquire_event(1, "unet", 1)
+        self.assertEqual((ready.ready, ready.ready_event), (True, b""))
+        self.assertEqual(ready.device_ptr("w", stream=0x5000), IPC_VA + 4096)
+        self.assertEqual(self.calls(), [])
+        ready.release()
+        # A plain acquire's lease has no event: ordering a stream falls back to wait_ready.
+        plain = c.acquire(1, "unet", 0)
+        self.assertIsNone(plain.ready_event)
+        plain.wait_on_stream(0x5000)
+        self.assertTrue(plain.ready)
+        plain.release()
+        self.assertEqual(c.arena_for(1).opened_events, 1)
+        self.reset_log()
+        c.close()
+        self.assertEqual([x.split("(")[0] for x in self.calls()], [
+            "cuCtxPushCurrent_v2", "cuCtxSynchronize", "cuEventDestroy_v2",
+            "cuIpcCloseMemHandle", "cuCtxPopCurrent_v2", "cuDevicePrimaryCtxRelease_v2",
+        ])
+        self.assertEqual(self.state(), CLEAN)
+        self.assertEqual(received, [
+            "acquire_event", "map_arena_on", "release", "acquire_event", "release",
+            "acquire_event", "release", "acquire", "wait_ready", "release", "goodbye",
+        ])
+
+    def test_a_bad_event_handle_releases_the_lease_and_keeps_the_connection(self):
+        def script(name, msg):
+            if name == "acquire_event":
+                return messages.LeasedEvent(messages.Leased(9, "blocks.0", False, TENSORS),
+                                            EV_A[:10]), []
+            if name == "stats":
+                return messages.StatsReply(*[0] * 11), []
+            return messages.Ack(), []
+
+        path, received = fake_cuda_ferryd(self, script, {})
+        c = ferry.Client(path, timeout=10, cuda=True)
+        self.addCleanup(c.close)
+        with self.assertRaises(ferry.BadCudaEvent) as cm:
+            c.acquire_event(1, "unet", 0)
+        self.assertEqual(str(cm.exception), "leased_event for layer 'blocks.0': a CUDA "
+                                            "interprocess event handle has 64 bytes, this one 10")
+        self.assertFalse(c.closed)
+        self.assertIsInstance(c.stats(), messages.StatsReply)
+        self.assertEqual(received, ["acquire_event", "release", "stats"])
+        self.assertEqual(self.calls(), [], "no driver call")
+
+    def test_a_lease_orders_a_stream_only_on_cuda_and_while_held(self):
+        def script(name, msg):
+            if name == "acquire_event":
+                return messages.LeasedEvent(messages.Leased(9, "blocks.0", False, TENSORS),
+                                            EV_A), []
+            return messages.Ack(), []
+
+        path, received = fake_cuda_ferryd(self, script, {})
+        c = ferry.Client(path, timeout=10, cuda=True)
+        self.addCleanup(c.close)
+        lease = c.acquire_event(1, "unet", 0)
+        with self.assertRaises(TypeError):
+            lease.wait_on_stream(None)
+        with self.assertRaises(ValueError):
+            lease.device_ptr("w", stream=-1)
+        lease.release()
+        with self.assertRaises(ferry.UnknownLease):
+            lease.wait_on_stream(0x5000)
+        self.assertEqual(received, ["acquire_event", "release"])
+        self.assertEqual(self.calls(), [])
 
     def test_a_failed_import_keeps_the_connection_and_closes_the_descriptor(self):
         descriptors = []
@@ -726,6 +1063,15 @@ class DevicePointers(unittest.TestCase):
         with self.assertRaises(ferry.MemoryKindError) as cm:
             lease.device_ptr("a")
         self.assertIn("use Lease.view", str(cm.exception))
+        self.assertEqual(waits, [])
+
+    def test_a_host_lease_has_no_stream_to_order(self):
+        lease, waits = self.lease(backend="host")
+        with self.assertRaises(ferry.MemoryKindError) as cm:
+            lease.wait_on_stream(0x5000)
+        self.assertEqual(str(cm.exception), "layer blocks.3 is in a host arena (ferryd runs on "
+                                            "the host backend): there is no stream to order; "
+                                            "use Lease.wait_ready")
         self.assertEqual(waits, [])
 
     def test_view_and_array_refuse_device_memory(self):

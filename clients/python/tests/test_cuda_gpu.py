@@ -7,9 +7,10 @@ never runs by accident) and a ferryd started with ``--device cuda``;
 * FERRY_MODEL_ROOT: a writable folder under the model root (for the torch tests' files).
 
 ``LiveCuda`` needs no torch: the arena mapped with ferry.cuda, bytes copied back with
-``cuMemcpyDtoH``. ``LiveCudaTorch`` needs torch with CUDA (and numpy): every tensor through
+``cuMemcpyDtoH``, after ``wait_ready`` or after waiting on ferryd's interprocess ready events
+(``acquire_event``). ``LiveCudaTorch`` needs torch with CUDA (and numpy): every tensor through
 ``ferry.torch``'s CUDA source, and small modules whose outputs with ferry equal those with their
-own weights on the same GPU.
+own weights on the same GPU (the current stream waiting on ferryd's events, and without them).
 """
 
 import os
@@ -94,6 +95,45 @@ class LiveCuda(unittest.TestCase):
                             lease.view(t)
         self.assertEqual(seen, set(expected))
         self.assertEqual(leases_of(c), 0)
+
+    def test_ready_events_order_the_reads(self):
+        """acquire_event on every layer: the legacy default stream (0) waits on ferryd's event,
+        then cuMemcpyDtoH (issued on that stream) reads the file's bytes; and a host wait on
+        the event (cuEventSynchronize) before a read gives them too. No wait_ready is sent."""
+        c = self.client
+        self.assertTrue(c.features & messages.CUDA_EVENTS, "a CUDA ferryd offers CUDA_EVENTS")
+        expected = expected_tensors()
+        sent = []
+        plain_wait = c.wait_ready
+        c.wait_ready = lambda lease: (sent.append(lease), plain_wait(lease))[1]
+        self.addCleanup(vars(c).pop, "wait_ready", None)
+        model = c.open_model(MODEL)
+        c.set_residency(model.model, "sequential", lookahead=0)
+        arena = c.map_arena()
+        seen, with_event = set(), 0
+        for rnd in range(2):
+            for comp in model.components:
+                for i in range(len(comp.layers)):
+                    with c.acquire_event(model.model, comp.name, i) as lease:
+                        self.assertIn(len(lease.ready_event), (0, 64))
+                        self.assertEqual(lease.ready, not lease.ready_event)
+                        with_event += bool(lease.ready_event)
+                        if rnd == 0:
+                            lease.wait_on_stream(0)
+                        elif lease.ready_event:
+                            arena.wait_host(lease.ready_event)
+                        for t in lease.tensors:
+                            key = find_expected(expected, comp.name, t.name)
+                            seen.add(key)
+                            self.assertEqual(arena.read(t.arena_offset, t.len), expected[key],
+                                             key)
+        self.assertEqual(seen, set(expected))
+        self.assertEqual(sent, [], "no wait_ready round trip")
+        self.assertEqual(leases_of(c), 0)
+        print(f"\n  {with_event} acquires with an event, {arena.opened_events} events opened",
+              file=sys.stderr)
+        self.assertGreater(with_event, 0, "sequential with lookahead 0 streams some layers")
+        self.assertGreater(arena.opened_events, 0)
 
     def test_two_clients_map_the_same_arena(self):
         expected = expected_tensors()
@@ -217,6 +257,48 @@ class LiveCudaTorch(unittest.TestCase):
                             self.assertEqual(p.untyped_storage().nbytes(),
                                              p.element_size(), "one element")
 
+    def test_module_output_with_ready_events_equals_without_ferry(self):
+        """The default CUDA path of a cuda=True client: each layer acquired with acquire_event,
+        the current stream waiting on ferryd's event (never wait_ready), exact outputs; the same
+        without CUDA_EVENTS (wait_ready) for comparison."""
+        net = seeded(Net, 15).to(self.device)
+        x = torch.randn(5, 6, device=self.device)
+        with torch.no_grad():
+            want = net(x)
+        path = self.save(net, "net-events")
+        plain = ferry.Client(SOCKET, timeout=60,
+                             features=messages.DEFAULT_FEATURES | messages.CUDA_IPC)
+        self.addCleanup(plain.close)
+        self.assertFalse(plain.features & messages.CUDA_EVENTS)
+        for client, events in ((self.client, True), (plain, False)):
+            with self.subTest(events=events):
+                counts = {"acquire_event": 0, "wait_ready": 0}
+                for name in counts:
+                    real = getattr(client, name)
+
+                    def counting(*args, _real=real, _name=name):
+                        counts[_name] += 1
+                        return _real(*args)
+
+                    setattr(client, name, counting)
+                    self.addCleanup(vars(client).pop, name, None)
+                mod = fresh(Net)
+                # Net holds two layers at once (test_torch.POLICIES): lookahead 1.
+                with ft.attach(mod, path, client, policy="sequential", lookahead=1,
+                               placeholder="cuda") as att:
+                    self.assertEqual(att.session._source.events, events)
+                    for _ in range(3):
+                        with torch.no_grad():
+                            got = mod(x)
+                        self.assertTrue(torch.equal(got, want), f"{got}\n{want}")
+                        self.assertEqual(leases_of(client), 0)
+                if events:
+                    self.assertGreater(counts["acquire_event"], 0)
+                    self.assertEqual(counts["wait_ready"], 0, "the GPU waited, not the host")
+                else:
+                    self.assertEqual(counts["acquire_event"], 0)
+                    self.assertGreater(counts["wait_ready"], 0)
+
     def test_a_session_given_a_path_asks_for_cuda_itself(self):
         net = seeded(Net, 12).to(self.device)
         x = torch.randn(2, 6, device=self.device)
@@ -226,6 +308,8 @@ class LiveCudaTorch(unittest.TestCase):
         mod = fresh(Net)
         with ft.attach(mod, path, SOCKET, policy="sequential") as att:
             self.assertTrue(att.session.client.features & messages.CUDA_IPC)
+            self.assertTrue(att.session.client.features & messages.CUDA_EVENTS)
+            self.assertTrue(att.session._source.events)
             with torch.no_grad():
                 self.assertTrue(torch.equal(mod(x), want))
 

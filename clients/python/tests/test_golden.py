@@ -143,6 +143,38 @@ class GoldenVectors(unittest.TestCase):
         self.assertEqual(wire.decode(messages.Devices, wire.encode(messages.Devices([failed]))),
                          messages.Devices([failed]))
 
+    def test_events_by_hand(self):
+        """acquire_event: the fields of acquire; leased_event: a whole leased body (nested, no
+        tag), then ready_event as a Vec<u8> (u64 length, the bytes)."""
+        body = wire.encode(messages.AcquireEvent(1, "unet", 3))
+        self.assertEqual(body, wire.encode(messages.Acquire(1, "unet", 3)))
+        with open(os.path.join(FIXTURES, "acquire_event.bin"), "rb") as f:
+            self.assertEqual(f.read()[wire.HEADER_LEN:], body)
+        leased = messages.Leased(43, "down_blocks.0.", False, [messages.TensorDesc(
+            "down_blocks.0.conv.bias", "F16", [320], 0x20000, 640)])
+        handle = bytes(range(64, 128))
+        body = wire.encode(messages.LeasedEvent(leased, handle))
+        self.assertEqual(body, wire.encode(leased) + struct.pack("<Q", 64) + handle)
+        with open(os.path.join(FIXTURES, "leased_event.bin"), "rb") as f:
+            self.assertEqual(f.read()[wire.HEADER_LEN:], body)
+        got = wire.decode(messages.LeasedEvent, body)
+        self.assertEqual((got.leased, got.ready_event), (leased, handle))
+        self.assertIsInstance(got.ready_event, bytes)
+        ready = messages.Leased(44, "l", True, [])
+        empty = wire.encode(messages.LeasedEvent(ready, b""))
+        self.assertEqual(empty, wire.encode(ready) + b"\0" * 8)
+        self.assertEqual(wire.decode(messages.LeasedEvent, empty).ready_event, b"")
+        with self.assertRaises(errors.BadBody):  # a handle shorter than its length says
+            wire.decode(messages.LeasedEvent, body[:-1])
+        with self.assertRaises(errors.TrailingBytes):
+            wire.decode(messages.LeasedEvent, body + b"\0")
+        with self.assertRaises(TypeError):  # bytes(64) would be 64 zero bytes
+            wire.encode(messages.LeasedEvent(ready, 64))
+        self.assertEqual(messages.AcquireEvent.FDS, "none")
+        self.assertEqual(messages.LeasedEvent.FDS, "none")
+        self.assertEqual((messages.AcquireEvent.KIND, messages.LeasedEvent.KIND),
+                         (0x0024, 0x8024))
+
     def test_golden_devices_reply(self):
         with open(os.path.join(FIXTURES, "devices.bin"), "rb") as f:
             frame = f.read()

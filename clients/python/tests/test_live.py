@@ -59,6 +59,23 @@ class Live(unittest.TestCase):
         self.assertEqual(me[0].name, "ferry-python 0.1")
         self.assertEqual(me[0].pid, os.getpid())
 
+    def test_a_host_ferryd_grants_no_cuda_events(self):
+        """cuda=True asks for CUDA_IPC and CUDA_EVENTS; a host ferryd grants neither, so
+        acquire_event is Unsupported (not fatal) and nothing stays leased."""
+        with ferry.Client(SOCKET, timeout=30, cuda=True) as c:
+            self.assertEqual(c.features & (messages.CUDA_IPC | messages.CUDA_EVENTS), 0)
+            model = c.open_model(MODEL)
+            comp = model.components[0]
+            with self.assertRaises(ferry.Unsupported) as cm:
+                c.acquire_event(model.model, comp.name, 0)
+            self.assertIn("acquire_event needs a feature that was not agreed", str(cm.exception))
+            self.assertFalse(c.closed)
+            me = [x for x in c.list_clients() if x.id == c.client_id]
+            self.assertEqual(me[0].leases, 0)
+            with c.acquire(model.model, comp.name, 0) as lease:
+                with self.assertRaises(ferry.MemoryKindError):
+                    lease.wait_on_stream(0)
+
     def test_every_layer_reads_the_exact_bytes(self):
         c = self.client
         expected = expected_tensors()
@@ -686,7 +703,7 @@ class FakeServer(unittest.TestCase):
         self.addCleanup(c.close)
         self.assertEqual(hello["features"], messages.DEFAULT_FEATURES)
         self.assertEqual(messages.DEFAULT_FEATURES,
-                         messages.KNOWN_FEATURES & ~messages.CUDA_IPC)
+                         messages.KNOWN_FEATURES & ~messages.CUDA_IPC & ~messages.CUDA_EVENTS)
         self.assertTrue(messages.DEFAULT_FEATURES & messages.DEVICES)
 
     def test_server_gone_is_connection_lost(self):

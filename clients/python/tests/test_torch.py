@@ -21,9 +21,11 @@ import tempfile
 import threading
 import types
 import unittest
+from unittest import mock
 
 import _util  # puts the package on sys.path
 import ferry
+import test_cuda  # the stand-in libcuda and the fake CUDA ferryd (a module: no tests of its own)
 from ferry import messages, wire
 
 try:
@@ -317,6 +319,160 @@ class Offline(unittest.TestCase):
         self.assertEqual(got, uuid[4:])
         self.assertEqual(ferry.cuda.normalize_uuid(got), ferry.cuda.normalize_uuid(uuid.upper()))
         self.assertIsNone(ft._torch_uuid(NS()))
+
+
+@unittest.skipUnless(HAVE_TORCH, "needs torch")
+class CudaEventsOffline(unittest.TestCase):
+    """ferry.torch's CUDA source through a fake CUDA ferryd and the stand-in libcuda of
+    test_cuda.py, without a GPU: torch's CUDA calls (devices, the current stream, its
+    synchronisation) are stood in for, and the one step that needs a GPU (a CUDA tensor over
+    the mapping, ``_CudaArena._wrap``) is replaced by a CPU copy of the bytes the stand-in's
+    memory holds there (``ImportedArena.read``). What is checked for real: which request leases
+    a layer, that the current stream waits on ferryd's event (the driver calls) instead of a
+    ``wait_ready`` (the frames ferryd sees), and that it is synchronised before each release."""
+
+    W = messages.TensorDesc("fc.weight", "F32", [4, 2], 4096, 32)
+    B = messages.TensorDesc("fc.bias", "F32", [4], 8192, 16)
+
+    def setUp(self):
+        d = tempfile.mkdtemp(prefix="ferry-fake-cuda-")
+        self.addCleanup(shutil.rmtree, d)
+        self.lib = test_cuda.load_fake(test_cuda.compile_fake(d))
+        self.lib.fake_reset(2, 0)
+        lib_path = os.path.join(d, "libfakecuda.so")
+        patcher = mock.patch.dict(os.environ, {"FERRY_LIBCUDA": lib_path})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.events = []  # ("wait", stream) / "synchronize" / "device_sync" / "release"
+        self.streams_asked = []
+        stream = types.SimpleNamespace(cuda_stream=0x5000,
+                                       synchronize=lambda: self.events.append("synchronize"))
+
+        def current_stream(device=None):
+            self.streams_asked.append(device)
+            return stream
+
+        def props(i):
+            return types.SimpleNamespace(
+                uuid=types.SimpleNamespace(bytes=bytes(0x10 * i + j for j in range(16))))
+
+        def wrap(src, ptr, desc, dtype, shape):
+            data = src.arena.read(ptr - src.arena.base, desc.len)
+            return torch.frombuffer(bytearray(data), dtype=dtype).view(list(shape))
+
+        for target, value in (
+                (ft._CudaArena, {"check": staticmethod(lambda client: None), "_wrap": wrap}),
+                (torch.cuda, {"device_count": lambda: 2, "get_device_properties": props,
+                              "current_stream": current_stream,
+                              "synchronize": lambda d=None: self.events.append("device_sync")})):
+            for name, v in value.items():
+                p = mock.patch.object(target, name, v)
+                p.start()
+                self.addCleanup(p.stop)
+
+    def ferryd(self, client_kwargs):
+        ids = iter(range(100, 200))
+
+        def script(name, msg):
+            if name == "open_model":
+                return messages.ModelOpened(1, [messages.ComponentSummary(
+                    "net", [messages.LayerSummary("fc", 48, 2)])]), []
+            if name == "map_arena":
+                return messages.CudaArena(3 << 20, test_cuda.UUID1,
+                                          messages.CudaIpc([5] * 64)), []
+            leased = messages.Leased(next(ids), "fc", False, [self.W, self.B])
+            if name == "acquire":
+                return leased, []
+            if name == "acquire_event":
+                return messages.LeasedEvent(leased, test_cuda.EV_A), []
+            if name == "wait_ready":
+                return messages.Ready(msg.lease), []
+            return messages.Ack(), []
+
+        path, received = test_cuda.fake_cuda_ferryd(self, script, {})
+        client = ferry.Client(path, timeout=10, **client_kwargs)
+        self.addCleanup(client.close)
+        release = client.release
+
+        def recording_release(model, lease):
+            self.events.append("release")
+            return release(model, lease)
+
+        client.release = recording_release
+        return client, received
+
+    def forward_twice(self, client, **kwargs):
+        """Two forwards of a Linear served from the fake ferryd; each time the weight and bias
+        seen inside the forward are the stand-in's bytes at their offsets."""
+
+        class Fc(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(2, 4)
+
+            def forward(self, x):
+                return self.fc(x)
+
+        mod = fresh(Fc)
+        seen = []
+        with ft.attach(mod, "/models/fc.safetensors", client, **kwargs) as att:
+            # Registered after ferry's pre-hook, so it runs once the layer is served.
+            mod.fc.register_forward_pre_hook(
+                lambda m, args: seen.append((raw(m.weight), raw(m.bias), m.weight.clone(),
+                                             m.bias.clone())))
+            self.assertIsInstance(att.session._source, ft._CudaArena)
+            self.assertEqual(att.session._source.device, torch.device("cuda", 1))
+            x = torch.arange(6.0).view(3, 2)
+            self.lib.fake_clear_log()
+            self.events.clear()
+            for _ in range(2):
+                with torch.no_grad():
+                    y = mod(x)
+                w, b = seen[-1][2:]
+                torch.testing.assert_close(y, nn.functional.linear(x, w, b), rtol=0, atol=0,
+                                           equal_nan=True)
+        for wb, bb, _, _ in seen:
+            self.assertEqual(wb, test_cuda.pattern(4096, 32))
+            self.assertEqual(bb, test_cuda.pattern(8192, 16))
+        self.assertEqual(len(seen), 2)
+        self.assertTrue(all(p.is_meta for p in mod.parameters()), "placeholders again")
+        return [c for c in self.lib.fake_log().decode().splitlines()
+                if c.startswith(("cuIpcOpenEvent", "cuStreamWait", "cuEventSync"))]
+
+    def test_the_current_stream_waits_on_ferryds_event_instead_of_wait_ready(self):
+        client, received = self.ferryd({"cuda": True})
+        self.assertTrue(client.features & messages.CUDA_EVENTS)
+        waits = self.forward_twice(client)
+        self.assertEqual(waits, [
+            f"cuIpcOpenEventHandle({test_cuda.EV_A.hex()}, dev=1)",
+            "cuStreamWaitEvent(0x5000, ev#0, 0, dev=1)",
+            "cuStreamWaitEvent(0x5000, ev#0, 0, dev=1)",  # the second lease: opened once
+        ])
+        self.assertEqual(self.events, ["synchronize", "release"] * 2,
+                         "the stream is synchronised before each release")
+        self.assertEqual(set(self.streams_asked), {torch.device("cuda", 1)})
+        self.assertEqual(received, [
+            "open_model", "map_arena", "set_residency", "acquire", "release",  # attach
+            "acquire_event", "release", "acquire_event", "release",  # two forwards
+            "close_model",
+        ])
+        self.assertNotIn("wait_ready", received)
+
+    def test_without_events_or_with_device_sync_the_host_waits(self):
+        for kwargs, sync in (({"features": messages.DEFAULT_FEATURES | messages.CUDA_IPC},
+                              "stream"),
+                             ({"cuda": True}, "device")):
+            with self.subTest(client=kwargs, cuda_sync=sync):
+                client, received = self.ferryd(kwargs)
+                self.assertEqual(bool(client.features & messages.CUDA_EVENTS), "cuda" in kwargs)
+                waits = self.forward_twice(client, cuda_sync=sync)
+                self.assertEqual(waits, [], "no event")
+                settle = "synchronize" if sync == "stream" else "device_sync"
+                self.assertEqual(self.events, [settle, "release"] * 2)
+                self.assertEqual(received[5:], ["acquire", "wait_ready", "release"] * 2
+                                 + ["close_model"])
+                client.close()
+                self.assertTrue(self.lib.fake_state().decode().startswith("depth=0 retains=0"))
 
 
 def _fake_ferryd(test, backend, received, grant=0, hello=None):
