@@ -175,6 +175,19 @@ def _numel(shape: Sequence[int]) -> int:
 # ---- tensor sources: leases -> torch tensors -----------------------------------------------
 
 
+def _check_size(desc: m.TensorDesc, dtype: "torch.dtype", shape: Sequence[int],
+                device: Any) -> Optional["torch.Tensor"]:
+    """Checks that ``desc``'s bytes hold ``shape`` of ``dtype``; for an empty tensor, returns
+    it (on ``device``), as there is nothing to map."""
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    if _numel(shape) * itemsize != desc.len:
+        raise FerryTorchError(
+            f"tensor {desc.name}: {desc.len} bytes for shape {list(shape)} of {desc.dtype}")
+    if desc.len == 0:
+        return torch.empty(list(shape), dtype=dtype, device=device)
+    return None
+
+
 def _in_range(t: "torch.Tensor", device_type: str, base: int, end: int) -> bool:
     """Whether ``t`` is a strided tensor on ``device_type`` whose storage starts in
     ``[base, end)``."""
@@ -222,12 +235,9 @@ class _HostArena:
 
     def tensor(self, lease: Lease, desc: m.TensorDesc, dtype: "torch.dtype",
                shape: Sequence[int]) -> "torch.Tensor":
-        itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
-        if _numel(shape) * itemsize != desc.len:
-            raise FerryTorchError(
-                f"tensor {desc.name}: {desc.len} bytes for shape {list(shape)} of {desc.dtype}")
-        if desc.len == 0:
-            return torch.empty(list(shape), dtype=dtype)
+        empty = _check_size(desc, dtype, shape, "cpu")
+        if empty is not None:
+            return empty
         buf = lease.view(desc)  # waits until ready, checks the range against the arena
         return self._frombuffer(buf, dtype).view(list(shape))
 
@@ -348,12 +358,9 @@ class _CudaArena:
 
     def tensor(self, lease: Lease, desc: m.TensorDesc, dtype: "torch.dtype",
                shape: Sequence[int]) -> "torch.Tensor":
-        itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
-        if _numel(shape) * itemsize != desc.len:
-            raise FerryTorchError(
-                f"tensor {desc.name}: {desc.len} bytes for shape {list(shape)} of {desc.dtype}")
-        if desc.len == 0:
-            return torch.empty(list(shape), dtype=dtype, device=self.device)
+        empty = _check_size(desc, dtype, shape, self.device)
+        if empty is not None:
+            return empty
         # Checks the range against the arena; orders the current stream after the layer's copies
         # on the GPU (a lease with a ready event), else waits on the host until it is ready.
         ptr = lease.device_ptr(desc, stream=self.reading_stream())

@@ -53,6 +53,23 @@ def recv_all(conn, n: int) -> bytes:
     return buf
 
 
+def fake_listener(test):
+    """A listening Unix socket in a fresh folder for a fake server, both removed when ``test``
+    ends; returns its path and the socket."""
+    import shutil
+    import socket
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="ferry-fake-")
+    test.addCleanup(shutil.rmtree, d)
+    path = os.path.join(d, "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    test.addCleanup(listener.close)
+    return path, listener
+
+
 def frame(msg, request_id: int) -> bytes:
     """A whole frame (header and body) of ``msg``, for fake servers."""
     from ferry import wire  # the package is on sys.path (above)

@@ -225,11 +225,14 @@ CLEAN = "depth=0 retains=0 imported=0 reserved=0 mapped=0 ipc=0 events=0"
 
 
 class FakeDriverBase(UseLibrary, unittest.TestCase):
+    #: Build flags of the stand-in (``-D<flag>``): a driver missing some entry points.
+    FAKE_FLAGS = ()
+
     @classmethod
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp(prefix="ferry-fake-cuda-")
         try:
-            cls.path = compile_fake(cls.dir)
+            cls.path = compile_fake(cls.dir, *cls.FAKE_FLAGS)
         except BaseException:
             shutil.rmtree(cls.dir)
             raise
@@ -648,15 +651,7 @@ class Events(FakeDriverBase):
 class DriverWithoutEvents(FakeDriverBase):
     """A driver lacking the event functions: CudaUnavailable naming them, before any call."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.dir = tempfile.mkdtemp(prefix="ferry-fake-cuda-")
-        try:
-            cls.path = compile_fake(cls.dir, "NO_EVENTS")
-        except BaseException:
-            shutil.rmtree(cls.dir)
-            raise
-        cls.lib = load_fake(cls.path)
+    FAKE_FLAGS = ("NO_EVENTS",)
 
     def test_waiting_needs_the_event_functions(self):
         self.assertFalse(hasattr(self.lib, "cuIpcOpenEventHandle"))
@@ -676,15 +671,7 @@ class DriverWithoutEvents(FakeDriverBase):
 class LegacyUuidDriver(FakeDriverBase):
     """A driver without cuDeviceGetUuid_v2 (before CUDA 11.4): cuDeviceGetUuid finds the GPU."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.dir = tempfile.mkdtemp(prefix="ferry-fake-cuda-")
-        try:
-            cls.path = compile_fake(cls.dir, "NO_UUID_V2")
-        except BaseException:
-            shutil.rmtree(cls.dir)
-            raise
-        cls.lib = load_fake(cls.path)
+    FAKE_FLAGS = ("NO_UUID_V2",)
 
     def test_the_legacy_uuid_call_finds_the_device(self):
         self.assertFalse(hasattr(self.lib, "cuDeviceGetUuid_v2"))
@@ -715,13 +702,7 @@ def fake_cuda_ferryd(test, script, hello):
     """A server on the CUDA backend granting what the client asked for (of CUDA_IPC,
     CUDA_EVENTS, DEVICES, OPEN_PATH); then, for each request, ``script(name, message)``
     returns ``(reply, fds)`` (``None``: close the connection)."""
-    d = tempfile.mkdtemp(prefix="ferry-fake-")
-    test.addCleanup(shutil.rmtree, d)
-    path = os.path.join(d, "s.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    test.addCleanup(listener.close)
+    path, listener = _util.fake_listener(test)
     received = []
 
     def run():

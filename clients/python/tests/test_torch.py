@@ -478,13 +478,7 @@ class CudaEventsOffline(unittest.TestCase):
 def _fake_ferryd(test, backend, received, grant=0, hello=None):
     """A server that completes the handshake with the given backend (granting OPEN_PATH, LORA
     and ``grant``) and records requests (and in ``hello`` the features asked for)."""
-    d = tempfile.mkdtemp(prefix="ferry-fake-")
-    test.addCleanup(shutil.rmtree, d)
-    path = os.path.join(d, "s.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    test.addCleanup(listener.close)
+    path, listener = _util.fake_listener(test)
 
     recv = _util.recv_all
     frame = _util.frame
