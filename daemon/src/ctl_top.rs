@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::client::{Client, ClientError};
-use crate::protocol::{ClientInfo, ModelInfo, Policy, StatsReply, Threshold, Welcome};
+use crate::protocol::{
+    ClientInfo, DeviceEntry, ModelInfo, Policy, StatsReply, Threshold, Welcome, features,
+};
 use crate::units::bytes;
 
 /// `ferryctl top`'s arguments.
@@ -48,6 +50,8 @@ pub struct Sample {
     pub stats: StatsReply,
     pub models: Vec<ModelInfo>,
     pub clients: Vec<ClientInfo>,
+    /// Every device with its counters (empty from a server without `DEVICES`).
+    pub devices: Vec<DeviceEntry>,
 }
 
 /// Rates between two samples.
@@ -66,8 +70,13 @@ pub struct Rates {
 
 impl Rates {
     pub fn between(a: &Sample, b: &Sample) -> Rates {
-        let secs = b.at.saturating_duration_since(a.at).as_secs_f64().max(1e-9);
-        let d = |f: fn(&StatsReply) -> u64| f(&b.stats).saturating_sub(f(&a.stats)) as f64;
+        Rates::of(a.at, &a.stats, b.at, &b.stats)
+    }
+
+    /// Rates between two readings of one set of counters (the daemon's, or one device's).
+    pub fn of(t0: Instant, a: &StatsReply, t1: Instant, b: &StatsReply) -> Rates {
+        let secs = t1.saturating_duration_since(t0).as_secs_f64().max(1e-9);
+        let d = |f: fn(&StatsReply) -> u64| f(b).saturating_sub(f(a)) as f64;
         let acquires = d(|s| s.acquires);
         Rates {
             seconds: secs,
@@ -90,13 +99,38 @@ struct JsonFrame<'a> {
     stats: &'a StatsReply,
     models: &'a [ModelInfo],
     clients: &'a [ClientInfo],
+    devices: Vec<JsonDevice<'a>>,
+}
+
+/// One device in a JSON frame: its entry and its rates over the interval.
+#[derive(Debug, Serialize)]
+struct JsonDevice<'a> {
+    #[serde(flatten)]
+    entry: &'a DeviceEntry,
+    rates: Option<Rates>,
+}
+
+/// Each device of `cur` with its rates since `prev` (None for a device that does not serve).
+fn device_rates<'a>(prev: &Sample, cur: &'a Sample) -> Vec<(&'a DeviceEntry, Option<Rates>)> {
+    cur.devices
+        .iter()
+        .map(|d| {
+            let before = prev.devices.iter().find(|p| p.index == d.index);
+            let rates = match (before.and_then(|p| p.stats.as_ref()), d.stats.as_ref()) {
+                (Some(a), Some(b)) => Some(Rates::of(prev.at, a, cur.at, b)),
+                _ => None,
+            };
+            (d, rates)
+        })
+        .collect()
 }
 
 fn take(c: &mut Client) -> Result<Sample, ClientError> {
     let stats = c.stats()?;
     let models = c.list_models()?;
     let clients = c.list_clients()?;
-    Ok(Sample { at: Instant::now(), stats, models, clients })
+    let devices = if c.has_feature(features::DEVICES) { c.list_devices()? } else { Vec::new() };
+    Ok(Sample { at: Instant::now(), stats, models, clients, devices })
 }
 
 fn policy_text(p: Option<&Policy>) -> String {
@@ -200,6 +234,42 @@ pub fn render(w: &Welcome, socket: &str, me: u64, prev: &Sample, cur: &Sample) -
         s.evictions,
         s.stall_ns as f64 / 1e9
     ));
+    // With several devices, a line each (one device is the totals above).
+    if cur.devices.len() > 1 {
+        let rows: Vec<Vec<String>> = device_rates(prev, cur)
+            .into_iter()
+            .map(|(d, r)| match (&d.stats, r, &d.error) {
+                (Some(s), Some(r), _) => vec![
+                    d.index.to_string(),
+                    d.uuid.clone(),
+                    format!("{} / {}", bytes(s.device_bytes), bytes(s.budget)),
+                    rate_bytes(r.bytes_streamed_per_s),
+                    format!("{:.1}/s", r.acquires_per_s),
+                    format!("{:.1} ms/s", r.stall_per_s * 1e3),
+                    d.waiting.to_string(),
+                    d.models.to_string(),
+                    d.name.clone(),
+                ],
+                (_, _, error) => {
+                    let mut row = vec![d.index.to_string(), d.uuid.clone()];
+                    row.extend(["-", "-", "-", "-", "-", "-"].map(String::from));
+                    row.push(match error {
+                        Some(e) => format!("unavailable: {e}"),
+                        None => "-".into(),
+                    });
+                    row
+                }
+            })
+            .collect();
+        t.push_str(&table(
+            &[
+                "DEV", "UUID", "IN USE", "STREAMED", "ACQUIRES", "STALLED", "WAITING", "MODELS",
+                "STATE",
+            ],
+            &rows,
+        ));
+        t.push('\n');
+    }
     if cur.models.is_empty() {
         t.push_str("no models open\n");
     } else {
@@ -273,6 +343,10 @@ pub fn run(a: TopArgs) -> Result<(), String> {
                 stats: &cur.stats,
                 models: &cur.models,
                 clients: &cur.clients,
+                devices: device_rates(&prev, &cur)
+                    .into_iter()
+                    .map(|(entry, rates)| JsonDevice { entry, rates })
+                    .collect(),
             };
             serde_json::to_string(&frame).map_err(|e| e.to_string())? + "\n"
         } else {
@@ -319,8 +393,35 @@ mod tests {
     #[test]
     fn a_frame_shows_rates_residency_and_clients() {
         let t0 = Instant::now();
-        let a = Sample { at: t0, stats: stats(10, 5, 0, 0), models: vec![], clients: vec![] };
+        let device = |index: u32, s: Option<StatsReply>, error: Option<&str>| DeviceEntry {
+            index,
+            label: format!("host:{index}"),
+            uuid: format!("HOST-{index:04}"),
+            name: "host memory".into(),
+            total_memory: 64 << 20,
+            numa_node: None,
+            error: error.map(String::from),
+            stats: s,
+            models: 1,
+            waiting: index,
+        };
+        let a = Sample {
+            at: t0,
+            stats: stats(10, 5, 0, 0),
+            models: vec![],
+            clients: vec![],
+            devices: vec![
+                device(0, Some(stats(0, 0, 0, 0)), None),
+                device(1, Some(stats(10, 5, 0, 0)), None),
+                device(2, None, Some("NUMA node 99 does not exist")),
+            ],
+        };
         let b = Sample {
+            devices: vec![
+                device(0, Some(stats(0, 0, 0, 0)), None),
+                device(1, Some(stats(30, 20, 4 << 20, 500_000_000)), None),
+                device(2, None, Some("NUMA node 99 does not exist")),
+            ],
             at: t0 + Duration::from_secs(2),
             stats: stats(30, 20, 4 << 20, 500_000_000),
             models: vec![ModelInfo {
@@ -376,8 +477,14 @@ mod tests {
             "/m/x.safetensors",
             "3*",
             "runner",
+            "unavailable: NUMA node 99 does not exist",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        // Device 1's own rates, on its own line.
+        let line = text.lines().find(|l| l.contains("HOST-0001")).unwrap_or_default();
+        for want in ["3.0 MiB / 16.0 MiB", "2.0 MiB/s", "10.0/s", "250.0 ms/s"] {
+            assert!(line.contains(want), "missing {want:?} in {line:?}");
         }
     }
 }
