@@ -464,7 +464,7 @@ impl CudaDevice {
             );
         }
         let vmm_granularity = vmm_support(ctx.cu_device(), &attr);
-        let pcie = pcie_link(&uuid);
+        let (pcie, nvml_numa_node) = nvml_facts(&uuid);
         let pci_bus_id = pci_bus_id(ctx.cu_device()).unwrap_or_else(|e| {
             warn!(error = %e, "cuDeviceGetPCIBusId failed: NUMA node unknown");
             None
@@ -483,6 +483,7 @@ impl CudaDevice {
             free_memory: free as u64,
             pcie,
             pci_bus_id,
+            nvml_numa_node,
             mapped_reads,
         };
         info!(
@@ -655,36 +656,40 @@ pub(super) fn format_uuid(uuid: &sys::CUuuid) -> String {
     format!("GPU-{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16))
 }
 
-/// PCIe (generation, width) from NVML; `None` (logged) when NVML is unavailable.
+/// What NVML knows about the GPU: its PCIe link (generation, width) and its NUMA node; each
+/// `None` (logged) when NVML is unavailable or does not say.
 ///
 /// Generation is the *maximum* the device and system support: the current generation drops
 /// to Gen1 at idle (power saving), so it says nothing about the link's capacity. Width is the
 /// *current* one (it does not change with power states, and a link trained at x8 is worth
 /// knowing), falling back to the maximum.
-fn pcie_link(uuid: &str) -> Option<(u32, u32)> {
+fn nvml_facts(uuid: &str) -> (Option<(u32, u32)>, Option<u32>) {
     let nvml = match nvml_wrapper::Nvml::init() {
         Ok(n) => n,
         Err(e) => {
-            warn!(error = %e, "NVML unavailable: PCIe link unknown");
-            return None;
+            warn!(error = %e, "NVML unavailable: PCIe link and NUMA node unknown to NVML");
+            return (None, None);
         }
     };
     let dev = match nvml.device_by_uuid(uuid) {
         Ok(d) => d,
         Err(e) => {
             warn!(uuid, error = %e, "NVML does not know this GPU: PCIe link unknown");
-            return None;
+            return (None, None);
         }
     };
     let generation = dev.max_pcie_link_gen().or_else(|_| dev.current_pcie_link_gen());
     let width = dev.current_pcie_link_width().or_else(|_| dev.max_pcie_link_width());
-    match (generation, width) {
+    let link = match (generation, width) {
         (Ok(g), Ok(w)) => Some((g, w)),
         (g, w) => {
             warn!(generation = ?g.err(), width = ?w.err(), "NVML PCIe link query failed");
             None
         }
-    }
+    };
+    // Newer drivers only; sysfs is the first source anyway (crate::numa).
+    let node = dev.numa_node_id().ok();
+    (link, node)
 }
 
 impl BackendOps for CudaDevice {

@@ -182,6 +182,7 @@ impl HostDevice {
             free_memory: config.host_memory,
             pcie: None,
             pci_bus_id: None,
+            nvml_numa_node: None,
             mapped_reads: config.mapped_reads,
         };
         Ok(HostDevice { info, queue: Some(tx), completion, threads, arenas: ArenaList::default() })

@@ -113,6 +113,8 @@ pub struct DeviceInfo {
     /// PCI bus id (`0000:3b:00.0`), when the device has one (CUDA): how its NUMA node is
     /// found ([`crate::numa`]).
     pub pci_bus_id: Option<String>,
+    /// The NUMA node NVML reports for the device, when it does (a fallback for sysfs).
+    pub nvml_numa_node: Option<u32>,
     /// Whether mapped files can be read in place by the copy engine (CUDA: read-only host
     /// registration supported; host: direct copies enabled).
     pub mapped_reads: bool,

@@ -1711,8 +1711,18 @@ fn placement(config: &EngineConfig, info: &DeviceInfo) -> Result<Placement, Engi
         NumaChoice::Node(n) => Some(n),
     };
     let sys = Path::new("/sys");
-    Placement::resolve(&Topology::detect(), sys, info.pci_bus_id.as_deref(), requested)
-        .map_err(|e| EngineError::Config(format!("NUMA placement of {}: {e}", info.uuid)))
+    let topology = Topology::detect();
+    let placement = Placement::resolve(&topology, sys, info.pci_bus_id.as_deref(), requested)
+        .map_err(|e| EngineError::Config(format!("NUMA placement of {}: {e}", info.uuid)))?;
+    // sysfs could not say (no PCI path in a container, say): NVML's node, if the topology
+    // has it.
+    Ok(match (&placement, info.nvml_numa_node) {
+        (Placement::Unknown { .. }, Some(n)) => match topology.node(n) {
+            Some(node) => Placement::Node(node.clone()),
+            None => placement,
+        },
+        _ => placement,
+    })
 }
 
 /// (component, layer) names of scope members.
