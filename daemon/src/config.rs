@@ -60,6 +60,8 @@ pub struct FerrydConfig {
     pub max_leases_per_client: Option<usize>,
     /// Most LoRA views one client may have open at once.
     pub max_views_per_client: Option<usize>,
+    /// CUDA: offer interprocess ready events to clients (`acquire_event`); default false.
+    pub cuda_events: Option<bool>,
     /// Models opened at start and kept open.
     #[serde(default)]
     pub preload: Vec<PathBuf>,
@@ -153,6 +155,7 @@ mod tests {
             numa = "off"
             numa_nodes = { "1" = 0, "HOST-0002" = 1 }
             preload_on = { "HOST-0001" = ["/models/sdxl", "/models/refiner"] }
+            cuda_events = true
         "#;
         let c = FerrydConfig::parse(text, Path::new("x.toml")).unwrap();
         assert_eq!(
@@ -167,6 +170,7 @@ mod tests {
         assert_eq!(c.numa, Some(NumaMode::Off));
         assert_eq!(c.numa_nodes.get("HOST-0002"), Some(&1));
         assert_eq!(c.preload_on.get("HOST-0001").map(Vec::len), Some(2));
+        assert_eq!(c.cuda_events, Some(true));
         for (bad, named) in [
             ("devices = [-1]", "negative"),
             ("devices = [\"GPU 1\"]", "neither a device index nor a UUID"),

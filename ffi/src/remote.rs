@@ -26,6 +26,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ferry::client::{ArenaHandle, Client, ClientError};
@@ -103,6 +104,21 @@ pub(crate) struct Remote {
     state: Mutex<State>,
     /// The daemon's arena as this process reaches it.
     arena: RemoteArena,
+    /// Set once a stream could not wait on the daemon's interprocess events (this process is
+    /// outside ferryd's IPC namespace, say): from then on the host waits instead.
+    events_broken: AtomicBool,
+}
+
+impl Drop for Remote {
+    /// This process's GPU work on the daemon's memory finishes before the connection closes:
+    /// closing it releases every lease this engine held, after which ferryd may reuse the
+    /// memory at once.
+    fn drop(&mut self) {
+        if let RemoteArena::Cuda(imported) = &self.arena {
+            // Nothing to report it to (the engine is being closed); the release follows anyway.
+            let _ = imported.synchronize();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -286,6 +302,7 @@ impl Remote {
         Ok(Remote {
             socket: socket.to_path_buf(),
             device: wanted,
+            events_broken: AtomicBool::new(false),
             state: Mutex::new(State {
                 client: Some(client),
                 lost: String::new(),
@@ -449,6 +466,9 @@ impl Remote {
         stream: u64,
     ) -> Result<Option<Leased>> {
         let RemoteArena::Cuda(imported) = &self.arena else { return Ok(None) };
+        if self.events_broken.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let layer = wire_layer(layer)?;
         let got = self.with("acquiring a layer", |c, _| {
             if !c.has_feature(features::CUDA_EVENTS) {
@@ -461,12 +481,15 @@ impl Remote {
         let waited = match <[u8; 64]>::try_from(got.ready_event.as_slice()) {
             // SAFETY: `stream` is the C caller's live CUstream of this device, alive for the
             // call (`ferry_acquire`'s contract).
-            Ok(handle) => unsafe { imported.stream_wait(stream, &handle) }.map_err(|e| {
-                FfiError::new(
-                    ferry_status::FERRY_ERR_DEVICE,
-                    format!("making the stream wait for ferryd's copy: {e}"),
-                )
-            }),
+            Ok(handle) => match unsafe { imported.stream_wait(stream, &handle) } {
+                Ok(()) => Ok(()),
+                // The event cannot be used here (another IPC namespace, say): wait through the
+                // daemon, now and for every later lease of this engine.
+                Err(_) => {
+                    self.events_broken.store(true, Ordering::Relaxed);
+                    self.wait_ready(leased.lease).inspect(|()| leased.ready = true)
+                }
+            },
             // No event: the layer is on the device already, or the daemon could not export
             // one (then the host waits, as without events).
             Err(_) if leased.ready => Ok(()),

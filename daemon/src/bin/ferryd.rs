@@ -103,6 +103,11 @@ struct Args {
     /// Most LoRA views one client may have open at once (default 64).
     #[arg(long)]
     max_views_per_client: Option<usize>,
+    /// CUDA: offer clients interprocess ready events (their streams wait on ferryd's copies
+    /// without a round trip). Only for clients in ferryd's IPC namespace (not separate
+    /// containers); others fall back to waiting through ferryd. Default false.
+    #[arg(long, value_name = "BOOL")]
+    cuda_events: Option<bool>,
 }
 
 /// `--numa-node DEVICE=NODE`.
@@ -153,6 +158,7 @@ fn merge(mut args: Args, file: FerrydConfig) -> Result<Args, String> {
     args.max_clients = args.max_clients.or(file.max_clients);
     args.max_leases_per_client = args.max_leases_per_client.or(file.max_leases_per_client);
     args.max_views_per_client = args.max_views_per_client.or(file.max_views_per_client);
+    args.cuda_events = args.cuda_events.or(file.cuda_events);
     for (flag, from_file) in
         [(&mut args.model_roots, file.model_roots), (&mut args.preload, file.preload)]
     {
@@ -192,6 +198,7 @@ fn server_config(args: &Args) -> ServerConfig {
     if let Some(n) = args.max_views_per_client {
         config.max_views_per_client = n;
     }
+    config.cuda_events = args.cuda_events.unwrap_or(false);
     config
 }
 

@@ -155,16 +155,19 @@ struct IpcSlot {
 }
 
 /// The ring of interprocess events (module docs, *Interprocess events*).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct IpcRing {
     /// Created so far, in slot order; at most [`IPC_RING`]. Slot `next` is created when it is
     /// first taken, so `slots.len() == next` until the ring has wrapped once.
     slots: Vec<IpcSlot>,
     /// The slot the next recording takes.
     next: usize,
-    /// Set once the driver has said it has no interprocess events, so later calls answer at
-    /// once instead of creating and destroying an event each time.
+    /// Set once creating the first event failed, so later calls answer at once instead of
+    /// trying again each time.
     unsupported: bool,
+    /// The ring's size: [`IPC_RING`], or fewer when creating a later slot failed (the ring
+    /// then wraps over the slots it has).
+    len: usize,
 }
 
 /// State shared by the device and every resource allocated from it.
@@ -185,6 +188,27 @@ struct Shared {
 }
 
 impl Shared {
+    /// Copies pageable host bytes to the device and returns once they have landed: enqueued
+    /// on the copy stream (so later copies, GEMMs and recorded events are ordered after it),
+    /// then the stream is synchronised. (A plain `cuMemcpyHtoD` from pageable memory may
+    /// return before its DMA finishes, and runs on the legacy stream, which the non-blocking
+    /// copy stream is not ordered with.)
+    fn copy_in_sync(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let _bound = bind(&self.ctx)?;
+        // SAFETY: the caller checked `dst..dst+len` lies in a live allocation of ours; `src`
+        // is a Rust slice of exactly `len` readable bytes that outlives the copy, which is
+        // complete when the stream synchronisation below returns.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), self.stream.cu_stream())
+        }
+        .result()
+        .map_err(cuda_err("cuMemcpyHtoDAsync"))?;
+        self.sync_stream()
+    }
+
     /// Blocks until every operation enqueued on the copy stream has completed.
     fn sync_stream(&self) -> Result<(), DeviceError> {
         let _bound = bind(&self.ctx)?;
@@ -219,8 +243,9 @@ fn ranges_contain(ranges: &[(u64, u64)], addr: u64, len: u64) -> bool {
 impl Drop for Shared {
     fn drop(&mut self) {
         let events = std::mem::take(self.events.get_mut().unwrap_or_else(PoisonError::into_inner));
-        let ring = std::mem::take(self.ipc.get_mut().unwrap_or_else(PoisonError::into_inner));
-        if events.is_empty() && ring.slots.is_empty() {
+        let ring =
+            std::mem::take(&mut self.ipc.get_mut().unwrap_or_else(PoisonError::into_inner).slots);
+        if events.is_empty() && ring.is_empty() {
             return;
         }
         let Ok(_bound) =
@@ -228,13 +253,13 @@ impl Drop for Shared {
         else {
             return;
         };
-        if !ring.slots.is_empty() {
+        if !ring.is_empty() {
             // Every recording of a ring event completes before it is destroyed, so a client
             // stream that waits on its imported copy is released rather than left waiting on
             // an event that no longer exists.
             self.sync_before_free("interprocess events");
         }
-        for ev in events.into_iter().chain(ring.slots.into_iter().map(|s| s.event)) {
+        for ev in events.into_iter().chain(ring.into_iter().map(|s| s.event)) {
             // SAFETY: pooled and ring events were created in `ctx` (still alive: fields drop
             // after this), are owned only by the pool or the ring (both just emptied), and are
             // destroyed exactly once here.
@@ -434,7 +459,12 @@ impl CudaDevice {
             events: Mutex::new(Vec::new()),
             arenas: Mutex::new(Vec::new()),
             buffers: Mutex::new(Vec::new()),
-            ipc: Mutex::new(IpcRing::default()),
+            ipc: Mutex::new(IpcRing {
+                slots: Vec::new(),
+                next: 0,
+                unsupported: false,
+                len: IPC_RING,
+            }),
         });
         let ctx = &shared.ctx;
 
@@ -884,19 +914,27 @@ impl BackendOps for CudaDevice {
         if ring.unsupported {
             return Err(IPC_UNSUPPORTED);
         }
-        let at = ring.next;
+        let mut at = ring.next;
         if at == ring.slots.len() {
             match new_ipc_event() {
                 Ok(slot) => ring.slots.push(slot),
+                Err(e) if !ring.slots.is_empty() => {
+                    // Out of event resources part way: keep the slots there are.
+                    warn!(error = %e, slots = ring.slots.len(), "interprocess event ring capped");
+                    ring.len = ring.slots.len();
+                    at = 0;
+                }
                 Err(e) => {
-                    if e == IPC_UNSUPPORTED {
-                        ring.unsupported = true;
-                        info!(
-                            "interprocess events unsupported: clients wait for layers through \
-                             the daemon"
-                        );
-                    }
-                    return Err(e);
+                    // Whatever the reason (unsupported, out of resources, an OS refusal), no
+                    // more events are tried: clients wait through the daemon instead, which
+                    // only costs a round trip. Asking again on every acquire would not help.
+                    ring.unsupported = true;
+                    warn!(
+                        error = %e,
+                        "interprocess events unavailable: clients wait for layers through the \
+                         daemon (wait_ready)"
+                    );
+                    return Err(IPC_UNSUPPORTED);
                 }
             }
         }
@@ -909,7 +947,7 @@ impl BackendOps for CudaDevice {
             .result()
             .map_err(cuda_err("cuEventRecord"))?;
         let handle = slot.handle;
-        ring.next = (at + 1) % IPC_RING;
+        ring.next = (at + 1) % ring.len;
         Ok(handle)
     }
 
@@ -957,15 +995,10 @@ impl BackendOps for CudaDevice {
         if !ranges_contain(&arenas, dst, len) {
             return Err(DeviceError::OutOfRange { addr: dst, len });
         }
-        if src.is_empty() {
-            return Ok(());
-        }
-        let _bound = bind(&self.shared.ctx)?;
-        // SAFETY: `dst..dst+len` lies in a live arena (checked above, kept alive by the lock);
-        // `src` is a Rust slice of exactly `len` readable bytes; the copy is synchronous.
-        let r = unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) };
+        // The arena stays alive (and its range valid) while the lock is held.
+        let r = self.shared.copy_in_sync(dst, src);
         drop(arenas);
-        r.result().map_err(cuda_err("cuMemcpyHtoD"))
+        r
     }
 
     fn device_gemm(&self) -> bool {
@@ -1486,16 +1519,9 @@ impl CudaBuffer {
     /// Synchronous upload of `src` to device address `dst` (inside this buffer: the caller,
     /// `DeviceBuffer::write`, checked the range).
     pub(crate) fn write(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError> {
-        if src.is_empty() {
-            return Ok(());
-        }
-        let _bound = bind(&self.shared.ctx)?;
-        // SAFETY: `dst..dst+len` lies in this live allocation (checked by the caller); `src` is
-        // a Rust slice of exactly `len` readable bytes; the copy is synchronous, and nothing
-        // on the device reads this range while the buffer is being filled.
-        unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) }
-            .result()
-            .map_err(cuda_err("cuMemcpyHtoD"))
+        // `dst..dst+len` lies in this live allocation (checked by the caller); nothing on the
+        // device reads it while the buffer is being filled.
+        self.shared.copy_in_sync(dst, src)
     }
 }
 

@@ -200,6 +200,14 @@ impl ImportedArena {
         .map_err(cuda_err("cuStreamWaitEvent"))
     }
 
+    /// Blocks until every piece of work queued in this arena's context has finished
+    /// (`cuCtxSynchronize`): before releasing leases whose layers streams may still read.
+    pub fn synchronize(&self) -> Result<(), DeviceError> {
+        let _bound = bind(&self.ctx)?;
+        // SAFETY: a plain synchronisation of the (our) current context.
+        unsafe { sys::cuCtxSynchronize() }.result().map_err(cuda_err("cuCtxSynchronize"))
+    }
+
     /// Blocks the calling thread until the daemon's interprocess event `handle` completes
     /// (`cuEventSynchronize`), for callers without a stream. An imported event behaves like
     /// one created without `CU_EVENT_BLOCKING_SYNC`, so the wait follows the context's

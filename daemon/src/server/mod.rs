@@ -113,6 +113,11 @@ pub struct ServerConfig {
     /// half the cores poll at once. Zero: never poll (on a machine whose cores are all busy
     /// with other work, sleeping can be the faster choice).
     pub spin: Duration,
+    /// CUDA: offer interprocess ready events (`acquire_event`, feature `CUDA_EVENTS`). Off by
+    /// default: an event handle opens only in a process that shares ferryd's IPC namespace
+    /// (`/dev/shm`), which separate containers do not, and a client that cannot use it falls
+    /// back to `wait_ready` anyway. Turn it on where clients run beside ferryd on the host.
+    pub cuda_events: bool,
 }
 
 impl ServerConfig {
@@ -128,6 +133,7 @@ impl ServerConfig {
             max_views_per_client: 64,
             handshake_timeout: Duration::from_secs(10),
             spin: DEFAULT_SPIN,
+            cuda_events: false,
         }
     }
 }
@@ -391,11 +397,14 @@ impl Shared {
 
     /// Feature bits offered to a new connection.
     pub(crate) fn features(&self) -> u64 {
-        if self.roots().is_empty() {
-            self.base_features
-        } else {
-            self.base_features | features::OPEN_PATH
+        let mut f = self.base_features;
+        if !self.roots().is_empty() {
+            f |= features::OPEN_PATH;
         }
+        if f & features::CUDA_IPC != 0 && self.config().cuda_events {
+            f |= features::CUDA_EVENTS;
+        }
+        f
     }
 
     fn allowed(&self, cred: &PeerCred) -> bool {
@@ -502,7 +511,8 @@ impl Server {
         // Every device of a set has the same backend.
         offered |= match devices.default_engine().device_info().backend {
             Backend::Host => features::HOST_ARENA,
-            Backend::Cuda => features::CUDA_IPC | features::CUDA_EVENTS,
+            // CUDA_EVENTS on top where the configuration asks for it (`Shared::features`).
+            Backend::Cuda => features::CUDA_IPC,
         };
         let owns_socket = inherited.is_none();
         let listener = match inherited {
@@ -557,6 +567,7 @@ impl Server {
             ("max_views_per_client", config.max_views_per_client != c.max_views_per_client),
             ("handshake_timeout", config.handshake_timeout != c.handshake_timeout),
             ("spin", config.spin != c.spin),
+            ("cuda_events", config.cuda_events != c.cuda_events),
         ] {
             if differs {
                 changed.push(name);
