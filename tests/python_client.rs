@@ -245,8 +245,10 @@ fn python_cuda_path_against_a_cuda_ferryd() {
     let (model, expected_path) = llm_model(root);
     let models = root.join("models");
     std::fs::create_dir(&models).expect("models folder");
-    let (mut daemon, socket, log) =
-        start_ferryd_with(root, &["--device", "cuda", "--budget", "268435456"]);
+    let (mut daemon, socket, log) = start_ferryd_with(
+        root,
+        &["--device", "cuda", "--budget", "268435456", "--cuda-events", "true"],
+    );
     // The torch suite needs torch with CUDA and numpy (for __cuda_array_interface__).
     let torch_cuda = Command::new("python3")
         .args(["-c", "import sys, numpy, torch; sys.exit(0 if torch.cuda.is_available() else 1)"])

@@ -6,6 +6,7 @@ request is kept for its caller). Failures raise the typed exceptions of :mod:`fe
 """
 
 import array
+import logging
 import mmap
 import os
 import socket
@@ -17,6 +18,8 @@ from . import cuda
 from . import errors
 from . import messages as m
 from . import wire
+
+log = logging.getLogger(__name__)
 
 CLIENT_NAME = "ferry-python 0.1"
 MIN_VERSION = 1
@@ -124,7 +127,9 @@ class Lease:
     ferryd's interprocess event that completes once the layer's copies have landed (empty when
     the layer was already on the device). Its context manager does not wait on the host: order
     the GPU work that reads the layer with :meth:`wait_on_stream` (or ``device_ptr(t,
-    stream=...)``); every host-side accessor still waits with ``wait_ready``."""
+    stream=...)``); every host-side accessor still waits with ``wait_ready``. Releasing such
+    a lease first synchronises the streams made to wait on its event (unless
+    :meth:`mark_synchronized` says the caller did)."""
 
     def __init__(self, client: "Client", model: int, component: str, index: int,
                  leased: m.Leased, ready_event: Optional[bytes] = None):
@@ -141,6 +146,9 @@ class Lease:
         self.ready_event: Optional[bytes] = ready_event
         # Streams already made to wait on ready_event (a stream is in order: once is enough).
         self._waited_streams: Set[int] = set()
+        # Of those, the ones used since the caller last said their work was finished
+        # (mark_synchronized): release() synchronises them before ferryd may reuse the layer.
+        self._pending_streams: Set[int] = set()
 
     @property
     def device(self) -> int:
@@ -174,8 +182,18 @@ class Lease:
         stream and lease): the host does not wait and nothing is sent. Without one (a plain
         ``acquire``, or an event left empty though the layer is not ready) it falls back to
         :meth:`wait_ready`, after which any stream may read the layer. A ready layer needs
-        nothing. Either way finish (synchronise) the stream's use of the layer before
-        releasing the lease. On a host ferryd: :class:`ferry.errors.MemoryKindError`."""
+        nothing.
+
+        Events cannot cross IPC namespaces (containers without a shared ``/dev/shm``): when
+        opening or waiting on the event raises :class:`ferry.errors.CudaError`, this lease
+        falls back to :meth:`wait_ready` too, a warning is logged once, and the arena
+        remembers it (``ImportedArena.events_broken``): later leases on it go straight to
+        :meth:`wait_ready` without trying the driver.
+
+        Finish (synchronise) the stream's use of the layer before releasing the lease;
+        :meth:`release` synchronises the streams made to wait on the event that
+        :meth:`mark_synchronized` was not told about. On a host ferryd:
+        :class:`ferry.errors.MemoryKindError`."""
         cuda.check_stream(stream)  # refused even when there is nothing to order
         if self.released:
             raise errors.UnknownLease(f"lease {self.id} was released", None)
@@ -184,19 +202,56 @@ class Lease:
                 f"layer {self.layer} is in a host arena (ferryd runs on the "
                 f"{self.client.device.backend} backend): there is no stream to order; use "
                 "Lease.wait_ready")
-        if self.ready or stream in self._waited_streams:
+        if self.ready:
+            return self
+        if stream in self._waited_streams:
+            self._pending_streams.add(stream)  # used on it again: finish it before release
             return self
         if not self.ready_event:
             return self.wait_ready()
         arena = self.arena()
         if not isinstance(arena, cuda.ImportedArena):  # not reachable on a CUDA ferryd
             return self.wait_ready()
-        arena.stream_wait(stream, self.ready_event)
+        if arena.events_broken:
+            return self.wait_ready()
+        try:
+            arena.stream_wait(stream, self.ready_event)
+        except errors.CudaError as e:
+            # Opening or waiting failed (another IPC namespace, a driver without events): the
+            # protocol lets an acquire_event lease be waited for on the host all the same.
+            arena.disable_events(e)
+            return self.wait_ready()
         self._waited_streams.add(stream)
+        self._pending_streams.add(stream)
         return self
 
+    def mark_synchronized(self, stream: Optional[int] = None) -> None:
+        """Tells the lease that this process's GPU work on ``stream`` (``None``: on every
+        stream, as after a device-wide synchronise) is finished, so that :meth:`release` does
+        not synchronise it again. Work queued on it afterwards must be finished again."""
+        if stream is None:
+            self._pending_streams.clear()
+        else:
+            self._pending_streams.discard(cuda.check_stream(stream))
+
+    def _finish_streams(self) -> None:
+        """Synchronises the streams made to wait on ``ready_event`` whose work the caller did
+        not say was finished (:meth:`mark_synchronized`): ferryd may overwrite the layer as
+        soon as it acknowledges the release. A failure raises (the lease stays held)."""
+        if not self._pending_streams:
+            return
+        arena = self.arena()
+        if not isinstance(arena, cuda.ImportedArena):  # not reachable: a stream waited on it
+            return
+        for stream in sorted(self._pending_streams):
+            arena.stream_synchronize(stream)
+            self._pending_streams.discard(stream)
+
     def release(self) -> None:
+        """Releases the lease (once; later calls do nothing), after synchronising the streams
+        that waited on its ready event (:meth:`_finish_streams`)."""
         if not self.released:
+            self._finish_streams()
             self.client.release(self.model, self.id)
             self.released = True
 
@@ -296,17 +351,23 @@ class Client:
 
     def __init__(self, path: Optional[str] = None, *, timeout: Optional[float] = None,
                  features: int = m.DEFAULT_FEATURES, client_name: str = CLIENT_NAME,
-                 cuda: bool = False):
-        """``cuda=True`` also asks for ``CUDA_IPC`` and ``CUDA_EVENTS`` (added to
-        ``features``): a CUDA ferryd then shares its arenas with ``map_arena``, mapped into this
-        process through the CUDA driver (:mod:`ferry.cuda`), and answers
+                 cuda: bool = False, events: bool = True):
+        """``cuda=True`` also asks for ``CUDA_IPC`` and, unless ``events=False``,
+        ``CUDA_EVENTS`` (added to ``features``): a CUDA ferryd then shares its arenas with
+        ``map_arena``, mapped into this process through the CUDA driver (:mod:`ferry.cuda`),
+        and, if its config enables them (``cuda_events = true``; off by default), answers
         :meth:`acquire_event` with interprocess ready events. A host ferryd grants neither and
-        nothing changes. (For ``CUDA_IPC`` alone, pass it in ``features`` with
-        ``cuda=False``.)"""
+        nothing changes. ``events=False`` never asks for ``CUDA_EVENTS`` (it is taken out of
+        ``features`` too): for processes outside ferryd's IPC namespace, where events cannot
+        be opened (the client also falls back by itself: :meth:`Lease.wait_on_stream`)."""
         if not isinstance(cuda, bool):
             raise TypeError(f"cuda must be True or False, not {cuda!r}")
+        if not isinstance(events, bool):
+            raise TypeError(f"events must be True or False, not {events!r}")
         if cuda:
             features |= m.CUDA_IPC | m.CUDA_EVENTS
+        if not events:
+            features &= ~m.CUDA_EVENTS
         self.path = path or os.environ.get("FERRY_SOCKET") or DEFAULT_SOCKET
         self._lock = threading.RLock()
         self._next_id = 1
@@ -317,6 +378,8 @@ class Client:
         # The index of the device plain open_model/open_model_fd use, once a reply shows it.
         self._default_device: Optional[int] = None
         self._closed = False
+        # Set by close() once it has settled the GPU: teardown need not do it again.
+        self._settled = False
         self.version = MAX_VERSION
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
@@ -349,16 +412,57 @@ class Client:
     def closed(self) -> bool:
         return self._closed
 
-    def _shutdown(self) -> None:
+    def _cuda_arenas(self) -> List[cuda.ImportedArena]:
+        """The CUDA arenas this client mapped and has not closed, each once (one may be cached
+        under several selectors)."""
+        out: List[cuda.ImportedArena] = []
+        for arena in (self._arena, *self._arenas.values()):
+            if (isinstance(arena, cuda.ImportedArena) and not arena.closed
+                    and all(arena is not known for known in out)):
+                out.append(arena)
+        return out
+
+    def _settle_gpu(self) -> Optional[errors.CudaError]:
+        """Waits for this process's GPU work on every mapped CUDA arena (``cuCtxSynchronize``),
+        before the connection ends: ferryd then releases every lease of the connection and
+        may overwrite the memory at once, while kernels of this process could still read it.
+        Returns the first failure (every arena is tried; the others are logged)."""
+        failure: Optional[errors.CudaError] = None
+        for arena in self._cuda_arenas():
+            try:
+                arena.synchronize()
+            except errors.CudaError as e:
+                if failure is None:
+                    failure = e
+                else:
+                    log.error("%s", e)
+            except ValueError:  # closed meanwhile by another thread: nothing runs on it
+                pass
+        return failure
+
+    def _shutdown(self, settle: bool = True) -> None:
+        """Closes the connection (ferryd then releases every lease of it), first settling the
+        GPU (:meth:`_settle_gpu`) unless ``settle`` is False: ferryd already ended it, or
+        :meth:`close` did so before saying goodbye."""
         if not self._closed:
+            if settle and not self._settled:
+                failure = self._settle_gpu()
+                if failure is not None:
+                    log.error("closing the connection to ferryd: %s", failure)
             self._closed = True
             try:
                 self._sock.close()
             except OSError:
                 pass
 
-    def _lost(self, why: str, cause: Optional[BaseException] = None) -> errors.ConnectionLost:
-        self._shutdown()
+    def _lost(self, why: str, cause: Optional[BaseException] = None,
+              peer_closed: bool = False) -> errors.ConnectionLost:
+        # When ferryd closed or reset the connection its leases are released already, and
+        # waiting on the GPU would only wait on events of a ferryd that may be gone; otherwise
+        # (a timeout) this side ends it, and settles the GPU first.
+        gone = peer_closed or isinstance(
+            cause, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError))
+        self._shutdown(settle=not gone)
         e = errors.ConnectionLost(why)
         e.__cause__ = cause
         return e
@@ -401,8 +505,9 @@ class Client:
             if not data:
                 self._close_fds(fds)
                 if buf or what == "a frame body":
-                    raise self._lost(f"the server closed the connection inside {what}")
-                raise self._lost("the server closed the connection")
+                    raise self._lost(f"the server closed the connection inside {what}",
+                                     peer_closed=True)
+                raise self._lost("the server closed the connection", peer_closed=True)
             buf += data
         return bytes(buf)
 
@@ -529,14 +634,16 @@ class Client:
         return Lease(self, model, component, layer, leased)
 
     def acquire_event(self, model: int, component: str, layer: int) -> Lease:
-        """``acquire`` with the layer's interprocess ready event (needs ``CUDA_EVENTS``,
-        granted by CUDA ferryds to ``Client(..., cuda=True)``; else ferryd answers
-        ``Unsupported``): a :class:`Lease` whose ``ready_event`` is the 64-byte handle of an
-        event ferryd recorded on its copy stream after the layer's copies, or empty when the
-        layer is on the device already. Make the stream that reads the layer wait on it with
-        :meth:`Lease.wait_on_stream` instead of a ``wait_ready`` round trip; synchronise that
-        stream before releasing, as ever. A handle that is not 64 bytes is
-        :class:`ferry.errors.BadCudaEvent` (the lease is released again)."""
+        """``acquire`` with the layer's interprocess ready event (needs ``CUDA_EVENTS``, which
+        a CUDA ferryd whose config sets ``cuda_events = true`` grants to ``Client(...,
+        cuda=True)``; else ferryd answers ``Unsupported``): a :class:`Lease` whose
+        ``ready_event`` is the 64-byte handle of an event ferryd recorded on its copy stream
+        after the layer's copies, or empty when the layer is on the device already. Make the
+        stream that reads the layer wait on it with :meth:`Lease.wait_on_stream` instead of a
+        ``wait_ready`` round trip (it falls back to ``wait_ready`` where events cannot be
+        used); the release synchronises that stream first (:meth:`Lease.release`). A handle
+        that is not 64 bytes is :class:`ferry.errors.BadCudaEvent` (the lease is released
+        again)."""
         reply: m.LeasedEvent = self._call(m.AcquireEvent(model, component, layer),
                                           m.LeasedEvent)
         lease = Lease(self, model, component, layer, reply.leased, bytes(reply.ready_event))
@@ -551,6 +658,10 @@ class Client:
         self._call(m.WaitReady(lease), m.Ready)
 
     def release(self, model: int, lease: Union[int, Lease]) -> None:
+        """Releases a lease (an id, or a :class:`Lease`: first synchronising the streams that
+        waited on its ready event, as :meth:`Lease.release` does)."""
+        if isinstance(lease, Lease):
+            lease._finish_streams()
         lid = lease.id if isinstance(lease, Lease) else lease
         self._call(m.Release(model, lid), m.Ack)
         if isinstance(lease, Lease):
@@ -668,8 +779,15 @@ class Client:
             return self.map_arena(index)
 
     def close(self) -> None:
-        """Says goodbye (if still connected) and closes the socket."""
+        """Says goodbye (if still connected), closes the socket, then closes the mapped
+        arenas. On a CUDA ferryd this process's GPU work on every mapped arena is synchronised
+        first (``cuCtxSynchronize``), before the goodbye: ferryd then releases every lease of
+        the connection and may reuse the memory at once. Then the arenas' events are destroyed
+        and their memory unmapped. A CUDA failure is raised once every step was tried."""
+        failure: Optional[errors.CudaError] = None
         if not self._closed:
+            failure = self._settle_gpu()
+            self._settled = True  # a failing goodbye's teardown need not settle again
             try:
                 self._call(m.Goodbye(), m.Ack)
             except errors.FerryError:
@@ -678,7 +796,6 @@ class Client:
         arenas = [self._arena, *self._arenas.values()]
         self._arena = None
         self._arenas.clear()
-        failure: Optional[errors.CudaError] = None
         for arena in arenas:
             if arena is None:
                 continue

@@ -30,6 +30,12 @@ finish every use of it on the GPU (synchronise the streams that read it) *before
 lease: ferryd may overwrite the memory as soon as it acknowledges the release, and it never
 waits on an event of its clients.
 
+Interprocess events need this process in ferryd's IPC namespace (sharing its ``/dev/shm``):
+across container boundaries ``cuIpcOpenEventHandle`` fails (or a wait may never complete).
+ferryd offers ``CUDA_EVENTS`` only when its config says ``cuda_events = true``; the client
+falls back to host waits (``wait_ready``) the first time an event cannot be opened or waited
+on, and remembers that per arena (:attr:`ImportedArena.events_broken`).
+
 Interprocess events: ferryd records them from a fixed ring it reuses and destroys only when it
 closes the device, so the same 64-byte handles come back again and again. Each is opened
 (``cuIpcOpenEventHandle``, in the arena's context) the first time its handle is seen and kept,
@@ -160,6 +166,8 @@ _SIGNATURES: Dict[str, Sequence[Any]] = {
     "cuStreamWaitEvent": [CUstream, CUevent, ctypes.c_uint],
     "cuEventSynchronize": [CUevent],
     "cuEventDestroy_v2": [CUevent],
+    # releasing a lease whose event a stream waited on
+    "cuStreamSynchronize": [CUstream],
 }
 # Without these nothing works; the others are checked when a path needs them.
 _REQUIRED = ("cuInit", "cuGetErrorName", "cuDeviceGetCount", "cuDeviceGet",
@@ -419,6 +427,13 @@ class ImportedArena:
 
     ``stream_wait`` and ``wait_host`` wait on ferryd's interprocess ready events (module
     docs), each opened once per distinct handle and kept (``opened_events`` counts them).
+    ``events_broken`` is set (:meth:`disable_events`, by :meth:`ferry.Lease.wait_on_stream`
+    when a wait failed) once this process has found it cannot use ferryd's events: later
+    leases on the arena wait on the host (``wait_ready``) instead.
+
+    ``synchronize()`` waits for all of this process's work in the arena's context: the client
+    calls it before saying goodbye (ferryd then releases every lease of the connection and may
+    reuse the memory at once); ``stream_synchronize(stream)`` waits for one stream.
 
     ``close()`` (also on ``with`` exit and, as a last resort, when collected) first waits for
     all work in the context (``cuCtxSynchronize``: unmapping memory a kernel still reads would
@@ -449,6 +464,9 @@ class ImportedArena:
         # the lock is held while opening, so two threads never open one handle twice.
         self._events: Dict[bytes, int] = {}
         self._events_lock = threading.Lock()
+        # Set once an event could not be opened or waited on here (disable_events): processes
+        # in different IPC namespaces cannot share events, and that does not get better.
+        self.events_broken = False
 
     @classmethod
     def import_(cls, arena: m.CudaArena, fd: Optional[int] = None) -> "ImportedArena":
@@ -577,6 +595,44 @@ class ImportedArena:
                 ev = self._open_event(raw)
                 drv.call("cuStreamWaitEvent", CUstream(s), CUevent(ev), CU_EVENT_WAIT_DEFAULT,
                          what=f"stream {s:#x} on ferryd's ready event")
+
+    def disable_events(self, cause: BaseException) -> bool:
+        """Records that ferryd's interprocess events cannot be used with this arena (``cause``:
+        the :class:`ferry.errors.CudaError` a wait raised), so that later leases wait on the
+        host instead; logs a warning the first time. Returns whether this call disabled
+        them."""
+        with self._events_lock:
+            if self.events_broken:
+                return False
+            self.events_broken = True
+        log.warning(
+            "ferryd's interprocess ready events cannot be used in this process (%s): leases "
+            "on the arena of %s wait on the host (wait_ready) from now on. Events need this "
+            "process in ferryd's IPC namespace (sharing its /dev/shm); "
+            "ferry.Client(..., cuda=True, events=False) does not ask for them", cause,
+            self.uuid)
+        return True
+
+    def synchronize(self) -> None:
+        """Waits for all of this process's work in the arena's context (``cuCtxSynchronize``,
+        with the context made current around it): once it returns no kernel of this process
+        reads the arena any more. :class:`ferry.errors.CudaError` when the driver refuses;
+        ``ValueError`` once closed."""
+        with self._use():
+            drv = self._driver
+            with drv.current(self._ctx):
+                drv.call("cuCtxSynchronize", what=f"the context of {self.uuid}")
+
+    def stream_synchronize(self, stream: int) -> None:
+        """Waits for the work queued on ``stream`` (a ``CUstream`` as an int, as for
+        :meth:`stream_wait`; 0: the legacy default stream of the arena's context) to finish
+        (``cuStreamSynchronize``, in the arena's context)."""
+        s = check_stream(stream)
+        with self._use():
+            drv = self._driver
+            drv.need(("cuStreamSynchronize",), "synchronising a stream")
+            with drv.current(self._ctx):
+                drv.call("cuStreamSynchronize", CUstream(s), what=f"stream {s:#x}")
 
     def wait_host(self, handle: bytes) -> None:
         """Blocks this thread until ferryd's interprocess event ``handle`` has completed

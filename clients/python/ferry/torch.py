@@ -52,11 +52,15 @@ Backends (the piece that turns a lease into tensors is :func:`tensor_source`):
   takes without copying on ``cuda:N`` (the torch device with the same UUID); the bytes are
   then viewed as the file's dtype and shape. torch needs numpy to read that interface.
   Ordering, because ferryd copies on its own stream: when the connection has ``CUDA_EVENTS``
-  (a CUDA ferryd grants it to ``Client(..., cuda=True)``) and ``cuda_sync="stream"`` (the
-  default), each layer is acquired with ``acquire_event`` and the current torch stream of that
-  device is made to wait, on the GPU, on ferryd's interprocess ready event of the layer
+  (a CUDA ferryd whose config sets ``cuda_events = true`` grants it to
+  ``Client(..., cuda=True)``) and ``cuda_sync="stream"`` (the default), each layer is acquired
+  with ``acquire_event`` and the current torch stream of that device is made to wait, on the
+  GPU, on ferryd's interprocess ready event of the layer
   (``ferry.cuda.ImportedArena.stream_wait``) before its tensors are made: no ``wait_ready``
-  round trip, and the host does not wait for the copies. Otherwise (no ``CUDA_EVENTS``, or
+  round trip, and the host does not wait for the copies. Events need this process in ferryd's
+  IPC namespace: the first time one cannot be opened or waited on, that layer is waited for
+  with ``wait_ready``, a warning is logged, and every later layer is leased with plain
+  ``acquire`` and waited for on the host. Otherwise (no ``CUDA_EVENTS``, or
   ``cuda_sync="device"``, whose forwards may read weights on side streams that never waited on
   the current one) a layer's tensors are made only after ``wait_ready`` answered
   (``Lease.device_ptr`` waits), so its bytes are on the GPU before any kernel is queued. After
@@ -345,7 +349,10 @@ class _CudaArena:
         self.sync = sync
         # Ready events order only the stream that waits on them: with cuda_sync="device" the
         # forward may read weights on side streams, so the host waits (wait_ready) instead.
+        # (uses_events also turns them off once the arena found it cannot use them.)
         self.events = bool(client.features & m.CUDA_EVENTS) and sync == "stream"
+        # What the last before_release synchronised: a CUstream, _ALL_STREAMS, or None.
+        self._settled: Any = None
         try:
             self.arena = client.map_arena() if model is None else client.arena_for(model)
         except errors.CudaError as e:
@@ -379,27 +386,47 @@ class _CudaArena:
                 f"at {ptr:#x})")
         return _typed(raw, dtype, shape)
 
+    @property
+    def uses_events(self) -> bool:
+        """Whether layers are ordered with ferryd's ready events: the connection has
+        ``CUDA_EVENTS``, ``cuda_sync`` is ``stream``, and the arena has not found that this
+        process cannot use them (``ImportedArena.events_broken``: then every later layer is
+        leased plainly and waited for on the host)."""
+        return self.events and not getattr(self.arena, "events_broken", False)
+
     def acquire(self, client: Client, model: int, component: str, index: int) -> Lease:
         """Leases a layer: with its ready event when this source uses events (the current
         stream will wait on it in :meth:`tensor`), else plainly (:meth:`tensor` waits on the
         host)."""
-        if self.events:
+        if self.uses_events:
             return client.acquire_event(model, component, index)
         return client.acquire(model, component, index)
 
     def reading_stream(self) -> Optional[int]:
         """The ``CUstream`` the layer's tensors will be read on (the device's current torch
         stream), when this source orders it with events; ``None``: wait on the host."""
-        if not self.events:
+        if not self.uses_events:
             return None
         return int(torch.cuda.current_stream(self.device).cuda_stream)
 
     def before_release(self) -> None:
         """Waits for this process's GPU work that may read the layers being released."""
+        self._settled = None
         if self.sync == "device":
             torch.cuda.synchronize(self.device)
+            self._settled = _ALL_STREAMS
         else:
-            torch.cuda.current_stream(self.device).synchronize()
+            stream = torch.cuda.current_stream(self.device)
+            stream.synchronize()
+            self._settled = int(stream.cuda_stream)
+
+    def settled(self, lease: Lease) -> None:
+        """Tells ``lease`` what :meth:`before_release` synchronised, so that releasing it does
+        not synchronise the same stream again (``Lease.mark_synchronized``)."""
+        if self._settled is _ALL_STREAMS:
+            lease.mark_synchronized()
+        elif self._settled is not None:
+            lease.mark_synchronized(self._settled)
 
     def owns(self, t: "torch.Tensor") -> bool:
         """Whether ``t``'s memory lies in the mapped arena (a served weight or a view of one)."""
@@ -407,6 +434,8 @@ class _CudaArena:
 
 
 _SYNCS = ("stream", "device")
+# before_release synchronised the whole device (cuda_sync="device").
+_ALL_STREAMS = object()
 
 
 _SOURCES = {"host": _HostArena, "cuda": _CudaArena}
@@ -1052,6 +1081,12 @@ class Session:
                         "synchronising the GPU before releasing layers "
                         f"{[lease.layer for lease in leaving]} failed ({e}); their leases stay "
                         "held until this client disconnects") from e
+                # The leases need not synchronise what was just synchronised (Lease.release
+                # would otherwise wait on each stream that waited on a ready event).
+                settled = getattr(self._source, "settled", None)
+                if settled is not None:
+                    for lease in leaving:
+                        settled(lease)
             failure: Optional[BaseException] = None
             for lease in leaving:
                 try:

@@ -359,6 +359,13 @@ CUresult cuIpcCloseMemHandle(CUdeviceptr p) {
     return SUCCESS;
 }
 
+/* Any stream value is accepted (torch's streams are not the stand-in's to know). */
+CUresult cuStreamSynchronize(CUstream s) {
+    logf_("cuStreamSynchronize(%#lx, dev=%d)\n", (unsigned long)(uintptr_t)s, current_dev());
+    if (current_dev() < 0) return INVALID_CONTEXT;
+    return failing("cuStreamSynchronize");
+}
+
 /* ---- interprocess events (built with -DNO_EVENTS the library lacks them) ---------------- */
 
 #ifndef NO_EVENTS

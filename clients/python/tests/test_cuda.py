@@ -698,10 +698,11 @@ def _send(conn, msg, request_id, fds=()):
         conn.sendall(data)
 
 
-def fake_cuda_ferryd(test, script, hello):
+def fake_cuda_ferryd(test, script, hello, on_eof=None):
     """A server on the CUDA backend granting what the client asked for (of CUDA_IPC,
     CUDA_EVENTS, DEVICES, OPEN_PATH); then, for each request, ``script(name, message)``
-    returns ``(reply, fds)`` (``None``: close the connection)."""
+    returns ``(reply, fds)`` (``None``: close the connection). ``on_eof()`` is called when the
+    client closes the connection (the moment ferryd would release its leases)."""
     path, listener = _util.fake_listener(test)
     received = []
 
@@ -728,7 +729,10 @@ def fake_cuda_ferryd(test, script, hello):
                         return
                     reply, fds = out
                     _send(conn, reply, head.request_id, fds)
-            except (EOFError, OSError):
+            except EOFError:
+                if on_eof is not None:
+                    on_eof()
+            except OSError:
                 pass
 
     t = threading.Thread(target=run, daemon=True)
@@ -758,12 +762,15 @@ class FakeFerrydWithDriver(FakeDriverBase):
                 return messages.Leased(5, "blocks.0", False, TENSORS), []
             if name == "wait_ready":
                 return messages.Ready(msg.lease), []
+            if name == "goodbye":
+                at_goodbye.extend(self.calls())  # what the driver had done by then
             if name in ("release", "goodbye"):
                 return messages.Ack(), []
             if name == "stats":
                 return messages.StatsReply(*[0] * 11), []
             return messages.Error(201, f"fake: {name}"), []
 
+        at_goodbye = []
         path, received = fake_cuda_ferryd(self, script, hello)
         c = ferry.Client(path, timeout=10, cuda=True)
         self.assertEqual(hello["features"],
@@ -811,8 +818,12 @@ class FakeFerrydWithDriver(FakeDriverBase):
         self.reset_log()
         c.close()
         self.assertTrue(arena.closed, "closing the client unmaps its arenas")
+        # The GPU work is finished before goodbye (ferryd then releases every lease), and the
+        # arena unmapped after it.
+        self.assertEqual(at_goodbye, [PUSH1, "cuCtxSynchronize(dev=1)", POP])
         self.assertEqual([x.split("(")[0] for x in self.calls()],
-                         ["cuCtxPushCurrent_v2", "cuCtxSynchronize", "cuMemUnmap",
+                         ["cuCtxPushCurrent_v2", "cuCtxSynchronize", "cuCtxPopCurrent_v2",
+                          "cuCtxPushCurrent_v2", "cuCtxSynchronize", "cuMemUnmap",
                           "cuMemAddressFree", "cuCtxPopCurrent_v2",
                           "cuDevicePrimaryCtxRelease_v2"])
         self.assertEqual(self.state(), CLEAN)
@@ -861,6 +872,8 @@ class FakeFerrydWithDriver(FakeDriverBase):
             f"cuIpcOpenEventHandle({EV_A.hex()}, dev=1)",
             "cuStreamWaitEvent(0x5000, ev#0, 0, dev=1)",  # once for stream 0x5000
             "cuStreamWaitEvent(0x6000, ev#0, 0, dev=1)",
+            # the release: both streams that waited are finished first
+            "cuStreamSynchronize(0x5000, dev=1)", "cuStreamSynchronize(0x6000, dev=1)",
         ])
         # Another lease with the same handle (ferryd's ring came round): nothing is opened.
         self.reset_log()
@@ -886,6 +899,7 @@ class FakeFerrydWithDriver(FakeDriverBase):
         self.reset_log()
         c.close()
         self.assertEqual([x.split("(")[0] for x in self.calls()], [
+            "cuCtxPushCurrent_v2", "cuCtxSynchronize", "cuCtxPopCurrent_v2",  # before goodbye
             "cuCtxPushCurrent_v2", "cuCtxSynchronize", "cuEventDestroy_v2",
             "cuIpcCloseMemHandle", "cuCtxPopCurrent_v2", "cuDevicePrimaryCtxRelease_v2",
         ])
@@ -963,6 +977,251 @@ class FakeFerrydWithDriver(FakeDriverBase):
         self.assertFalse(c.closed)
         self.assertIsInstance(c.stats(), messages.StatsReply)
         self.assertEqual(self.state(), CLEAN)
+
+
+class EventFallbackAndTeardown(FakeDriverBase):
+    """Events across IPC namespaces (the fallback to wait_ready, remembered per arena), the
+    events=False opt-out, streams synchronised before a release, and the GPU settled before
+    the connection ends: the fake ferryd records the stand-in's log when each frame arrives,
+    so the order between driver calls and frames is checked, not assumed."""
+
+    def ferryd(self, hello=None, at=None, **client_kwargs):
+        """A fake CUDA ferryd (an Ipc arena; acquire_event: a layer not ready, with EV_A) and a
+        client of it. ``at``: frame name -> the driver calls logged when it arrived (the last
+        one of that name), and "eof" -> those logged when the connection ended."""
+        at = {} if at is None else at
+        ids = iter(range(10, 100))
+
+        def script(name, msg):
+            at[name] = self.calls()
+            if name in ("map_arena", "map_arena_on"):
+                return messages.CudaArena(3 << 20, UUID1, messages.CudaIpc([5] * 64)), []
+            if name == "acquire_event":
+                return messages.LeasedEvent(
+                    messages.Leased(next(ids), "blocks.0", False, TENSORS), EV_A), []
+            if name == "acquire":
+                return messages.Leased(next(ids), "blocks.0", False, TENSORS), []
+            if name == "wait_ready":
+                return messages.Ready(msg.lease), []
+            # release, goodbye; and stats, a reply of the wrong kind: the client drops the
+            # connection
+            return messages.Ack(), []
+
+        path, received = fake_cuda_ferryd(self, script, {} if hello is None else hello,
+                                          on_eof=lambda: at.__setitem__("eof", self.calls()))
+        c = ferry.Client(path, timeout=10, **client_kwargs)
+        self.addCleanup(c.close)
+        return c, received, at
+
+    def test_an_event_that_cannot_be_opened_falls_back_to_wait_ready_for_good(self):
+        """cuIpcOpenEventHandle refused (another IPC namespace): the lease is waited for with
+        wait_ready, one warning is logged, and later leases on the arena go straight to
+        wait_ready without opening anything."""
+        c, received, _ = self.ferryd(cuda=True)
+        self.assertTrue(c.features & messages.CUDA_EVENTS)
+        self.lib.fake_fail(b"cuIpcOpenEventHandle", 400)  # once: the driver would work later
+        with self.assertLogs("ferry", "WARNING") as logs:
+            lease = c.acquire_event(1, "unet", 0)
+            self.assertIs(lease.wait_on_stream(0x5000), lease)
+            self.assertTrue(lease.ready, "waited for on the host")
+            arena = lease.arena()
+            self.assertTrue(arena.events_broken)
+            self.assertEqual(arena.opened_events, 0)
+            self.assertEqual(lease.device_ptr("w", stream=0x6000), IPC_VA + 4096)
+            lease.release()
+            self.assertEqual(received, ["acquire_event", "map_arena_on", "wait_ready",
+                                        "release"])
+            self.reset_log()
+            # The next leases: no driver call at all, a wait_ready each.
+            for layer in (1, 2):
+                with c.acquire_event(1, "unet", layer) as again:
+                    again.wait_on_stream(0x5000)
+                    self.assertEqual(again.device_ptr("b", stream=0x5000),
+                                     IPC_VA + (3 << 20) - 8)
+                    self.assertTrue(again.ready)
+            self.assertEqual(self.calls(), [], "nothing opened, waited on or synchronised")
+            self.assertEqual(received[4:], ["acquire_event", "wait_ready", "release"] * 2)
+        self.assertEqual(len(logs.records), 1, "warned once")
+        (record,) = logs.records
+        self.assertEqual((record.name, record.levelname), ("ferry.cuda", "WARNING"))
+        msg = record.getMessage()
+        self.assertIn("cuIpcOpenEventHandle failed (an interprocess event of ferryd): "
+                      "CUDA_ERROR_INVALID_HANDLE (400)", msg)
+        self.assertIn(f"leases on the arena of {UUID1} wait on the host (wait_ready)", msg)
+        self.assertIn("events=False", msg)
+
+    def test_a_wait_the_driver_refuses_falls_back_too(self):
+        """cuStreamWaitEvent failing (the event opened): the same fallback; the opened event
+        is still destroyed when the client closes."""
+        c, received, _ = self.ferryd(cuda=True)
+        self.lib.fake_fail(b"cuStreamWaitEvent", 1)
+        with self.assertLogs("ferry.cuda", "WARNING") as logs:
+            with c.acquire_event(1, "unet", 0) as lease:
+                self.assertEqual(lease.device_ptr("w", stream=0x5000), IPC_VA + 4096)
+                self.assertTrue(lease.ready)
+        self.assertEqual(len(logs.records), 1)
+        self.assertIn("cuStreamWaitEvent failed", logs.records[0].getMessage())
+        arena = c.arena_for(1)
+        self.assertTrue(arena.events_broken)
+        self.assertEqual(arena.opened_events, 1)
+        self.assertNotIn("cuStreamSynchronize", "".join(self.calls()),
+                         "no stream waited: nothing to synchronise at the release")
+        self.assertEqual(received, ["acquire_event", "map_arena_on", "wait_ready", "release"])
+        c.close()
+        self.assertEqual(self.state(), CLEAN)
+
+    def test_another_arena_keeps_its_events(self):
+        """events_broken belongs to one mapping: a client with a fresh one tries again."""
+        c, _, _ = self.ferryd(cuda=True)
+        self.lib.fake_fail(b"cuIpcOpenEventHandle", 400)
+        with self.assertLogs("ferry.cuda", "WARNING"):
+            c.acquire_event(1, "unet", 0).wait_on_stream(0x5000)
+        c.close()
+        other, received, _ = self.ferryd(cuda=True)
+        lease = other.acquire_event(1, "unet", 0)
+        lease.wait_on_stream(0x5000)
+        self.assertFalse(lease.ready)
+        self.assertFalse(lease.arena().events_broken)
+        self.assertEqual(received, ["acquire_event", "map_arena_on"])
+
+    def test_events_false_does_not_ask_for_cuda_events(self):
+        for kwargs in ({"cuda": True, "events": False},
+                       {"cuda": True, "events": False,
+                        "features": messages.DEFAULT_FEATURES | messages.CUDA_EVENTS}):
+            with self.subTest(**{k: v for k, v in kwargs.items() if k != "features"},
+                              features="features" in kwargs):
+                hello = {}
+                c, _, _ = self.ferryd(hello, **kwargs)
+                self.assertEqual(hello["features"],
+                                 messages.DEFAULT_FEATURES | messages.CUDA_IPC)
+                self.assertEqual(c.features & messages.CUDA_EVENTS, 0)
+                self.assertTrue(c.features & messages.CUDA_IPC)
+        hello = {}
+        self.ferryd(hello, cuda=True)
+        self.assertEqual(hello["features"], messages.DEFAULT_FEATURES | messages.CUDA_IPC
+                         | messages.CUDA_EVENTS, "events=True is the default")
+        with self.assertRaises(TypeError):
+            ferry.Client("/nonexistent.sock", cuda=True, events="no")
+
+    def test_release_synchronises_the_streams_that_waited_first(self):
+        at = {}
+        c, received, _ = self.ferryd(at=at, cuda=True)
+        lease = c.acquire_event(1, "unet", 0)
+        lease.wait_on_stream(0x6000)
+        lease.wait_on_stream(0x5000)
+        self.reset_log()
+        lease.release()
+        self.assertEqual(at["release"], [
+            PUSH1, "cuStreamSynchronize(0x5000, dev=1)", POP,
+            PUSH1, "cuStreamSynchronize(0x6000, dev=1)", POP,
+        ], "both streams finished before ferryd got the release")
+        lease.release()  # released: nothing more
+        # What the caller said it synchronised is not synchronised again.
+        lease = c.acquire_event(1, "unet", 1)
+        lease.wait_on_stream(0x5000)
+        lease.wait_on_stream(0x6000)
+        lease.mark_synchronized(0x5000)
+        self.reset_log()
+        c.release(1, lease)  # the client's release of a Lease does the same
+        self.assertTrue(lease.released)
+        self.assertEqual(at["release"], [PUSH1, "cuStreamSynchronize(0x6000, dev=1)", POP])
+        lease = c.acquire_event(1, "unet", 2)
+        lease.wait_on_stream(0x5000)
+        lease.mark_synchronized()  # every stream (a device-wide synchronise)
+        lease.wait_on_stream(0x5000)  # used on 0x5000 again: to be finished again
+        self.reset_log()
+        lease.release()
+        self.assertEqual(at["release"], [PUSH1, "cuStreamSynchronize(0x5000, dev=1)", POP])
+        lease = c.acquire_event(1, "unet", 3)
+        lease.wait_on_stream(0x5000)
+        lease.mark_synchronized()
+        self.reset_log()
+        lease.release()
+        self.assertEqual(at["release"], [])
+        # A failing synchronisation keeps the lease: the GPU may still be reading.
+        lease = c.acquire_event(1, "unet", 4)
+        lease.wait_on_stream(0x5000)
+        self.lib.fake_fail(b"cuStreamSynchronize", 1)
+        sent = len(received)
+        with self.assertRaises(ferry.CudaError) as cm:
+            lease.release()
+        self.assertEqual(cm.exception.call, "cuStreamSynchronize")
+        self.assertFalse(lease.released)
+        self.assertEqual(len(received), sent, "no release sent")
+        lease.release()  # tried again: the stream is synchronised, then released
+        self.assertTrue(lease.released)
+        self.assertEqual(received[-1], "release")
+        with self.assertRaises(TypeError):
+            lease.mark_synchronized("0x5000")
+
+    def test_close_settles_the_gpu_before_goodbye(self):
+        """close(): cuCtxSynchronize in every mapped arena's context before ferryd gets
+        goodbye (it then releases every lease, which are still held here), then the events
+        are destroyed and the memory unmapped."""
+        at = {}
+        c, received, _ = self.ferryd(at=at, cuda=True)
+        held = c.acquire_event(1, "unet", 0)
+        held.wait_on_stream(0x5000)
+        self.assertIs(c.map_arena(UUID1), c.arena_for(1), "cached twice, settled once")
+        self.reset_log()
+        c.close()
+        self.assertEqual(at["goodbye"], [PUSH1, "cuCtxSynchronize(dev=1)", POP])
+        self.assertEqual(self.calls(), [
+            PUSH1, "cuCtxSynchronize(dev=1)", POP,
+            PUSH1, "cuCtxSynchronize(dev=1)", "cuEventDestroy_v2(ev#0, dev=1)",
+            f"cuIpcCloseMemHandle({IPC_VA:#x})", POP, "cuDevicePrimaryCtxRelease_v2(1)",
+        ])
+        self.assertEqual(received[-1], "goodbye")
+        self.assertEqual(self.state(), CLEAN)
+
+    def test_a_failed_settle_still_says_goodbye_and_is_raised(self):
+        at = {}
+        c, received, _ = self.ferryd(at=at, cuda=True)
+        c.acquire_event(1, "unet", 0).wait_on_stream(0x5000)
+        self.lib.fake_fail(b"cuCtxSynchronize", 1)
+        with self.assertRaises(ferry.CudaError) as cm:
+            c.close()
+        self.assertEqual(cm.exception.call, "cuCtxSynchronize")
+        self.assertIn("the context of " + UUID1, str(cm.exception))
+        self.assertEqual(received[-1], "goodbye")
+        self.assertEqual(self.state(), CLEAN, "unmapped all the same")
+
+    def test_dropping_the_connection_settles_the_gpu_first(self):
+        """A reply of the wrong kind: the client closes the connection (and so ferryd releases
+        its leases) only after the GPU work is finished."""
+        at = {}
+        c, received, _ = self.ferryd(at=at, cuda=True)
+        c.acquire_event(1, "unet", 0).wait_on_stream(0x5000)
+        self.reset_log()
+        with self.assertRaises(ferry.errors.UnexpectedMessage):
+            c.stats()
+        self.assertTrue(c.closed)
+        for _ in range(100):  # the fake's thread sees the end of the stream on its own time
+            if "eof" in at:
+                break
+            threading.Event().wait(0.05)
+        self.assertEqual(at["eof"], [PUSH1, "cuCtxSynchronize(dev=1)", POP])
+        c.close()
+        self.assertNotIn("goodbye", received)
+        self.assertEqual(self.state(), CLEAN)
+
+    def test_a_connection_ferryd_ended_is_not_settled(self):
+        """ferryd closed the connection (its leases are released already): nothing waits on
+        the GPU, which may wait on events of a ferryd that is gone; close() unmaps."""
+        path, _ = fake_cuda_ferryd(self, lambda name, msg: (
+            (messages.CudaArena(3 << 20, UUID1, messages.CudaIpc([5] * 64)), [])
+            if name == "map_arena" else None), {})
+        c = ferry.Client(path, timeout=10, cuda=True)
+        c.map_arena()
+        self.reset_log()
+        with self.assertRaises(ferry.ConnectionLost):
+            c.stats()
+        self.assertEqual(self.calls(), [])
+        c.close()
+        self.assertEqual([x.split("(")[0] for x in self.calls()], [
+            "cuCtxPushCurrent_v2", "cuCtxSynchronize", "cuIpcCloseMemHandle",
+            "cuCtxPopCurrent_v2", "cuDevicePrimaryCtxRelease_v2",
+        ], "only the arena's own close")
 
 
 class FakeFerrydWithoutDriver(UseLibrary, unittest.TestCase):

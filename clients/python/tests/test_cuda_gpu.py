@@ -11,6 +11,10 @@ never runs by accident) and a ferryd started with ``--device cuda``;
 (``acquire_event``). ``LiveCudaTorch`` needs torch with CUDA (and numpy): every tensor through
 ``ferry.torch``'s CUDA source, and small modules whose outputs with ferry equal those with their
 own weights on the same GPU (the current stream waiting on ferryd's events, and without them).
+
+ferryd offers ``CUDA_EVENTS`` only when its config sets ``cuda_events = true`` (off by
+default): the event tests check whichever path the ferryd under test offers, and say on stderr
+when events were not exercised.
 """
 
 import os
@@ -99,9 +103,19 @@ class LiveCuda(unittest.TestCase):
     def test_ready_events_order_the_reads(self):
         """acquire_event on every layer: the legacy default stream (0) waits on ferryd's event,
         then cuMemcpyDtoH (issued on that stream) reads the file's bytes; and a host wait on
-        the event (cuEventSynchronize) before a read gives them too. No wait_ready is sent."""
+        the event (cuEventSynchronize) before a read gives them too. No wait_ready is sent.
+        A ferryd without cuda_events answers acquire_event with Unsupported."""
         c = self.client
-        self.assertTrue(c.features & messages.CUDA_EVENTS, "a CUDA ferryd offers CUDA_EVENTS")
+        if not c.features & messages.CUDA_EVENTS:
+            model = c.open_model(MODEL)
+            with self.assertRaises(ferry.Unsupported):
+                c.acquire_event(model.model, model.components[0].name, 0)
+            print("\n  ready events NOT exercised: ferryd does not offer CUDA_EVENTS "
+                  "(cuda_events = false in its config)", file=sys.stderr)
+            return
+        without = ferry.Client(SOCKET, timeout=60, cuda=True, events=False)
+        self.addCleanup(without.close)
+        self.assertEqual(without.features & messages.CUDA_EVENTS, 0, "events=False")
         expected = expected_tensors()
         sent = []
         plain_wait = c.wait_ready
@@ -134,6 +148,7 @@ class LiveCuda(unittest.TestCase):
               file=sys.stderr)
         self.assertGreater(with_event, 0, "sequential with lookahead 0 streams some layers")
         self.assertGreater(arena.opened_events, 0)
+        self.assertFalse(arena.events_broken, "one IPC namespace: events work")
 
     def test_two_clients_map_the_same_arena(self):
         expected = expected_tensors()
@@ -258,9 +273,14 @@ class LiveCudaTorch(unittest.TestCase):
                                              p.element_size(), "one element")
 
     def test_module_output_with_ready_events_equals_without_ferry(self):
-        """The default CUDA path of a cuda=True client: each layer acquired with acquire_event,
-        the current stream waiting on ferryd's event (never wait_ready), exact outputs; the same
-        without CUDA_EVENTS (wait_ready) for comparison."""
+        """The default CUDA path of a cuda=True client of a ferryd with cuda_events: each layer
+        acquired with acquire_event, the current stream waiting on ferryd's event (never
+        wait_ready), exact outputs; the same without CUDA_EVENTS (wait_ready) for comparison.
+        (Without cuda_events in ferryd's config both clients take the wait_ready path.)"""
+        granted = bool(self.client.features & messages.CUDA_EVENTS)
+        if not granted:
+            print("\n  ready events NOT exercised: ferryd does not offer CUDA_EVENTS",
+                  file=sys.stderr)
         net = seeded(Net, 15).to(self.device)
         x = torch.randn(5, 6, device=self.device)
         with torch.no_grad():
@@ -270,7 +290,7 @@ class LiveCudaTorch(unittest.TestCase):
                              features=messages.DEFAULT_FEATURES | messages.CUDA_IPC)
         self.addCleanup(plain.close)
         self.assertFalse(plain.features & messages.CUDA_EVENTS)
-        for client, events in ((self.client, True), (plain, False)):
+        for client, events in ((self.client, granted), (plain, False)):
             with self.subTest(events=events):
                 counts = {"acquire_event": 0, "wait_ready": 0}
                 for name in counts:
@@ -308,8 +328,9 @@ class LiveCudaTorch(unittest.TestCase):
         mod = fresh(Net)
         with ft.attach(mod, path, SOCKET, policy="sequential") as att:
             self.assertTrue(att.session.client.features & messages.CUDA_IPC)
-            self.assertTrue(att.session.client.features & messages.CUDA_EVENTS)
-            self.assertTrue(att.session._source.events)
+            granted = bool(self.client.features & messages.CUDA_EVENTS)  # the same ferryd
+            self.assertEqual(bool(att.session.client.features & messages.CUDA_EVENTS), granted)
+            self.assertEqual(att.session._source.events, granted)
             with torch.no_grad():
                 self.assertTrue(torch.equal(mod(x), want))
 

@@ -16,7 +16,6 @@ import ctypes
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import types
@@ -437,7 +436,8 @@ class CudaEventsOffline(unittest.TestCase):
         self.assertEqual(len(seen), 2)
         self.assertTrue(all(p.is_meta for p in mod.parameters()), "placeholders again")
         return [c for c in self.lib.fake_log().decode().splitlines()
-                if c.startswith(("cuIpcOpenEvent", "cuStreamWait", "cuEventSync"))]
+                if c.startswith(("cuIpcOpenEvent", "cuStreamWait", "cuEventSync",
+                                 "cuStreamSynchronize"))]
 
     def test_the_current_stream_waits_on_ferryds_event_instead_of_wait_ready(self):
         client, received = self.ferryd({"cuda": True})
@@ -447,7 +447,7 @@ class CudaEventsOffline(unittest.TestCase):
             f"cuIpcOpenEventHandle({test_cuda.EV_A.hex()}, dev=1)",
             "cuStreamWaitEvent(0x5000, ev#0, 0, dev=1)",
             "cuStreamWaitEvent(0x5000, ev#0, 0, dev=1)",  # the second lease: opened once
-        ])
+        ], "no cuStreamSynchronize: torch synchronised the stream and told the lease")
         self.assertEqual(self.events, ["synchronize", "release"] * 2,
                          "the stream is synchronised before each release")
         self.assertEqual(set(self.streams_asked), {torch.device("cuda", 1)})
@@ -458,20 +458,46 @@ class CudaEventsOffline(unittest.TestCase):
         ])
         self.assertNotIn("wait_ready", received)
 
+    def test_events_this_process_cannot_use_fall_back_to_plain_acquires(self):
+        """ferryd's event cannot be opened here (another IPC namespace): the first layer is
+        waited for with wait_ready, one warning is logged, and later layers are leased with a
+        plain acquire (and waited for on the host), never trying the driver again."""
+        client, received = self.ferryd({"cuda": True})
+        self.lib.fake_fail(b"cuIpcOpenEventHandle", 400)
+        with self.assertLogs("ferry.cuda", "WARNING") as logs:
+            waits = self.forward_twice(client)
+        self.assertEqual(len(logs.records), 1)
+        self.assertIn("cuIpcOpenEventHandle failed", logs.records[0].getMessage())
+        self.assertEqual(waits, [f"cuIpcOpenEventHandle({test_cuda.EV_A.hex()}, dev=1)"],
+                         "tried once")
+        self.assertEqual(received[5:], [
+            "acquire_event", "wait_ready", "release",  # the failed event, then the host wait
+            "acquire", "wait_ready", "release",  # events off for this arena
+            "close_model",
+        ])
+        self.assertEqual(self.events, ["synchronize", "release"] * 2)
+        self.assertTrue(client.map_arena().events_broken)
+
     def test_without_events_or_with_device_sync_the_host_waits(self):
         for kwargs, sync in (({"features": messages.DEFAULT_FEATURES | messages.CUDA_IPC},
                               "stream"),
+                             ({"cuda": True, "events": False}, "stream"),
                              ({"cuda": True}, "device")):
             with self.subTest(client=kwargs, cuda_sync=sync):
                 client, received = self.ferryd(kwargs)
-                self.assertEqual(bool(client.features & messages.CUDA_EVENTS), "cuda" in kwargs)
+                self.assertEqual(bool(client.features & messages.CUDA_EVENTS),
+                                 kwargs.get("events", "cuda" in kwargs))
                 waits = self.forward_twice(client, cuda_sync=sync)
                 self.assertEqual(waits, [], "no event")
                 settle = "synchronize" if sync == "stream" else "device_sync"
                 self.assertEqual(self.events, [settle, "release"] * 2)
                 self.assertEqual(received[5:], ["acquire", "wait_ready", "release"] * 2
                                  + ["close_model"])
+                self.lib.fake_clear_log()
                 client.close()
+                self.assertEqual(self.lib.fake_log().decode().splitlines()[:3], [
+                    "cuCtxPushCurrent_v2(0x1001)", "cuCtxSynchronize(dev=1)",
+                    "cuCtxPopCurrent_v2"], "settled before goodbye, then unmapped")
                 self.assertTrue(self.lib.fake_state().decode().startswith("depth=0 retains=0"))
 
 
