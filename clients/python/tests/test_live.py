@@ -622,13 +622,7 @@ class FakeServer(unittest.TestCase):
     """A server that answers the handshake and then misbehaves or leaves."""
 
     def serve(self, after_hello, hello=None):
-        d = tempfile.mkdtemp(prefix="ferry-fake-")
-        self.addCleanup(shutil.rmtree, d)
-        path = os.path.join(d, "s.sock")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(1)
-        self.addCleanup(listener.close)
+        path, listener = _util.fake_listener(self)
 
         def run():
             conn, _ = listener.accept()
