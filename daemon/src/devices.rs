@@ -36,6 +36,17 @@ pub enum DeviceRef {
     Uuid(String),
 }
 
+impl DeviceRef {
+    /// Whether this names the device at `index` with `uuid` (UUIDs compared without regard
+    /// to ASCII case, as nvidia-smi and NVML differ in case).
+    pub fn names(&self, index: u32, uuid: Option<&str>) -> bool {
+        match self {
+            DeviceRef::Index(i) => *i == index,
+            DeviceRef::Uuid(u) => uuid.is_some_and(|x| x.eq_ignore_ascii_case(u)),
+        }
+    }
+}
+
 impl fmt::Display for DeviceRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -278,14 +289,11 @@ impl DeviceSet {
                 cuda_plans(config.select.as_deref(), &gpus)?
             }
         };
+        let names = |r: &DeviceRef, index: usize, plan: &Plan| {
+            u32::try_from(index).is_ok_and(|i| r.names(i, plan.uuid.as_deref()))
+        };
         for (r, _) in &config.numa_nodes {
-            let known = match r {
-                DeviceRef::Index(i) => (*i as usize) < plans.len(),
-                DeviceRef::Uuid(u) => plans
-                    .iter()
-                    .any(|p| p.uuid.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(u))),
-            };
-            if !known {
+            if !plans.iter().enumerate().any(|(i, p)| names(r, i, p)) {
                 return Err(DeviceSetError::UnknownNumaDevice(r.clone()));
             }
         }
@@ -319,10 +327,9 @@ impl DeviceSet {
                 c.device_config.ordinal = plan.ordinal;
                 c.id_prefix = index as u16;
                 c.fuse_cache_bytes = fuse_cache;
-                if let Some((_, node)) = config.numa_nodes.iter().find(|(r, _)| match r {
-                    DeviceRef::Index(i) => *i as usize == index,
-                    DeviceRef::Uuid(u) => plan.uuid.as_deref().is_some_and(|p| p == u),
-                }) {
+                if let Some((_, node)) =
+                    config.numa_nodes.iter().find(|(r, _)| names(r, index, plan))
+                {
                     c.numa = NumaChoice::Node(*node);
                 }
                 c
@@ -394,13 +401,7 @@ impl DeviceSet {
 
     /// The device `wanted` names.
     pub fn select(&self, wanted: &DeviceRef) -> Result<(u32, &Engine), SelectError> {
-        let slot = match wanted {
-            DeviceRef::Index(i) => self.slots.get(*i as usize),
-            DeviceRef::Uuid(u) => self
-                .slots
-                .iter()
-                .find(|s| s.uuid.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(u))),
-        };
+        let slot = self.slots.iter().find(|s| wanted.names(s.index, s.uuid.as_deref()));
         let Some(slot) = slot else {
             return Err(SelectError::NoSuchDevice {
                 wanted: wanted.clone(),
@@ -521,6 +522,15 @@ mod tests {
         );
         assert!("GPU 1".parse::<DeviceRef>().is_err());
         assert!("x".repeat(129).parse::<DeviceRef>().is_err());
+    }
+
+    #[test]
+    fn a_ref_names_a_device_by_index_or_uuid_in_any_case() {
+        assert!(DeviceRef::Index(2).names(2, None));
+        assert!(!DeviceRef::Index(2).names(1, Some("GPU-a")));
+        assert!(DeviceRef::Uuid("gpu-A".into()).names(7, Some("GPU-a")));
+        assert!(!DeviceRef::Uuid("GPU-a".into()).names(0, None));
+        assert!(!DeviceRef::Uuid("GPU-a".into()).names(0, Some("GPU-b")));
     }
 
     #[test]

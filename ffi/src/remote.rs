@@ -525,11 +525,9 @@ impl Remote {
         self.with("reading the daemon's stats", |c, _| match device {
             None => c.stats(),
             Some(sel) => {
+                let wanted = DeviceRef::from(sel);
                 let devices = c.list_devices()?;
-                let entry = devices.into_iter().find(|d| match &sel {
-                    DeviceSel::Index(i) => d.index == *i,
-                    DeviceSel::Uuid(u) => d.uuid.eq_ignore_ascii_case(u),
-                });
+                let entry = devices.into_iter().find(|d| wanted.names(d.index, Some(&d.uuid)));
                 entry.and_then(|d| d.stats).ok_or_else(|| ClientError::Server {
                     code: ErrorCode::DeviceUnavailable as u32,
                     message: "the device this engine is bound to no longer serves".into(),
