@@ -54,6 +54,16 @@ fn unittest(pattern: &str, extra: &[&str]) -> Command {
 }
 
 /// Asserts a unittest run passed, ran at least one test and skipped none.
+/// Runs a suite against a live ferryd, shows ferryd's log (at `log`) if it failed, and
+/// [`check`]s it.
+fn check_live(what: &str, cmd: &mut Command, log: &Path) {
+    let out = cmd.output().expect("run python3");
+    if !out.status.success() {
+        eprintln!("ferryd's log:\n{}", daemon_log(log));
+    }
+    check(what, &out);
+}
+
 fn check(what: &str, out: &Output) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -175,11 +185,7 @@ fn python_client_against_a_real_ferryd() {
     };
     let mut cmd = unittest("test_live.py", &[]);
     live(&mut cmd);
-    let out = cmd.output().expect("run python3");
-    if !out.status.success() {
-        eprintln!("ferryd's log:\n{}", daemon_log(&log));
-    }
-    check("test_live.py", &out);
+    check_live("test_live.py", &mut cmd, &log);
 
     // A Python client holding a lease sees ferryd stop: ConnectionLost on its next call.
     let marker = root.join("connected");
@@ -264,19 +270,13 @@ fn python_cuda_path_against_a_cuda_ferryd() {
         );
         unittest("test_cuda_gpu.py", &["-k", "*.LiveCuda.*"])
     };
-    let out = cmd
-        .env("FERRY_TEST_CUDA", "1")
+    cmd.env("FERRY_TEST_CUDA", "1")
         .env("FERRY_SOCKET", &socket)
         .env("FERRY_MODEL", &model)
         .env("FERRY_EXPECTED", &expected_path)
         .env("FERRY_MODEL_ROOT", &models)
-        .env_remove("FERRY_LIBCUDA")
-        .output()
-        .expect("run python3");
-    if !out.status.success() {
-        eprintln!("ferryd's log:\n{}", daemon_log(&log));
-    }
-    check("test_cuda_gpu.py", &out);
+        .env_remove("FERRY_LIBCUDA");
+    check_live("test_cuda_gpu.py", &mut cmd, &log);
     assert!(daemon.0.try_wait().expect("try_wait").is_none(), "ferryd is still up");
 }
 
@@ -309,27 +309,16 @@ fn python_torch_integration_against_a_real_ferryd() {
     let (mut daemon, socket, log) = start_ferryd(root);
     let models = root.join("models");
     std::fs::create_dir(&models).expect("models folder");
-    let out = unittest("test_torch.py", &[])
-        .env("FERRY_SOCKET", &socket)
-        .env("FERRY_MODEL_ROOT", &models)
-        .output()
-        .expect("run python3");
-    if !out.status.success() {
-        eprintln!("ferryd's log:\n{}", daemon_log(&log));
-    }
-    check("test_torch.py", &out);
+    let with_ferryd = |suite: &str| {
+        let mut cmd = unittest(suite, &[]);
+        cmd.env("FERRY_SOCKET", &socket).env("FERRY_MODEL_ROOT", &models);
+        cmd
+    };
+    check_live("test_torch.py", &mut with_ferryd("test_torch.py"), &log);
 
     // A real diffusers pipeline (built from tiny configs, nothing downloaded), when installed.
     if imports_ok("torch, diffusers, transformers", "test_diffusers.py") {
-        let out = unittest("test_diffusers.py", &[])
-            .env("FERRY_SOCKET", &socket)
-            .env("FERRY_MODEL_ROOT", &models)
-            .output()
-            .expect("run python3");
-        if !out.status.success() {
-            eprintln!("ferryd's log:\n{}", daemon_log(&log));
-        }
-        check("test_diffusers.py", &out);
+        check_live("test_diffusers.py", &mut with_ferryd("test_diffusers.py"), &log);
     }
     assert!(daemon.0.try_wait().expect("try_wait").is_none(), "ferryd is still up");
 }

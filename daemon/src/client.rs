@@ -27,6 +27,23 @@ use crate::protocol::{
     ViewCreated, Welcome, features,
 };
 
+/// The host arena of a `map_arena` answer; a CUDA arena is a protocol error for callers
+/// expecting a host mapping.
+fn host_arena(h: ArenaHandle) -> Result<(ArenaFd, OwnedFd), ClientError> {
+    match h {
+        ArenaHandle::Host { len, fd } => Ok((ArenaFd { len, backend: "host".into() }, fd)),
+        ArenaHandle::Cuda { arena, .. } => Err(ProtocolError::UnexpectedMessage {
+            kind: Kind::CudaArena,
+            reason: format!(
+                "the device ({}) is a GPU, whose arena is not a host mapping: use \
+                 Client::arena_handle and device::cuda_import",
+                arena.device_uuid
+            ),
+        }
+        .into()),
+    }
+}
+
 /// A device's arena as a client process reaches it ([`Client::arena_handle`]).
 #[derive(Debug)]
 pub enum ArenaHandle {
@@ -307,39 +324,12 @@ impl Client {
 
     /// The host arena's memfd and its length. Needs [`features::HOST_ARENA`].
     pub fn map_arena(&mut self) -> Result<(ArenaFd, OwnedFd), ClientError> {
-        self.arena_fd(MapArena {}.into())
+        host_arena(self.arena_handle(None)?)
     }
 
     /// [`Client::map_arena`] for a named device's arena (needs [`features::DEVICES`]).
     pub fn map_arena_on(&mut self, device: DeviceSel) -> Result<(ArenaFd, OwnedFd), ClientError> {
-        self.arena_fd(MapArenaOn { device }.into())
-    }
-
-    fn arena_fd(&mut self, msg: Message) -> Result<(ArenaFd, OwnedFd), ClientError> {
-        let id = self.send(msg, &[])?;
-        let r = self.recv()?;
-        check_id(id, r.header.request_id, &r.message)?;
-        match r.message {
-            Message::ArenaFd(a) => {
-                let fd = r.fds.into_iter().next().ok_or(ProtocolError::BadFds {
-                    kind: Kind::ArenaFd,
-                    flagged: r.header.carries_fds(),
-                    received: 0,
-                })?;
-                Ok((a, fd))
-            }
-            Message::CudaArena(a) => Err(ProtocolError::UnexpectedMessage {
-                kind: Kind::CudaArena,
-                reason: format!(
-                    "the device ({}) is a GPU, whose arena is not a host mapping: use \
-                     Client::arena_handle and device::cuda_import",
-                    a.device_uuid
-                ),
-            }
-            .into()),
-            Message::Error(e) => Err(e.into()),
-            other => Err(unexpected(Kind::ArenaFd, &other)),
-        }
+        host_arena(self.arena_handle(Some(device))?)
     }
 
     /// `acquire` with the layer's interprocess ready event (needs [`features::CUDA_EVENTS`]):

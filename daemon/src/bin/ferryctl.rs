@@ -131,35 +131,11 @@ enum Command {
     ///
     /// This acts on the model every client of ferryd shares. ferryd closes a model when its
     /// last client disconnects, so this is for preloaded models or models other clients hold.
-    Offload {
-        /// The model (under one of ferryd's --model-root directories).
-        path: PathBuf,
-        /// Only this component (default: the whole model).
-        #[arg(long, value_name = "NAME")]
-        component: Option<String>,
-        /// The device the model is on: ferryd's index or the device's UUID (default: ferryd's
-        /// first device).
-        #[arg(long, value_name = "INDEX|UUID")]
-        device: Option<ferry::devices::DeviceRef>,
-        #[command(flatten)]
-        conn: Conn,
-    },
+    Offload(OffloadTarget),
     /// Bring an offloaded model (or one component) back onto ferryd's device ahead of use.
     ///
     /// Same caveat as `offload`: for preloaded models or models other clients hold.
-    Onload {
-        /// The model (under one of ferryd's --model-root directories).
-        path: PathBuf,
-        /// Only this component (default: the whole model).
-        #[arg(long, value_name = "NAME")]
-        component: Option<String>,
-        /// The device the model is on: ferryd's index or the device's UUID (default: ferryd's
-        /// first device).
-        #[arg(long, value_name = "INDEX|UUID")]
-        device: Option<ferry::devices::DeviceRef>,
-        #[command(flatten)]
-        conn: Conn,
-    },
+    Onload(OffloadTarget),
     /// Check LoRA files against a model in ferryd: create a view of MODEL through the stack and
     /// report what matched, every adapter module that matched nothing, and tensors of adapter
     /// kinds ferry does not apply. The view closes when ferryctl exits.
@@ -202,6 +178,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// What `offload` and `onload` act on.
+#[derive(Debug, clap::Args)]
+struct OffloadTarget {
+    /// The model (under one of ferryd's --model-root directories).
+    path: PathBuf,
+    /// Only this component (default: the whole model).
+    #[arg(long, value_name = "NAME")]
+    component: Option<String>,
+    /// The device the model is on: ferryd's index or the device's UUID (default: ferryd's
+    /// first device).
+    #[arg(long, value_name = "INDEX|UUID")]
+    device: Option<ferry::devices::DeviceRef>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Inspect { path, json, tensors, layers } => inspect(path, json, tensors, &layers),
@@ -215,12 +207,8 @@ fn run(cli: Cli) -> Result<(), String> {
             let policy = build_policy(policy, lookahead, threshold.as_deref())?;
             load(&conn, &path, policy, warm, device)
         }
-        Command::Offload { path, component, device, conn } => {
-            manual_offload(&conn, &path, component.as_deref(), device, true)
-        }
-        Command::Onload { path, component, device, conn } => {
-            manual_offload(&conn, &path, component.as_deref(), device, false)
-        }
+        Command::Offload(target) => manual_offload(target, true),
+        Command::Onload(target) => manual_offload(target, false),
         Command::Lora { model, loras, mode, conn } => lora_check(&conn, &model, &loras, &mode),
         Command::Bench(args) => ferry::bench::cli::run(*args),
         Command::Top(args) => ferry::ctl_top::run(args),
@@ -869,13 +857,9 @@ fn load(
 
 /// `ferryctl offload` (`offload` true) and `ferryctl onload`: opens MODEL like `load` does and
 /// offloads or onloads it (or one component) for every client of ferryd.
-fn manual_offload(
-    conn: &Conn,
-    path: &Path,
-    component: Option<&str>,
-    device: Option<ferry::devices::DeviceRef>,
-    offload: bool,
-) -> Result<(), String> {
+fn manual_offload(target: OffloadTarget, offload: bool) -> Result<(), String> {
+    let OffloadTarget { path, component, device, conn } = target;
+    let (path, component, conn) = (path.as_path(), component.as_deref(), &conn);
     let verb = if offload { "offload" } else { "onload" };
     // ferryd resolves the path itself, from its own working directory.
     let abs = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;

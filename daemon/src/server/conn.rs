@@ -244,11 +244,8 @@ impl Conn<'_> {
 
     /// The device of requests that name none.
     fn default_device(&self) -> (u32, Engine) {
-        let (index, engine) = self.shared.devices.ready().next().map_or_else(
-            || (0, self.shared.devices.default_engine().clone()),
-            |(i, e)| (i, e.clone()),
-        );
-        (index, engine)
+        let engine = self.shared.devices.default_engine();
+        (u32::from(engine.id_prefix()), engine.clone())
     }
 
     fn handle(&mut self, msg: Message, fds: Vec<OwnedFd>) -> Reply {
@@ -595,10 +592,13 @@ impl Conn<'_> {
         };
         self.leases.insert(lease.id(), (m.model, lease));
         self.update_counts();
-        Ok(match ready_event {
-            _ if !event => leased.into(),
-            Some(handle) => LeasedEvent { leased, ready_event: handle.to_vec() }.into(),
-            None => LeasedEvent { leased, ready_event: Vec::new() }.into(),
+        Ok(match event {
+            false => leased.into(),
+            // Empty: ready already, or no event could be exported (the client then waits).
+            true => {
+                let ready_event = ready_event.map(|h| h.to_vec()).unwrap_or_default();
+                LeasedEvent { leased, ready_event }.into()
+            }
         })
     }
 
